@@ -1,0 +1,19 @@
+"""fgdist: representation learning with fine-grained patterns, distributed.
+
+Library modules (one job each):
+  config      typed run configuration (pydantic), loaded from one JSON file
+  shardset    reading a shard set: manifest, Parquet index, validation against the tars
+  partition   the column line: which rank owns which instance columns
+  data        per-rank WebDataset streams for both routings, augmentation, equal steps
+  kernels     grouped logsumexp: PyTorch reference and fused Triton kernel behind one dispatch
+  head        the partitioned instance head (a per-rank slice outside DeepSpeed)
+  collectives autograd-aware collectives used by the loss and by BatchNorm
+  objectives  base / fine / indi / base_indi / base_indi_eff as one loss module
+  model       ResNet-18 backbone and the engine-wrapped heads
+  trainer     the DeepSpeed training loop
+  checkpoint  atomic checkpoints and restart
+  evaluation  distributed, chunked Recall@k and super-class top-k
+  tracking    MLflow from rank 0
+"""
+
+__version__ = "0.1.0"
