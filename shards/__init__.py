@@ -1,0 +1,1 @@
+"""The shard-building CLI: `python -m shards build | inspect | verify`."""
