@@ -18,8 +18,11 @@ import sys
 from fgdist.shardset import ShardSetError, open_split, verify_split
 from shards.build import build_shards
 from shards.sources import SourceError
+from shards.sources.cifar100 import open_cifar100
 from shards.sources.fashion_mnist import open_fashion_mnist
 from shards.sources.files import open_folder, open_manifest
+from shards.sources.pets import open_pets
+from shards.sources.sop import open_sop
 from shards.sources.synthetic import open_synthetic
 
 # name -> function(**options) returning a Collection; `--path` fills its first parameter.
@@ -28,6 +31,9 @@ SOURCES = {
     "fashion-mnist": open_fashion_mnist,
     "manifest": open_manifest,
     "folder": open_folder,
+    "cifar100": open_cifar100,
+    "pets": open_pets,
+    "sop": open_sop,
 }
 
 

@@ -45,3 +45,45 @@ def encode_png(image: Image.Image) -> bytes:
 def class_ids(names) -> dict[str, int]:
     """Ids in sorted-name order: stable across runs and across the train and test splits."""
     return {name: i for i, name in enumerate(sorted(set(names)))}
+
+
+def jpeg_loader(path, shorter_side: int = 256, quality: int = 90) -> Callable[[], bytes]:
+    """A lazy `Record.load` for one image file: RGB JPEG bytes whose shorter side is scaled down to
+    `shorter_side` (aspect kept; smaller images are not upscaled). The options are checked here,
+    when the source is opened, so a bad value fails before any image is read.
+
+    Real collections hold CMYK, grayscale and PNG files named `.jpg` (Oxford-IIIT Pet has all
+    three): everything is decoded and re-encoded as RGB JPEG, except a file that already is an RGB
+    JPEG small enough, whose bytes are kept as they are (no second lossy pass)."""
+    if isinstance(shorter_side, bool) or not isinstance(shorter_side, int) or shorter_side < 1:
+        raise ValueError(f"shorter_side must be a positive integer, got {shorter_side!r}")
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 95:
+        raise ValueError(f"jpeg_quality must be an integer in 1..95 (Pillow's useful range), got {quality!r}")
+
+    def load() -> bytes:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                short = min(width, height)
+                if image.format == "JPEG" and image.mode == "RGB" and short <= shorter_side:
+                    return data
+                if short > shorter_side:
+                    scale = shorter_side / short
+                    size = (shorter_side, max(1, round(height * scale))) if width <= height else (max(1, round(width * scale)), shorter_side)
+                    # JPEG decoders can scale by 1/2, 1/4, 1/8 while decoding (never below `size`):
+                    # most of the work for large photos saved before the exact resize.
+                    image.draft("RGB", size)
+                    rgb = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+                else:
+                    rgb = image.convert("RGB")
+        except FileNotFoundError:
+            raise SourceError(f"{path}: image file not found") from None
+        except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+            raise SourceError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from None
+        buf = io.BytesIO()
+        rgb.save(buf, format="JPEG", quality=quality)
+        return buf.getvalue()
+
+    return load
