@@ -1,0 +1,166 @@
+"""The run configuration: one JSON file, validated by a typed schema.
+
+Unknown keys and wrong types are errors that name the key (`optim.lr: ...`). Command-line
+overrides (`--set optim.lr=0.05`) are applied to the raw JSON before validation, so they are
+checked the same way. Defaults are the paper's CIFAR-100 recipe, scaled by the config files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+OBJECTIVES = ("base", "fine", "indi", "base_indi", "base_indi_eff")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class Section(BaseModel):
+    # strict: "0.1" is not a number; extra="forbid": a misspelt key is an error, not a no-op.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class DataConfig(Section):
+    shards: str = "data/synthetic"  # the shard set root (with train/ and test/)
+    routing: Literal["by_superclass", "shuffled"] = "by_superclass"
+    batch_size: int = Field(64, ge=1)  # per rank
+    num_workers: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(1000, ge=1)
+    augment: Literal["crop_flip", "resized_crop_flip", "none"] = "crop_flip"
+    image_size: int = Field(32, ge=8)  # the crop fed to the network
+    padding: int = Field(4, ge=0)  # crop_flip: zero padding before the random crop (CIFAR: 32 from 40)
+    resize: int = Field(256, ge=8)  # resized_crop_flip: evaluation resizes the shorter side to this
+    on_corrupt: Literal["fail", "skip"] = "fail"
+
+
+class ModelConfig(Section):
+    arch: Literal["resnet18"] = "resnet18"
+    stem: Literal["cifar", "imagenet"] = "cifar"  # cifar: 3x3 stride-1 conv, no max-pool
+    # BatchNorm across ranks: per-rank batches under by_superclass routing hold few
+    # super-classes, so local statistics would be per-super-class. auto = global when routing is
+    # by_superclass and there is more than one rank.
+    norm: Literal["auto", "global", "local"] = "auto"
+    pretrained: Optional[str] = None  # a local state_dict file (torchvision ResNet-18 keys)
+
+
+class ObjectiveConfig(Section):
+    name: Literal["base", "fine", "indi", "base_indi", "base_indi_eff"] = "base_indi_eff"
+    lambda_I: float = Field(1.0, ge=0.0)
+
+
+class HeadConfig(Section):
+    """The instance head (indi, base_indi, base_indi_eff)."""
+
+    lr_mult: float = Field(1.0, gt=0.0)  # each column sees about one positive per epoch
+    logit: Literal["dot", "cosine"] = "dot"  # dot: the paper's x.w; cosine: cos(x, w) / temperature
+    temperature: float = Field(0.1, gt=0.0)
+    kernel: Literal["auto", "triton", "torch"] = "auto"
+
+
+class OptimConfig(Section):
+    epochs: int = Field(200, ge=1)
+    lr: float = Field(0.1, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    milestones: list[int] = [60, 120, 160]
+    gamma: float = Field(0.2, gt=0.0)
+
+
+class EvalConfig(Section):
+    every_epochs: int = Field(0, ge=0)  # 0: only after the last epoch
+    recall_ks: list[int] = [1, 2, 4, 8]
+    batch_size: int = Field(256, ge=1)
+    query_chunk: int = Field(1024, ge=1)  # queries per similarity block
+
+
+class CheckpointConfig(Section):
+    every_epochs: int = Field(1, ge=0)  # 0: never
+    keep: int = Field(2, ge=1)
+
+
+class TrackingConfig(Section):
+    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "fgdist"
+    run_name: Optional[str] = None
+    system_metrics: bool = True
+    log_every_steps: int = Field(10, ge=1)
+
+
+class RunConfig(Section):
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"  # checkpoints and local results under output_dir/name
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    head: HeadConfig = HeadConfig()
+    optim: OptimConfig = OptimConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    # Passed through to deepspeed.initialize; fgdist fills in the batch size and precision.
+    deepspeed: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if sorted(self.optim.milestones) != self.optim.milestones:
+            raise ValueError(f"optim.milestones must be increasing, got {self.optim.milestones}")
+        if not self.eval.recall_ks or min(self.eval.recall_ks) < 1:
+            raise ValueError(f"eval.recall_ks must be positive, got {self.eval.recall_ks}")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any, where: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: key {dotted!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.path=value`; the value is JSON when it parses as JSON, else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r}: expected key.path=value")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def validate(raw: dict, where: str) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            lines.append(f"{where}: key {key!r}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e.get("input"), dict) else ""))
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON: line {err.lineno} column {err.colno}: {err.msg}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object")
+    for text in overrides:
+        _set_dotted(raw, *parse_override(text), where=f"{path} (override {text!r})")
+    return validate(raw, str(path))

@@ -1,0 +1,97 @@
+"""ResNet-18 backbone (f(x) taken before the FC layer, d = 512) and the heads that live inside
+the DeepSpeed engine: the super-class head, and the fine head for the `fine` objective."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet18
+
+from fgdist.collectives import all_reduce_sum
+from fgdist.config import ModelConfig
+
+FEATURE_DIM = 512
+
+
+class CrossRankBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are taken over the global batch (all ranks).
+
+    Under by_superclass routing a rank's batch holds only its own super-classes, so local
+    statistics would be per-super-class. Sums are all-reduced with autograd (works on gloo and
+    NCCL alike), which also makes the loss on k ranks equal to the loss of one rank computing the
+    same global batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        c = x.shape[1]
+        n_local = torch.tensor([x.numel() / c], dtype=torch.float32, device=x.device)
+        stats = torch.cat([x.float().sum(dim=(0, 2, 3)), (x.float() ** 2).sum(dim=(0, 2, 3)), n_local])
+        stats = all_reduce_sum(stats)
+        count = stats[-1]
+        mean = stats[:c] / count
+        var = (stats[c : 2 * c] / count - mean**2).clamp_min(0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * count / (count - 1).clamp_min(1), alpha=m)
+        y = (x - mean[None, :, None, None].to(x.dtype)) * torch.rsqrt(var + self.eps)[None, :, None, None].to(x.dtype)
+        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+
+def convert_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d by CrossRankBatchNorm2d, keeping parameters and buffers."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            new = CrossRankBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            convert_batchnorm(child)
+    return module
+
+
+def build_backbone(cfg: ModelConfig) -> nn.Module:
+    net = resnet18(weights=None)
+    if cfg.pretrained:
+        path = Path(cfg.pretrained)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.pretrained: weights file {path} not found (nothing is downloaded at run time)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if [k for k in missing if not k.startswith("fc.")] or unexpected:
+            raise ValueError(f"model.pretrained: {path} is not a torchvision ResNet-18 state_dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if cfg.stem == "cifar":
+        # Small images: a 3x3 stride-1 first conv and no max-pool keep 32x32 detail.
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net
+
+
+class EmbeddingNet(nn.Module):
+    """What the DeepSpeed engine wraps: backbone + super-class head (+ fine head)."""
+
+    def __init__(self, cfg: ModelConfig, num_super: int | None, num_fine: int | None):
+        super().__init__()
+        self.backbone = build_backbone(cfg)
+        self.super_head = nn.Linear(FEATURE_DIM, num_super) if num_super else None
+        self.fine_head = nn.Linear(FEATURE_DIM, num_fine) if num_fine else None
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.backbone(images)
+        out = {"features": features}
+        if self.super_head is not None:
+            out["super_logits"] = self.super_head(features)
+        if self.fine_head is not None:
+            out["fine_logits"] = self.fine_head(features)
+        return out
+
+
+def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """L2-normalized f(x), for cosine-similarity retrieval."""
+    return F.normalize(model(images)["features"].float(), dim=1)

@@ -1,0 +1,116 @@
+"""The five objectives as one loss module. The instance term owns its collectives.
+
+Instance loss of row i (Eqn 3 dense, Eqn 5 grouped):
+    loss_i = logsumexp_{j in cols(i)} x_i . w_j  -  x_i . w_{y_I(i)}
+where cols(i) is every column (indi, base_indi) or the columns of row i's super-class
+(base_indi_eff). The columns are cut over ranks, so each rank computes a partial logsumexp over
+its own columns and the partials are combined with a logsumexp over ranks.
+
+One mechanism crosses ranks: rows whose columns are not all local (rows of split super-classes,
+every row under `shuffled` routing or in dense mode) are gathered to every rank, each rank
+computes their partial statistics on its columns in the same kernel call as its local rows, and
+the partials are gathered back and combined. Autograd through that combination gives each rank
+the right gradient. Under by_superclass routing with no split super-class nothing is exchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fgdist.collectives import gather_counts, gather_rows
+from fgdist.config import RunConfig
+from fgdist.head import InstanceHead
+from fgdist.kernels import grouped_lse
+from fgdist.partition import Plan, group_lookup
+
+# Which heads each objective trains; `indi` and `base_indi` use every column (dense mode).
+OBJECTIVE_HEADS = {
+    "super": {"base", "base_indi", "base_indi_eff"},
+    "fine": {"fine"},
+    "instance": {"indi", "base_indi", "base_indi_eff"},
+}
+DENSE_INSTANCE = {"indi", "base_indi"}
+
+
+class InstanceLoss(nn.Module):
+    def __init__(self, plan: Plan, rank: int, head: InstanceHead, dense: bool, routing: str, logit: str, temperature: float, kernel: str):
+        super().__init__()
+        self.plan, self.rank, self.head = plan, rank, head
+        self.dense, self.logit, self.temperature, self.kernel = dense, logit, temperature, kernel
+        lookup, offsets = group_lookup(plan, rank, dense)
+        self.register_buffer("group_of_super", lookup, persistent=False)
+        self.register_buffer("col_offsets", offsets, persistent=False)
+        # A row can be finished locally only if every column it needs is on this rank.
+        needs_remote = [(dense and plan.world_size > 1) or plan.owners(s) != [rank] for s in range(len(plan.super_ranges))]
+        self.register_buffer("super_needs_remote", torch.tensor(needs_remote, dtype=torch.bool), persistent=False)
+        # Known in advance on every rank: no row ever leaves its rank.
+        self.never_exchange = plan.world_size == 1 or (not dense and routing == "by_superclass" and not plan.split_supers)
+
+    def _logit_inputs(self, x: torch.Tensor):
+        w = self.head.weight
+        if self.logit == "cosine":
+            x = F.normalize(x, dim=1) / self.temperature
+            w = F.normalize(w, dim=1)
+        return x, w.to(x.dtype)
+
+    def _partials(self, x, w, super_ids, instance_ids):
+        """One kernel call: partial logsumexp and target logit of these rows on local columns."""
+        target = instance_ids - self.head.column_begin
+        target = torch.where((target >= 0) & (target < self.head.num_columns), target, torch.full_like(target, -1))
+        return grouped_lse(x, w, self.group_of_super[super_ids], self.col_offsets, target, self.kernel)
+
+    def forward(self, features: torch.Tensor, super_ids: torch.Tensor, instance_ids: torch.Tensor) -> torch.Tensor:
+        """Per-row instance loss of this rank's rows, in their order."""
+        x, w = self._logit_inputs(features)
+        remote = self.super_needs_remote[super_ids]
+        counts = None if self.never_exchange else gather_counts(int(remote.sum()), x.device)
+        if counts is None or sum(counts) == 0:
+            if remote.any():
+                bad = int(super_ids[remote][0])
+                raise RuntimeError(f"rank {self.rank}: got a row of super-class {bad}, whose columns are on ranks {self.plan.owners(bad)}; by_superclass routing must only send a rank its own super-classes")
+            lse, target = self._partials(x, w, super_ids, instance_ids)
+            return lse - target
+        local = (~remote).nonzero(as_tuple=True)[0]
+        sent = remote.nonzero(as_tuple=True)[0]
+        # Rows of all ranks that need columns beyond their own rank, in rank order.
+        x_ex = gather_rows(x[sent], counts)
+        super_ex = gather_rows(super_ids[sent], counts)
+        inst_ex = gather_rows(instance_ids[sent], counts)
+        lse, target = self._partials(torch.cat([x[local], x_ex]), w, torch.cat([super_ids[local], super_ex]), torch.cat([instance_ids[local], inst_ex]))
+        n_local = local.numel()
+        loss = torch.empty(features.shape[0], dtype=lse.dtype, device=lse.device)
+        loss = loss.index_put((local,), lse[:n_local] - target[:n_local])
+        # Combine the exchanged rows' partials from every rank: logsumexp of the partial lse,
+        # sum of the target logits (exactly one rank holds each target column).
+        partial = torch.stack([lse[n_local:], target[n_local:]], dim=1)
+        every_rank = gather_rows(partial, [partial.shape[0]] * self.plan.world_size).view(self.plan.world_size, -1, 2)
+        combined = torch.logsumexp(every_rank[..., 0], dim=0) - every_rank[..., 1].sum(dim=0)
+        start = sum(counts[: self.rank])
+        return loss.index_put((sent,), combined[start : start + counts[self.rank]])
+
+
+class Objective(nn.Module):
+    """Loss parts of one step. `outputs` come from the engine's model (features and head
+    logits), labels from the batch."""
+
+    def __init__(self, cfg: RunConfig, plan: Plan, rank: int, head: InstanceHead | None):
+        super().__init__()
+        self.name = cfg.objective.name
+        self.lambda_I = cfg.objective.lambda_I
+        self.instance = None
+        if self.name in OBJECTIVE_HEADS["instance"]:
+            self.instance = InstanceLoss(plan, rank, head, self.name in DENSE_INSTANCE, cfg.data.routing, cfg.head.logit, cfg.head.temperature, cfg.head.kernel)
+
+    def forward(self, outputs: dict, super_ids, fine_ids, instance_ids) -> dict[str, torch.Tensor]:
+        parts = {}
+        if self.name in OBJECTIVE_HEADS["super"]:
+            parts["super_ce"] = F.cross_entropy(outputs["super_logits"].float(), super_ids)
+        if self.name in OBJECTIVE_HEADS["fine"]:
+            parts["fine_ce"] = F.cross_entropy(outputs["fine_logits"].float(), fine_ids)
+        if self.instance is not None:
+            parts["instance_ce"] = self.instance(outputs["features"], super_ids, instance_ids).mean()
+        weights = {"super_ce": 1.0, "fine_ce": 1.0, "instance_ce": self.lambda_I if self.name != "indi" else 1.0}
+        parts["loss"] = sum(weights[k] * v for k, v in parts.items())
+        return parts
