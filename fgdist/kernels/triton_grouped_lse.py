@@ -70,9 +70,22 @@ def default_tiles(d: int, device: torch.device) -> Tiles:
 
 
 @triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b with fp32 accumulation.
+
+    UPCAST is set only under TRITON_INTERPRET=1 for bf16: the interpreter stores bf16 as uint16
+    and its tl.dot multiplies the bit patterns (triton-lang/triton#11584). fp32 operands hold
+    bf16 values exactly and their products are exact, which is what bf16 tensor cores compute.
+    """
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _logits_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, d, stride_x, stride_w,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """fp32 logits x[rows] . w[cols]^T for one tile, d walked in masked chunks of BLOCK_K."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
@@ -82,7 +95,7 @@ def _logits_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, d, stride_x, stride_w
         k_ok = ks < d
         xt = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
+        acc = _dot(xt, tl.trans(wt), acc, PRECISION, UPCAST)
     return acc
 
 
@@ -129,7 +142,7 @@ def _target_logit(x_ptr, w_ptr, rows, row_ok, tgt, d, stride_x, stride_w,
 def _forward_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, tgt_ptr, tile_col_lo_ptr, tile_col_hi_ptr,
                     lse_ptr, target_logit_ptr, n_rows, n_cols, d, stride_x, stride_w,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """One program per row tile: online logsumexp over the column tiles of its groups."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -144,7 +157,7 @@ def _forward_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, tgt_ptr, tile_col_lo_ptr, tile
     for c0 in range(col_lo // BLOCK_N * BLOCK_N, col_hi, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         s = _logits_tile(x_ptr, w_ptr, rows, cols, row_ok, cols < n_cols, d, stride_x, stride_w,
-                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
         s = tl.where(_in_group(lo, hi, cols), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         # A row that has met no column of its group yet still has max -inf: shift it by 0 so
@@ -166,7 +179,7 @@ def _dx_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, tgt_ptr, lse_ptr, grad_lse_ptr, gra
                tile_col_lo_ptr, tile_col_hi_ptr, dx_ptr, n_rows, n_cols, d,
                stride_x, stride_w, stride_dx,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """One program per (row tile, feature chunk): dx = g * softmax @ w + g_target * w_target."""
     pid = tl.program_id(0)
     fs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # output features of this program
@@ -184,11 +197,11 @@ def _dx_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, tgt_ptr, lse_ptr, grad_lse_ptr, gra
         cols = c0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_cols
         s = _logits_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, d, stride_x, stride_w,
-                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
         p = _probabilities(s, lo, hi, cols, lse)
         wf = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_w + fs[None, :],
                      mask=col_ok[:, None] & f_ok[None, :], other=0.0)
-        acc = tl.dot(p.to(wf.dtype), wf, acc, input_precision=PRECISION)
+        acc = _dot(p.to(wf.dtype), wf, acc, PRECISION, UPCAST)
     # The upstream gradient multiplies after the sum: the weights p stay <= 1, so a small
     # gradient does not push them below the 16-bit range before the dot.
     g = tl.load(grad_lse_ptr + rows, mask=row_ok, other=0.0)
@@ -211,7 +224,7 @@ def _dw_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, lse_ptr, grad_lse_ptr, grad_tgt_ptr
                by_target_row_ptr, by_target_col_ptr, tile_tgt_start_ptr, tile_tgt_end_ptr,
                dw_ptr, n_cols, d, stride_x, stride_w, stride_dw,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """One program per (column tile, feature chunk): dw = softmax^T @ (g * x) + target term."""
     pid = tl.program_id(0)
     fs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -231,14 +244,14 @@ def _dw_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, lse_ptr, grad_lse_ptr, grad_tgt_ptr
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("-inf"))
         g = tl.load(grad_lse_ptr + rows, mask=row_ok, other=0.0)
         s = _logits_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, d, stride_x, stride_w,
-                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
         p = _probabilities(s, lo, hi, cols, lse)
         xf = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + fs[None, :],
                      mask=row_ok[:, None] & f_ok[None, :], other=0.0)
         # The upstream gradient is folded into x, not into p, for the same 16-bit range reason
         # as in _dx_kernel (here it cannot be factored out of the sum over rows).
         gx = (xf.to(tl.float32) * g[:, None]).to(xf.dtype)
-        acc = tl.dot(tl.trans(p.to(xf.dtype)), gx, acc, input_precision=PRECISION)
+        acc = _dot(tl.trans(p.to(xf.dtype)), gx, acc, PRECISION, UPCAST)
 
     # Target term: rows sorted by target column, those whose target falls in this tile. A
     # one-hot dot sums rows that share a target in a fixed order (no atomics).
@@ -346,6 +359,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
+# @triton.jit returns an InterpretedFunction instead of a JITFunction under TRITON_INTERPRET=1.
+_INTERPRETED = not isinstance(_forward_kernel, triton.runtime.JITFunction)
+
+
 def _unsort(sorted_values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(sorted_values)
     out[order] = sorted_values  # a permutation: every row written once, deterministic
@@ -360,8 +377,8 @@ def _unsort(sorted_values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 def _meta(tiles: Tiles, dtype: torch.dtype, with_block_d: bool) -> dict:
     """Compile-time constants and launch options shared by the launchers."""
     meta = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-                PRECISION=_dot_precision(dtype), num_warps=tiles.num_warps,
-                num_stages=tiles.num_stages)
+                PRECISION=_dot_precision(dtype), UPCAST=_INTERPRETED and dtype == torch.bfloat16,
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     if with_block_d:
         meta["BLOCK_D"] = tiles.block_d
     return meta

@@ -1,0 +1,252 @@
+"""Per-rank WebDataset streams.
+
+Routing (DESIGN "Routing"):
+- by_superclass: rank r streams exactly the samples whose instance ids it owns: the shards
+  overlapping its column range, filtered at the two boundaries.
+- shuffled: ordinary data parallel; the shard list is dealt out over all ranks.
+
+Every rank takes the same number of steps per epoch, ceil(n / (world * batch)): a rank's stream
+is endless (pass after pass, each reshuffled) and the loader takes exactly that many batches, so
+a rank with fewer samples resamples some and collectives never wait on a rank that stopped.
+Each epoch's stream is a pure function of (seed, epoch, rank, worker): a resume replays it, and
+skips the batches already trained before decoding them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from fgdist.config import DataConfig
+from fgdist.partition import Plan
+from fgdist.shardset import ShardInfo, SplitDir
+
+# ImageNet statistics: right for pretrained ResNets and harmless for the small data sets.
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+class CorruptSampleError(RuntimeError):
+    pass
+
+
+# -- augmentation with an explicit random generator (resume replays it exactly) -------------
+def _crop_flip(img: Image.Image, rng: random.Random, size: int, padding: int) -> Image.Image:
+    """Zero-pad, random `size` crop, horizontal flip (the paper's CIFAR recipe)."""
+    w, h = img.size
+    canvas = Image.new("RGB", (w + 2 * padding, h + 2 * padding))
+    canvas.paste(img, (padding, padding))
+    x, y = rng.randint(0, canvas.width - size), rng.randint(0, canvas.height - size)
+    img = canvas.crop((x, y, x + size, y + size))
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+
+
+def _resized_crop_flip(img: Image.Image, rng: random.Random, size: int) -> Image.Image:
+    """RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3)) + flip (the ImageNet recipe)."""
+    w, h = img.size
+    for _ in range(10):
+        area = w * h * rng.uniform(0.08, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            break
+    else:
+        cw = ch = min(w, h)
+        x, y = (w - cw) // 2, (h - ch) // 2
+    img = img.resize((size, size), Image.BILINEAR, box=(x, y, x + cw, y + ch))
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+
+
+def _center(img: Image.Image, size: int, resize: int | None) -> Image.Image:
+    if resize is not None:
+        w, h = img.size
+        scale = resize / min(w, h)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    w, h = img.size
+    x, y = (w - size) // 2, (h - size) // 2
+    return img if (w, h) == (size, size) else img.crop((x, y, x + size, y + size))
+
+
+def make_transform(cfg: DataConfig, train: bool):
+    """PIL image + rng -> normalized CHW float tensor."""
+
+    def transform(img: Image.Image, rng: random.Random) -> torch.Tensor:
+        img = img.convert("RGB")
+        if train and cfg.augment == "crop_flip":
+            img = _crop_flip(img, rng, cfg.image_size, cfg.padding)
+        elif train and cfg.augment == "resized_crop_flip":
+            img = _resized_crop_flip(img, rng, cfg.image_size)
+        else:
+            img = _center(img, cfg.image_size, cfg.resize if cfg.augment == "resized_crop_flip" else None)
+        array = (np.asarray(img, dtype=np.float32) / 255.0 - MEAN) / STD
+        return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+    return transform
+
+
+# -- which samples a (rank, worker) slot reads -----------------------------------------------
+@dataclass(frozen=True)
+class StreamSpec:
+    urls: tuple[str, ...]
+    instance_range: tuple[int, int] | None  # keep lo <= id < hi (by_superclass boundaries)
+    modulo: tuple[int, int] | None  # keep id % m == k (when there are fewer shards than slots)
+
+
+def deal(urls: list[str], slot: int, slots: int, instance_range=None) -> StreamSpec:
+    """Shards are dealt out over slots; with fewer shards than slots every slot reads all of them
+    and keeps the instance ids congruent to its slot."""
+    if len(urls) >= slots:
+        return StreamSpec(tuple(urls[slot::slots]), instance_range, None)
+    return StreamSpec(tuple(urls), instance_range, (slots, slot))
+
+
+def _seed(*parts: int) -> int:
+    return hash(parts) & 0x7FFFFFFF
+
+
+def _read(spec: StreamSpec, shard_order_seed: int | None):
+    """Raw samples (undecoded) of a spec, in shard order shuffled by `shard_order_seed`."""
+    urls = list(spec.urls)
+    if shard_order_seed is not None:
+        random.Random(shard_order_seed).shuffle(urls)
+    for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
+        meta = json.loads(sample["json"])
+        iid = meta["instance"]
+        if spec.instance_range and not spec.instance_range[0] <= iid < spec.instance_range[1]:
+            continue
+        if spec.modulo and iid % spec.modulo[0] != spec.modulo[1]:
+            continue
+        yield sample, meta
+
+
+def _decode(sample, meta, transform, rng, on_corrupt):
+    data = sample.get("png", sample.get("jpg"))
+    try:
+        if data is None:
+            raise OSError("no png or jpg member")
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return transform(img, rng)
+    except (OSError, SyntaxError, ValueError) as err:
+        if on_corrupt == "fail":
+            raise CorruptSampleError(f"{sample.get('__url__')}: sample {sample['__key__']}: cannot decode image ({err}); set data.on_corrupt='skip' to skip such samples") from None
+        return None
+
+
+class TrainStream(IterableDataset):
+    """The endless, shuffled sample stream of one rank for one epoch."""
+
+    def __init__(self, specs: list[StreamSpec], cfg: DataConfig, seed: int, epoch: int, rank: int, skip_batches: int):
+        self.specs, self.cfg, self.seed, self.epoch, self.rank, self.skip_batches = specs, cfg, seed, epoch, rank, skip_batches
+        self.transform = make_transform(cfg, train=True)
+
+    def __iter__(self):
+        info = get_worker_info()
+        physical, workers = (info.id, info.num_workers) if info else (0, 1)
+        # DataLoader takes batches round-robin from its workers, starting at worker 0. Batch j of
+        # the epoch belongs to stream j % workers; a loader resumed at step s gets batch s from
+        # worker 0, so worker 0 plays stream s % workers, and skips that stream's trained batches.
+        worker = (physical + self.skip_batches) % workers
+        skip = len(range(worker, self.skip_batches, workers)) * self.cfg.batch_size
+        skipped_corrupt = 0
+        for position, (sample, meta) in enumerate(self._endless(self.specs[worker], worker)):
+            if position < skip:
+                continue
+            # One generator per sample position: augmentations do not depend on what was skipped.
+            rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, position))
+            image = _decode(sample, meta, self.transform, rng, self.cfg.on_corrupt)
+            if image is None:
+                skipped_corrupt += 1
+                continue
+            yield image, meta["super"], meta["fine"], meta["instance"], skipped_corrupt
+            skipped_corrupt = 0
+
+    def _endless(self, spec, worker):
+        """Pass after pass over the spec's samples; each pass is shuffled (shard order and a
+        buffer drained at the end of the pass, so one pass yields each sample exactly once)."""
+        passes = 0
+        while True:
+            rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, passes))
+            buffer: list = []
+            count = 0
+            for item in _read(spec, rng.getrandbits(31)):
+                count += 1
+                buffer.append(item)
+                if len(buffer) >= self.cfg.shuffle_buffer:
+                    yield buffer.pop(rng.randrange(len(buffer)))
+            rng.shuffle(buffer)
+            yield from buffer
+            if count == 0:
+                raise RuntimeError(f"rank {self.rank} worker {worker}: no samples in {spec.urls[:3]} (instance range {spec.instance_range}, modulo {spec.modulo})")
+            passes += 1
+
+
+def collate(items):
+    images, supers, fines, instances, corrupt = zip(*items)
+    return {
+        "images": torch.stack(images),
+        "super": torch.tensor(supers, dtype=torch.long),
+        "fine": torch.tensor(fines, dtype=torch.long),
+        "instance": torch.tensor(instances, dtype=torch.long),
+        "corrupt_skipped": int(sum(corrupt)),
+    }
+
+
+def steps_per_epoch(num_instances: int, world_size: int, batch_size: int) -> int:
+    return math.ceil(num_instances / (world_size * batch_size))
+
+
+def rank_specs(split: SplitDir, plan: Plan, cfg: DataConfig, rank: int, epoch: int, seed: int, workers: int) -> list[StreamSpec]:
+    """One StreamSpec per DataLoader worker of `rank`."""
+    if cfg.routing == "by_superclass":
+        shards: list[ShardInfo] = plan.shards_for_rank(split.manifest, rank)
+        urls = [split.shard_path(s) for s in shards]
+        return [deal(urls, w, workers, plan.column_range(rank)) for w in range(workers)]
+    urls = [split.shard_path(s) for s in split.manifest.shards]
+    random.Random(_seed(seed, epoch)).shuffle(urls)  # the same deal on every rank
+    return [deal(urls, rank * workers + w, plan.world_size * workers) for w in range(workers)]
+
+
+def train_batches(split: SplitDir, plan: Plan, cfg: DataConfig, rank: int, epoch: int, seed: int, start_step: int = 0):
+    """Exactly steps_per_epoch - start_step batches of this rank's stream for `epoch`."""
+    steps = steps_per_epoch(split.manifest.num_instances, plan.world_size, cfg.batch_size)
+    workers = max(cfg.num_workers, 1)
+    specs = rank_specs(split, plan, cfg, rank, epoch, seed, workers)
+    stream = TrainStream(specs, cfg, seed, epoch, rank, skip_batches=start_step)
+    loader = DataLoader(stream, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate)
+    batches = iter(loader)
+    for _ in range(start_step, steps):
+        yield next(batches)
+
+
+class EvalStream(IterableDataset):
+    """A rank's slice of a split, decoded once, for embedding."""
+
+    def __init__(self, spec: StreamSpec, cfg: DataConfig):
+        self.spec, self.cfg = spec, cfg
+        self.transform = make_transform(cfg, train=False)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for i, (sample, meta) in enumerate(_read(self.spec, None)):
+            if i % workers != worker:
+                continue
+            image = _decode(sample, meta, self.transform, None, "fail")
+            yield image, meta["super"], meta["fine"], meta["instance"], 0
+
+
+def eval_batches(split: SplitDir, cfg: DataConfig, batch_size: int, rank: int, world_size: int):
+    urls = [split.shard_path(s) for s in split.manifest.shards]
+    stream = EvalStream(deal(urls, rank, world_size), cfg)
+    return DataLoader(stream, batch_size=batch_size, num_workers=min(cfg.num_workers, 1), collate_fn=collate)
