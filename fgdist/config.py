@@ -41,6 +41,7 @@ class DataConfig(Section):
 class ModelConfig(Section):
     arch: Literal["resnet18"] = "resnet18"
     stem: Literal["cifar", "imagenet"] = "cifar"  # cifar: 3x3 stride-1 conv, no max-pool
+    width: int = Field(64, ge=4)  # first-stage channels; 64 is torchvision's ResNet-18 (d = 8 * width)
     # BatchNorm across ranks: per-rank batches under by_superclass routing hold few
     # super-classes, so local statistics would be per-super-class. auto = global when routing is
     # by_superclass and there is more than one rank.

@@ -9,11 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet18
+from torchvision.models.resnet import BasicBlock
 
 from fgdist.collectives import all_reduce_sum
 from fgdist.config import ModelConfig
 
-FEATURE_DIM = 512
+STANDARD_WIDTH = 64  # torchvision's ResNet-18: d = 8 * 64 = 512
+
+
+def feature_dim(cfg: ModelConfig) -> int:
+    return 8 * cfg.width
 
 
 class CrossRankBatchNorm2d(nn.BatchNorm2d):
@@ -55,8 +60,36 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
+class NarrowResNet18(nn.Module):
+    """ResNet-18 with `width` channels in its first stage (64 in torchvision's), so that CPU
+    experiments can trade capacity for speed; d = 8 * width. Same blocks, same depth."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        stages, inplanes = [], width
+        for i, planes in enumerate((width, 2 * width, 4 * width, 8 * width)):
+            stride = 1 if i == 0 else 2
+            down = None if stride == 1 and inplanes == planes else nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+            stages.append(nn.Sequential(BasicBlock(inplanes, planes, stride, down), BasicBlock(planes, planes)))
+            inplanes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Identity()
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
 def build_backbone(cfg: ModelConfig) -> nn.Module:
-    net = resnet18(weights=None)
+    if cfg.width != STANDARD_WIDTH and cfg.pretrained:
+        raise ValueError(f"model.pretrained needs model.width={STANDARD_WIDTH} (got {cfg.width})")
+    net = resnet18(weights=None) if cfg.width == STANDARD_WIDTH else NarrowResNet18(cfg.width)
     if cfg.pretrained:
         path = Path(cfg.pretrained)
         if not path.is_file():
@@ -67,7 +100,7 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
             raise ValueError(f"model.pretrained: {path} is not a torchvision ResNet-18 state_dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if cfg.stem == "cifar":
         # Small images: a 3x3 stride-1 first conv and no max-pool keep 32x32 detail.
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.conv1 = nn.Conv2d(3, cfg.width, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     net.fc = nn.Identity()
     return net
@@ -79,8 +112,9 @@ class EmbeddingNet(nn.Module):
     def __init__(self, cfg: ModelConfig, num_super: int | None, num_fine: int | None):
         super().__init__()
         self.backbone = build_backbone(cfg)
-        self.super_head = nn.Linear(FEATURE_DIM, num_super) if num_super else None
-        self.fine_head = nn.Linear(FEATURE_DIM, num_fine) if num_fine else None
+        d = feature_dim(cfg)
+        self.super_head = nn.Linear(d, num_super) if num_super else None
+        self.fine_head = nn.Linear(d, num_fine) if num_fine else None
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.backbone(images)

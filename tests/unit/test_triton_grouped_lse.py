@@ -58,8 +58,11 @@ if RUN_KERNEL_HERE:
     SMALL = Tiles(block_m=16, block_n=32, block_k=16, block_d=32)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# Slack on top of "no worse than torch in the same dtype", relative to the quantity's scale.
-REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# Slack on top of "no worse than torch in the same dtype", relative to the quantity's scale:
+# about one unit in the last place. The kernel rounds the softmax weights to the input dtype
+# before the backward products (as flash attention does), so its 16-bit gradients are at the
+# level of torch in that dtype rather than of the fp32 reference.
+REL_TOL = {torch.float32: 2**-22, torch.bfloat16: 2**-8, torch.float16: 2**-11}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,123 @@
+"""Atomic checkpoints: DeepSpeed engine state + per-rank head slice + plan + data position +
+RNG states, and restart from the newest complete one.
+
+Layout under <run_dir>/checkpoints:
+    <tag>/engine/...          deepspeed save_checkpoint (tag "state")
+    <tag>/head-<begin>-<end>.pt  a head slice (weights, momentum) named by its column range
+    <tag>/rank00000.pt        RNG states of that rank
+    <tag>/meta.json           epoch, step, global step, world size, MLflow run id (written last
+                              inside the folder)
+    latest                    the tag of the newest complete checkpoint
+Everything is written into `.<tag>.partial` first; rank 0 renames it into place and only then
+rewrites `latest` (write to a temporary file, then os.replace). A checkpoint that was being
+written when a process died has no `latest` pointing at it and is never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fgdist.head import InstanceHead
+
+LATEST = "latest"
+
+
+@dataclass
+class Position:
+    epoch: int  # the epoch to run next
+    step: int  # the step within that epoch to run next
+    global_step: int
+    world_size: int
+    mlflow_run_id: str | None
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(directory: Path, engine, head: InstanceHead | None, plan_json: str, position: Position, rank: int, keep: int) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder."""
+    tag = f"epoch{position.epoch:04d}-step{position.step:06d}"
+    partial = directory / f".{tag}.partial"
+    final = directory / tag
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    _barrier()
+    engine.save_checkpoint(str(partial / "engine"), tag="state", save_latest=False)
+    torch.save(rng_state(), partial / f"rank{rank:05d}.pt")
+    if head is not None:
+        torch.save(head.slice_state(), partial / f"head-{head.column_begin:012d}-{head.column_end:012d}.pt")
+    _barrier()
+    if rank == 0:
+        (partial / "plan.json").write_text(plan_json)
+        (partial / "meta.json").write_text(json.dumps(asdict(position), indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        _write_atomic(directory / LATEST, tag)
+        for old in sorted(p for p in directory.glob("epoch*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old)
+    _barrier()
+    return final
+
+
+def latest(directory: Path) -> Path | None:
+    pointer = directory / LATEST
+    if not pointer.is_file():
+        return None
+    folder = directory / pointer.read_text().strip()
+    if not (folder / "meta.json").is_file():
+        raise FileNotFoundError(f"{pointer} names {folder.name}, which is not a complete checkpoint")
+    return folder
+
+
+def load(folder: Path, engine, head: InstanceHead | None, rank: int) -> Position:
+    """Restore the engine, this rank's head columns (re-cut from any saved world size), and,
+    when the world size is unchanged, this rank's RNG states."""
+    position = Position(**json.loads((folder / "meta.json").read_text()))
+    load_path, _ = engine.load_checkpoint(str(folder / "engine"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise FileNotFoundError(f"{folder / 'engine'}: DeepSpeed found no engine state")
+    files = sorted(folder.glob("rank*.pt"))
+    if len(files) != position.world_size:
+        raise FileNotFoundError(f"{folder}: {len(files)} rank files for a world size of {position.world_size}")
+    if head is not None:
+        # Read only the saved slices that overlap this rank's columns (names carry the range).
+        overlapping = []
+        for f in sorted(folder.glob("head-*.pt")):
+            begin, end = (int(v) for v in f.stem.split("-")[1:])
+            if begin < head.column_end and end > head.column_begin:
+                overlapping.append(torch.load(f, map_location="cpu", weights_only=False))
+        head.load_slices(overlapping, str(folder))
+    if position.world_size == (dist.get_world_size() if dist.is_initialized() else 1):
+        set_rng_state(torch.load(files[rank], map_location="cpu", weights_only=False))
+    return position

@@ -1,0 +1,89 @@
+"""Distributed, chunked evaluation.
+
+Each rank embeds its slice of the test split; the L2-normalized embeddings (and labels) are
+gathered to every rank; each rank then ranks its own queries against the whole test set in
+blocks of `query_chunk` rows (an exact top-k per block, the query itself excluded), so no
+all-pairs matrix is ever held. Hits are summed over ranks.
+
+Recall@k: the fraction of queries with at least one of their k nearest neighbours (cosine
+similarity on f(x)) of the same label. Super-class top-1/top-5 come from the super head.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from fgdist.collectives import gather_counts, gather_rows, world
+
+
+def metric_name(label: str, k: int) -> str:
+    """MLflow metric names allow no '@': fine_recall_at_1 stands for fine R@1."""
+    return f"{label}_recall_at_{k}"
+
+
+@torch.no_grad()
+def recall_at_k(embeddings: torch.Tensor, labels: dict[str, torch.Tensor], query_begin: int, query_end: int, ks: list[int], chunk: int) -> dict[str, torch.Tensor]:
+    """Hit counts of queries [query_begin, query_end) against all rows, per label and k."""
+    k_max = min(max(ks), embeddings.shape[0] - 1)
+    hits = {name: torch.zeros(len(ks), dtype=torch.long) for name in labels}
+    for start in range(query_begin, query_end, chunk):
+        stop = min(start + chunk, query_end)
+        sims = embeddings[start:stop] @ embeddings.T
+        sims[torch.arange(stop - start), torch.arange(start, stop)] = float("-inf")  # not itself
+        neighbours = sims.topk(k_max, dim=1).indices
+        for name, y in labels.items():
+            match = y[neighbours] == y[start:stop, None]
+            first_hit = torch.where(match.any(dim=1), match.float().argmax(dim=1), torch.full((stop - start,), k_max))
+            for i, k in enumerate(ks):
+                hits[name][i] += int((first_hit < k).sum())
+    return hits
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, dtype, ks: list[int], chunk: int, has_super_head: bool, progress=None) -> dict[str, float]:
+    """Metrics of `model` on a test split; `batches` is this rank's slice of it."""
+    rank, size = world()
+    model.eval()
+    feats, supers, fines, top1, top5 = [], [], [], 0, 0
+    started = time.time()
+    for batch in batches:
+        out = model(batch["images"].to(device=device, dtype=dtype))
+        feats.append(F.normalize(out["features"].float(), dim=1).cpu())
+        supers.append(batch["super"])
+        fines.append(batch["fine"])
+        if has_super_head:
+            best = out["super_logits"].float().topk(min(5, out["super_logits"].shape[1]), dim=1).indices.cpu()
+            top1 += int((best[:, 0] == batch["super"]).sum())
+            top5 += int((best == batch["super"][:, None]).any(dim=1).sum())
+        if progress:
+            progress(sum(len(f) for f in feats))
+    model.train()
+    if not feats:
+        raise RuntimeError(f"rank {rank}: no test samples in its slice of the test split")
+    local = torch.cat(feats)
+    counts = gather_counts(local.shape[0], "cpu")
+    embeddings = gather_rows(local, counts)
+    labels = {"super": gather_rows(torch.cat(supers), counts), "fine": gather_rows(torch.cat(fines), counts)}
+    if (labels["fine"] < 0).all():
+        del labels["fine"]  # no fine labels in this data set
+    begin = sum(counts[:rank])
+    hits = recall_at_k(embeddings, labels, begin, begin + counts[rank], ks, chunk)
+    totals = torch.cat([*hits.values(), torch.tensor([top1, top5])])
+    if size > 1:
+        dist.all_reduce(totals)
+    n = sum(counts)
+    metrics, i = {}, 0
+    for name in hits:
+        for k in ks:
+            metrics[metric_name(name, k)] = 100.0 * int(totals[i]) / n
+            i += 1
+    if has_super_head:
+        metrics["super_top1"] = 100.0 * int(totals[i]) / n
+        metrics["super_top5"] = 100.0 * int(totals[i + 1]) / n
+    metrics["eval_images"] = float(n)
+    metrics["eval_seconds"] = time.time() - started
+    return metrics

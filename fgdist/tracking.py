@@ -1,0 +1,81 @@
+"""MLflow from rank 0. The embedded default is a SQLite store in the working directory; a
+`mlflow server` URI works the same. Tracking never stops training: if the store goes away, the
+tracker says so once, stops logging, and the run's local results are still written."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+log = logging.getLogger("fgdist.tracking")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    """{"optim": {"lr": 0.1}} -> {"optim.lr": "0.1"} (MLflow params are flat strings)."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = json.dumps(value) if not isinstance(value, str) else value
+    return flat
+
+
+def resolve_uri(configured: str | None) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+class Tracker:
+    """Logs on rank 0; a no-op elsewhere. `run_id` continues an existing run (resume)."""
+
+    def __init__(self, enabled: bool, uri: str, experiment: str, run_name: str | None, run_id: str | None = None, system_metrics: bool = True):
+        self.enabled = enabled
+        self.uri = uri
+        self.run_id = run_id
+        self._mlflow = None
+        if not enabled:
+            return
+        import mlflow
+
+        self._mlflow = mlflow
+        self._guard("start the run", self._start, experiment, run_name, system_metrics)
+
+    def _start(self, experiment, run_name, system_metrics):
+        mlflow = self._mlflow
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(experiment)
+        run = mlflow.start_run(run_id=self.run_id, run_name=None if self.run_id else run_name, log_system_metrics=system_metrics)
+        self.run_id = run.info.run_id
+
+    def _guard(self, what, fn, *args, **kwargs):
+        """Run an MLflow call; on failure, warn once and stop tracking (training goes on)."""
+        if not self.enabled:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # any transport or store error: tracking is best effort
+            self.enabled = False
+            print(f"[fgdist] WARNING: MLflow at {self.uri} failed to {what} ({type(err).__name__}: {str(err)[:200]}); "
+                  "tracking is off for the rest of this run, training continues and results are written locally", file=sys.stderr, flush=True)
+            return None
+
+    def log_params(self, params: dict[str, str]) -> None:
+        items = list(params.items())
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self._guard("log params", self._mlflow.log_params, dict(items[i : i + 100]) if self._mlflow else None)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._guard("log metrics", self._mlflow.log_metrics if self._mlflow else None, metrics, step=step)
+
+    def log_artifact(self, path: str, folder: str | None = None) -> None:
+        self._guard(f"log artifact {path}", self._mlflow.log_artifact if self._mlflow else None, path, folder)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._guard("set tags", self._mlflow.set_tags if self._mlflow else None, tags)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._guard("end the run", self._mlflow.end_run if self._mlflow else None, status)

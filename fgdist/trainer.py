@@ -1,0 +1,205 @@
+"""The training loop: a DeepSpeed engine (backbone + super/fine heads) beside the partitioned
+instance head, one objective module, per-rank WebDataset streams, atomic checkpoints, chunked
+distributed evaluation, MLflow from rank 0.
+
+Read `Trainer.train_step` top to bottom for what one step does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fgdist import checkpoint
+from fgdist.collectives import mean_over_ranks, world
+from fgdist.config import RunConfig
+from fgdist.data import eval_batches, steps_per_epoch, train_batches
+from fgdist.evaluation import evaluate
+from fgdist.head import InstanceHead
+from fgdist.model import EmbeddingNet, convert_batchnorm, feature_dim
+from fgdist.objectives import OBJECTIVE_HEADS, Objective
+from fgdist.partition import make_plan
+from fgdist.shardset import open_split
+from fgdist.tracking import Tracker, flatten, resolve_uri
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict:
+    """The user's `deepspeed` section, with the batch size and precision fgdist owns."""
+    ds = {"steps_per_print": 10**9, "zero_optimization": {"stage": 0}, "bf16": {"enabled": on_cuda}, **cfg.deepspeed}
+    micro = ds.setdefault("train_micro_batch_size_per_gpu", cfg.data.batch_size)
+    if micro != cfg.data.batch_size or ds.setdefault("gradient_accumulation_steps", 1) != 1:
+        raise ValueError(f"deepspeed.train_micro_batch_size_per_gpu must equal data.batch_size ({cfg.data.batch_size}) and gradient_accumulation_steps must be 1")
+    ds.setdefault("train_batch_size", cfg.data.batch_size * world_size)
+    return ds
+
+
+def log0(*args) -> None:
+    if world()[0] == 0:
+        print("[fgdist]", *args, flush=True)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: bool = False):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        self.cfg = cfg
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        self.rank, self.world_size = world()
+        self.device = torch.device(get_accelerator().current_device_name())
+        self.on_cuda = self.device.type == "cuda"
+        self.dtype = torch.bfloat16 if self.on_cuda else torch.float32
+        seed_everything(cfg.seed)
+
+        # Data and the column line.
+        self.train_split = open_split(cfg.data.shards, "train")
+        self.test_split = open_split(cfg.data.shards, "test")
+        manifest = self.train_split.manifest
+        self.plan = make_plan(manifest, self.world_size, where=str(self.train_split.path))
+        self.steps_per_epoch = steps_per_epoch(manifest.num_instances, self.world_size, cfg.data.batch_size)
+
+        # Model: the engine gets backbone + super/fine heads; the instance head stays outside.
+        name = cfg.objective.name
+        if name == "fine" and manifest.num_fine == 0:
+            raise ValueError(f"objective 'fine' needs fine labels; {self.train_split.path} has none")
+        model = EmbeddingNet(cfg.model, manifest.num_super if name in OBJECTIVE_HEADS["super"] else None, manifest.num_fine if name in OBJECTIVE_HEADS["fine"] else None)
+        norm = cfg.model.norm if cfg.model.norm != "auto" else ("global" if cfg.data.routing == "by_superclass" and self.world_size > 1 else "local")
+        if norm == "global":
+            model = convert_batchnorm(model)
+        self.head = None
+        if name in OBJECTIVE_HEADS["instance"]:
+            self.head = InstanceHead(self.plan, self.rank, feature_dim(cfg.model), cfg.seed).to(self.device)
+            self.head.build_optimizer(cfg.optim, cfg.head.lr_mult, self.steps_per_epoch)
+        self.objective = Objective(cfg, self.plan, self.rank, self.head).to(self.device)
+
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [m * self.steps_per_epoch for m in cfg.optim.milestones], cfg.optim.gamma)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, self.world_size, self.on_cuda))
+
+        # Where to start.
+        self.ckpt_dir = cfg.run_dir / "checkpoints"
+        self.position = checkpoint.Position(0, 0, 0, self.world_size, None)
+        if resume:
+            folder = checkpoint.latest(self.ckpt_dir)
+            if folder is None:
+                raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir}")
+            self.position = checkpoint.load(folder, self.engine, self.head, self.rank)
+            log0(f"resumed from {folder} at epoch {self.position.epoch} step {self.position.step} (saved on {self.position.world_size} rank(s), now {self.world_size})")
+            self.position.world_size = self.world_size
+
+        self.tracker = Tracker(self.rank == 0, resolve_uri(cfg.tracking.uri), cfg.tracking.experiment, cfg.tracking.run_name or cfg.name, self.position.mlflow_run_id, cfg.tracking.system_metrics)
+        self.position.mlflow_run_id = self.tracker.run_id
+        if self.rank == 0:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            (cfg.run_dir / "config.json").write_text(cfg.model_dump_json(indent=1))
+            (cfg.run_dir / "plan.json").write_text(self.plan.to_json())
+            if not resume:
+                self.tracker.log_params({**flatten(cfg.model_dump()), "world_size": str(self.world_size), "num_instances": str(manifest.num_instances)})
+                self.tracker.set_tags({"objective": name, "dataset": str(cfg.data.shards), "lambda_I": str(cfg.objective.lambda_I)})
+                self.tracker.log_artifact(str(cfg.run_dir / "config.json"))
+                self.tracker.log_artifact(str(cfg.run_dir / "plan.json"))
+        log0(f"{name} on {self.world_size} rank(s), {self.device}, {manifest.num_instances} training images, "
+             f"{self.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs, batch {cfg.data.batch_size}/rank, routing {cfg.data.routing}, norm {norm}")
+
+    # -- one step -----------------------------------------------------------------------
+    def train_step(self, batch: dict) -> dict[str, float]:
+        images = batch["images"].to(self.device, self.dtype, non_blocking=True)
+        labels = [batch[k].to(self.device) for k in ("super", "fine", "instance")]
+        outputs = self.engine(images)
+        parts = self.objective(outputs, *labels)
+        self.check_finite(parts)
+        self.engine.backward(parts["loss"])
+        self.engine.step()  # DeepSpeed averages the engine's gradients over ranks, steps its LR
+        if self.head is not None:
+            self.head.step(self.world_size)  # the head slice: its own optimizer and schedule
+        return {k: float(mean_over_ranks(v)) for k, v in parts.items()}
+
+    def check_finite(self, parts: dict[str, torch.Tensor]) -> None:
+        """All ranks stop together (a lone rank raising would leave the others in a collective)."""
+        bad = torch.tensor([0.0 if torch.isfinite(parts["loss"]).item() else 1.0], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(bad)
+        if bad.item():
+            where = f"epoch {self.position.epoch} step {self.position.step}"
+            raise NonFiniteLossError(f"rank {self.rank}: non-finite loss at {where} ({ {k: float(v) for k, v in parts.items()} }); lower optim.lr or head.lr_mult")
+
+    # -- the loop -----------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        cfg, pos = self.cfg, self.position
+        status = "FAILED"
+        try:
+            while pos.epoch < cfg.optim.epochs:
+                self.train_epoch()
+                pos.epoch, pos.step = pos.epoch + 1, 0
+                if cfg.checkpoint.every_epochs and pos.epoch % cfg.checkpoint.every_epochs == 0:
+                    self.save()
+                if cfg.eval.every_epochs and pos.epoch % cfg.eval.every_epochs == 0 and pos.epoch < cfg.optim.epochs:
+                    self.run_eval()
+            metrics = self.run_eval()
+            self.write_results(metrics)
+            status = "FINISHED"
+            return metrics
+        finally:
+            self.tracker.finish(status)
+
+    def train_epoch(self) -> None:
+        cfg, pos = self.cfg, self.position
+        window_start, window_images, corrupt = time.time(), 0, 0
+        batches = train_batches(self.train_split, self.plan, cfg.data, self.rank, pos.epoch, cfg.seed, start_step=pos.step)
+        for batch in batches:
+            parts = self.train_step(batch)
+            pos.step += 1
+            pos.global_step += 1
+            window_images += batch["images"].shape[0] * self.world_size
+            corrupt += batch["corrupt_skipped"]
+            if pos.step % cfg.tracking.log_every_steps == 0 or pos.step == self.steps_per_epoch:
+                elapsed = time.time() - window_start
+                metrics = {**parts, "lr": self.engine.get_lr()[0], "images_per_s": window_images / max(elapsed, 1e-9)}
+                if self.head is not None:
+                    metrics["head_lr"] = self.head.scheduler.get_last_lr()[0]
+                if cfg.data.on_corrupt == "skip":
+                    metrics["corrupt_skipped"] = float(mean_over_ranks(torch.tensor(float(corrupt))) * self.world_size)
+                log0(f"epoch {pos.epoch + 1}/{cfg.optim.epochs} step {pos.step}/{self.steps_per_epoch} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+                self.tracker.log_metrics(metrics, step=pos.global_step)
+                window_start, window_images = time.time(), 0
+
+    def save(self) -> None:
+        folder = checkpoint.save(self.ckpt_dir, self.engine, self.head, self.plan.to_json(), self.position, self.rank, self.cfg.checkpoint.keep)
+        log0(f"checkpoint {folder}")
+
+    def run_eval(self) -> dict[str, float]:
+        cfg = self.cfg
+        batches = eval_batches(self.test_split, cfg.data, cfg.eval.batch_size, self.rank, self.world_size)
+        metrics = evaluate(self.engine.module, batches, self.device, self.dtype, cfg.eval.recall_ks, cfg.eval.query_chunk, has_super_head=cfg.objective.name in OBJECTIVE_HEADS["super"])
+        log0(f"eval after epoch {self.position.epoch}: " + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+        self.tracker.log_metrics(metrics, step=self.position.global_step)
+        return metrics
+
+    def write_results(self, metrics: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        path = self.cfg.run_dir / "results.json"
+        record = {"name": self.cfg.name, "objective": self.cfg.objective.name, "lambda_I": self.cfg.objective.lambda_I, "world_size": self.world_size, "mlflow_run_id": self.tracker.run_id, "metrics": metrics}
+        path.write_text(json.dumps(record, indent=1))
+        table = "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v:.2f} |\n" for k, v in metrics.items())
+        (self.cfg.run_dir / "results.md").write_text(table)
+        self.tracker.log_artifact(str(path))
+        self.tracker.log_artifact(str(self.cfg.run_dir / "results.md"))
