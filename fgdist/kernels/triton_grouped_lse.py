@@ -20,19 +20,16 @@ output and walks its inputs in a fixed order, so there are no atomics and repeat
 are bitwise identical.
 
 The target term. target_logit[i] = x_i . w[target_col[i]] for any local target column (the
-reference allows one outside row i's group, even for a row whose group is -1). The forward gathers
-w[target] per row. In the backward a target inside the row's group is folded into the tile's
-weights, g_i * softmax_ij + g_target_i * [j == target_i], in fp32 before they are rounded for the
-products: for a cross-entropy (g = 1, g_target = -1) that is softmax - 1 at the target, small
-where the row is confident, and it would be lost to cancellation if the two terms were summed
-after the products. The rare target outside its row's group takes a separate, equally
-deterministic path: a gathered row for dx, and for dw a second loop over such rows sorted by
-target column.
+reference allows one outside row i's group, even for a row whose group is -1), so it is kept
+apart from the group band and computed in fp32 from gathered rows: a dot product per row in the
+forward, g_target_i * w_target added per row in dx, and in dw a second loop over the rows sorted
+by target column, which sums rows that share a target in a fixed order.
 
-Precision. Products take the input dtype with fp32 accumulation. The backward weights are
-rounded to the input dtype before their products, as flash attention does, after scaling each
-row by max(|g|, |g_target|) so that they lie in [-1, 1] and small upstream gradients do not
-underflow fp16.
+Precision. Products take the input dtype with fp32 accumulation. The backward weights
+(softmax, times the upstream gradient for dw) are fp32; for 16-bit inputs they enter the
+products as a hi + lo pair in the input dtype (two products instead of one). A single bf16
+rounding would keep 8 bits, and a cross-entropy gradient cancels at the target column
+(softmax_t - 1 for a confident row), which turns that rounding into a large relative error.
 """
 
 from __future__ import annotations
@@ -115,25 +112,29 @@ def _in_group(lo, hi, cols):
 
 
 @triton.jit
-def _row_scale(g, gt, group_tgt):
-    """Per-row scale of the backward weights: max(|g|, |g_target|), the target counted only
-    when it lies in the row's group (the others take the separate path)."""
-    return tl.maximum(tl.abs(g), tl.abs(tl.where(group_tgt >= 0, gt, 0.0)))
-
-
-@triton.jit
-def _grad_weights(s, lo, hi, cols, lse, g, gt, group_tgt, scale):
-    """(g * softmax + g_target * [col == target]) / scale inside each row's group, 0 elsewhere.
+def _softmax_weights(s, lo, hi, cols, lse):
+    """exp(s - lse) inside each row's group, 0 elsewhere (fp32).
 
     Rows without a local column have lse = -inf and an all-false mask; they are shifted by 0
     instead so that no inf - inf NaN is formed, even in the discarded branch.
     """
     shift = tl.where(lse == float("-inf"), 0.0, lse)
-    inv = tl.where(scale > 0, 1.0 / scale, 0.0)
-    softmax = tl.exp(s - shift[:, None])
-    at_target = cols[None, :] == group_tgt[:, None]
-    wts = (g * inv)[:, None] * softmax + tl.where(at_target, (gt * inv)[:, None], 0.0)
-    return tl.where(_in_group(lo, hi, cols), wts, 0.0)
+    return tl.where(_in_group(lo, hi, cols), tl.exp(s - shift[:, None]), 0.0)
+
+
+@triton.jit
+def _dot_weights(wts, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + wts @ b for fp32 weights and b in the input dtype.
+
+    For 16-bit b the weights go in as hi + lo, both in b's dtype: about 16 significant bits
+    instead of 8 for bf16, for one more product (see the module docstring).
+    """
+    if b.dtype == tl.float32:
+        return _dot(wts, b, acc, PRECISION, UPCAST)
+    hi = wts.to(b.dtype)
+    lo = (wts - hi.to(tl.float32)).to(b.dtype)
+    acc = _dot(hi, b, acc, PRECISION, UPCAST)
+    return _dot(lo, b, acc, PRECISION, UPCAST)
 
 
 @triton.jit
@@ -195,13 +196,12 @@ def _forward_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, tgt_ptr, tile_col_lo_ptr, tile
 
 
 @triton.jit
-def _dx_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, group_tgt_ptr, stray_tgt_ptr, lse_ptr,
-               grad_lse_ptr, grad_tgt_ptr, tile_col_lo_ptr, tile_col_hi_ptr, dx_ptr,
-               n_rows, n_cols, d,
+def _dx_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, tgt_ptr, lse_ptr, grad_lse_ptr, grad_tgt_ptr,
+               tile_col_lo_ptr, tile_col_hi_ptr, dx_ptr, n_rows, n_cols, d,
                stride_x, stride_w, stride_dx,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """One program per (row tile, feature chunk): dx = (g * softmax + g_t * onehot) @ w."""
+    """One program per (row tile, feature chunk): dx = g * softmax @ w + g_target * w_target."""
     pid = tl.program_id(0)
     fs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # output features of this program
     f_ok = fs < d
@@ -210,10 +210,6 @@ def _dx_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, group_tgt_ptr, stray_tgt_ptr, lse_p
     lo = tl.load(lo_ptr + rows, mask=row_ok, other=0)
     hi = tl.load(hi_ptr + rows, mask=row_ok, other=0)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("-inf"))
-    g = tl.load(grad_lse_ptr + rows, mask=row_ok, other=0.0)
-    gt = tl.load(grad_tgt_ptr + rows, mask=row_ok, other=0.0)
-    group_tgt = tl.load(group_tgt_ptr + rows, mask=row_ok, other=-1)
-    scale = _row_scale(g, gt, group_tgt)
     col_lo = tl.load(tile_col_lo_ptr + pid)
     col_hi = tl.load(tile_col_hi_ptr + pid)
 
@@ -223,16 +219,19 @@ def _dx_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, group_tgt_ptr, stray_tgt_ptr, lse_p
         col_ok = cols < n_cols
         s = _logits_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, d, stride_x, stride_w,
                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
-        p = _grad_weights(s, lo, hi, cols, lse, g, gt, group_tgt, scale)
+        p = _softmax_weights(s, lo, hi, cols, lse)
         wf = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_w + fs[None, :],
                      mask=col_ok[:, None] & f_ok[None, :], other=0.0)
-        acc = _dot(p.to(wf.dtype), wf, acc, PRECISION, UPCAST)
-    dx = acc * scale[:, None]
+        acc = _dot_weights(p, wf, acc, PRECISION, UPCAST)
+    # The upstream gradient multiplies after the sum, so the weights stay in [0, 1] and a small
+    # gradient cannot push them out of fp16's range.
+    g = tl.load(grad_lse_ptr + rows, mask=row_ok, other=0.0)
+    dx = acc * g[:, None]
 
-    # A target outside the row's group: g_target * w_target, gathered.
-    stray = tl.load(stray_tgt_ptr + rows, mask=row_ok, other=-1)
-    has = row_ok & (stray >= 0)
-    wt = tl.load(w_ptr + stray.to(tl.int64)[:, None] * stride_w + fs[None, :],
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    gt = tl.load(grad_tgt_ptr + rows, mask=row_ok, other=0.0)
+    has = row_ok & (tgt >= 0)
+    wt = tl.load(w_ptr + tgt.to(tl.int64)[:, None] * stride_w + fs[None, :],
                  mask=has[:, None] & f_ok[None, :], other=0.0)
     dx += gt[:, None] * wt.to(tl.float32)
 
@@ -241,13 +240,13 @@ def _dx_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, group_tgt_ptr, stray_tgt_ptr, lse_p
 
 
 @triton.jit
-def _dw_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, group_tgt_ptr, lse_ptr, grad_lse_ptr, grad_tgt_ptr,
+def _dw_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, lse_ptr, grad_lse_ptr, grad_tgt_ptr,
                tile_row_start_ptr, tile_row_end_ptr,
-               stray_row_ptr, stray_col_ptr, tile_stray_start_ptr, tile_stray_end_ptr,
+               by_target_row_ptr, by_target_col_ptr, tile_tgt_start_ptr, tile_tgt_end_ptr,
                dw_ptr, n_cols, d, stride_x, stride_w, stride_dw,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """One program per (column tile, feature chunk): dw = (g * softmax + g_t * onehot)^T @ x."""
+    """One program per (column tile, feature chunk): dw = (g * softmax)^T @ x + target term."""
     pid = tl.program_id(0)
     fs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     f_ok = fs < d
@@ -255,7 +254,7 @@ def _dw_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, group_tgt_ptr, lse_ptr, grad_lse_pt
     col_ok = cols < n_cols
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    # The sorted rows whose group overlaps this column tile.
+    # Softmax term: the sorted rows whose group overlaps this column tile.
     row_start = tl.load(tile_row_start_ptr + pid)
     row_end = tl.load(tile_row_end_ptr + pid)
     for r0 in range(row_start, row_end, BLOCK_M):
@@ -265,28 +264,24 @@ def _dw_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, group_tgt_ptr, lse_ptr, grad_lse_pt
         hi = tl.load(hi_ptr + rows, mask=row_ok, other=0)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("-inf"))
         g = tl.load(grad_lse_ptr + rows, mask=row_ok, other=0.0)
-        gt = tl.load(grad_tgt_ptr + rows, mask=row_ok, other=0.0)
-        group_tgt = tl.load(group_tgt_ptr + rows, mask=row_ok, other=-1)
-        scale = _row_scale(g, gt, group_tgt)
         s = _logits_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, d, stride_x, stride_w,
                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
-        p = _grad_weights(s, lo, hi, cols, lse, g, gt, group_tgt, scale)
+        # The upstream gradient cannot be factored out of a sum over rows: it goes into the fp32
+        # weights (not onto x, whose rounding would add an error per row).
+        p = _softmax_weights(s, lo, hi, cols, lse) * g[:, None]
         xf = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + fs[None, :],
                      mask=row_ok[:, None] & f_ok[None, :], other=0.0)
-        # The row scale cannot be factored out of a sum over rows: it goes onto x (exact when
-        # it is a power of two, e.g. 1 or 1/batch).
-        sx = (xf.to(tl.float32) * scale[:, None]).to(xf.dtype)
-        acc = _dot(tl.trans(p.to(xf.dtype)), sx, acc, PRECISION, UPCAST)
+        acc = _dot_weights(tl.trans(p), xf, acc, PRECISION, UPCAST)
 
-    # Targets outside their row's group: those rows, sorted by target column, whose target
-    # falls in this tile. A one-hot dot sums rows that share a target in a fixed order.
-    t_start = tl.load(tile_stray_start_ptr + pid)
-    t_end = tl.load(tile_stray_end_ptr + pid)
+    # Target term: rows sorted by target column, those whose target falls in this tile. A
+    # one-hot dot sums rows that share a target in a fixed order (no atomics).
+    t_start = tl.load(tile_tgt_start_ptr + pid)
+    t_end = tl.load(tile_tgt_end_ptr + pid)
     for t0 in range(t_start, t_end, BLOCK_M):
         pos = t0 + tl.arange(0, BLOCK_M)
         pos_ok = pos < t_end
-        rows = tl.load(stray_row_ptr + pos, mask=pos_ok, other=0)
-        tcol = tl.load(stray_col_ptr + pos, mask=pos_ok, other=-1)
+        rows = tl.load(by_target_row_ptr + pos, mask=pos_ok, other=0)
+        tcol = tl.load(by_target_col_ptr + pos, mask=pos_ok, other=-1)
         gt = tl.load(grad_tgt_ptr + rows, mask=pos_ok, other=0.0)
         xf = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + fs[None, :],
                      mask=pos_ok[:, None] & f_ok[None, :], other=0.0)
@@ -311,8 +306,6 @@ class _RowPlan:
     lo: torch.Tensor  # int32 [R] first column of the sorted row's group
     hi: torch.Tensor  # int32 [R] end column of the sorted row's group (lo == hi: no column)
     target: torch.Tensor  # int32 [R] target column of the sorted row, or -1
-    group_target: torch.Tensor  # int32 [R] the target where it lies in the row's group, else -1
-    stray_target: torch.Tensor  # int32 [R] the target where it lies outside the group, else -1
 
 
 def _plan_rows(row_group, col_offsets, target_col) -> _RowPlan:
@@ -327,19 +320,12 @@ def _plan_rows(row_group, col_offsets, target_col) -> _RowPlan:
     order = torch.argsort(key, stable=True)
     bounds = torch.cat([col_offsets, col_offsets[-1:]])
     key_sorted = key[order]
-    lo, hi, target = bounds[key_sorted], bounds[key_sorted + 1], target_col[order]
-    in_group = (target >= lo) & (target < hi)
-    stray = (target >= 0) & ~in_group
-    none = torch.full_like(target, -1)
 
     def int32(t):
         return t.to(torch.int32).contiguous()
 
-    return _RowPlan(
-        order=order, lo=int32(lo), hi=int32(hi), target=int32(target),
-        group_target=int32(torch.where(in_group, target, none)),
-        stray_target=int32(torch.where(stray, target, none)),
-    )
+    return _RowPlan(order=order, lo=int32(bounds[key_sorted]), hi=int32(bounds[key_sorted + 1]),
+                    target=int32(target_col[order]))
 
 
 def _row_tile_columns(plan: _RowPlan, block_m: int):
@@ -376,11 +362,11 @@ def _column_tile_rows(plan: _RowPlan, n_cols: int, block_n: int):
     return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
 
 
-def _column_tile_strays(plan: _RowPlan, n_cols: int, block_n: int):
-    """Sorted rows re-sorted by stray target column (those without one first, at -1), and per
-    column tile the range of that order whose stray target falls in the tile."""
-    by_target = torch.argsort(plan.stray_target, stable=True)
-    target_sorted = plan.stray_target[by_target].to(torch.int64)
+def _column_tile_targets(plan: _RowPlan, n_cols: int, block_n: int):
+    """Sorted rows re-sorted by target column (rows without one first, at -1), and per column
+    tile the range of that order whose target falls in the tile."""
+    by_target = torch.argsort(plan.target, stable=True)
+    target_sorted = plan.target[by_target].to(torch.int64)
     c0, c1 = _column_tiles(n_cols, block_n, plan.lo.device)
     start = torch.searchsorted(target_sorted, c0)
     end = torch.searchsorted(target_sorted, c1)
@@ -442,8 +428,7 @@ def _launch_dx(xs, w, plan, lse, grad_lse, grad_tgt, tiles: Tiles, out_dtype):
     col_lo, col_hi = _row_tile_columns(plan, tiles.block_m)
     grid = (col_lo.numel(), triton.cdiv(d, tiles.block_d))
     _dx_kernel[grid](
-        xs, w, plan.lo, plan.hi, plan.group_target, plan.stray_target, lse, grad_lse, grad_tgt,
-        col_lo, col_hi, dx,
+        xs, w, plan.lo, plan.hi, plan.target, lse, grad_lse, grad_tgt, col_lo, col_hi, dx,
         n_rows, w.shape[0], d, xs.stride(0), w.stride(0), dx.stride(0),
         **_meta(tiles, xs.dtype, True),
     )
@@ -456,11 +441,12 @@ def _launch_dw(xs, w, plan, lse, grad_lse, grad_tgt, tiles: Tiles, out_dtype):
     if n_cols == 0:
         return dw
     row_start, row_end = _column_tile_rows(plan, n_cols, tiles.block_n)
-    stray_row, stray_col, stray_start, stray_end = _column_tile_strays(plan, n_cols, tiles.block_n)
+    by_target_row, by_target_col, tgt_start, tgt_end = _column_tile_targets(
+        plan, n_cols, tiles.block_n)
     grid = (row_start.numel(), triton.cdiv(d, tiles.block_d))
     _dw_kernel[grid](
-        xs, w, plan.lo, plan.hi, plan.group_target, lse, grad_lse, grad_tgt, row_start, row_end,
-        stray_row, stray_col, stray_start, stray_end, dw,
+        xs, w, plan.lo, plan.hi, lse, grad_lse, grad_tgt, row_start, row_end,
+        by_target_row, by_target_col, tgt_start, tgt_end, dw,
         n_cols, d, xs.stride(0), w.stride(0), dw.stride(0), **_meta(tiles, xs.dtype, True),
     )
     return dw

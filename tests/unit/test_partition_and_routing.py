@@ -1,0 +1,72 @@
+"""The column line, and how shards spread over ranks under both routings."""
+
+import pytest
+
+from fgdist.config import validate
+from fgdist.data import steps_per_epoch, train_batches
+from fgdist.partition import PlanError, group_lookup, make_plan
+from fgdist.shardset import open_split
+from shards.build import build_shards
+from shards.sources.synthetic import open_synthetic
+from tests.helpers import manifest_with_sizes
+
+
+def test_column_line_and_split_super_classes():
+    plan = make_plan(manifest_with_sizes([5, 7, 6]), 2)
+    assert plan.columns_per_rank == 9
+    assert [plan.column_range(r) for r in range(2)] == [(0, 9), (9, 18)]
+    assert [plan.owners(s) for s in range(3)] == [[0], [0, 1], [1]]
+    assert plan.split_supers == [1]
+    assert plan.local_groups(0) == ([0, 1], [0, 5, 9]) and plan.local_groups(1) == ([1, 2], [0, 3, 9])
+    lookup, offsets = group_lookup(plan, 1, dense=False)
+    assert lookup.tolist() == [-1, 0, 1] and offsets.tolist() == [0, 3, 9]
+    lookup, offsets = group_lookup(plan, 1, dense=True)
+    assert lookup.tolist() == [0, 0, 0] and offsets.tolist() == [0, 9]
+
+
+def test_last_rank_gets_the_remainder_and_recut_is_pure():
+    m = manifest_with_sizes([10, 1, 12])
+    assert [make_plan(m, 3).column_range(r) for r in range(3)] == [(0, 8), (8, 16), (16, 23)]
+    assert make_plan(m, 3) == make_plan(m, 3)
+
+
+def test_world_size_larger_than_instances_is_an_error():
+    with pytest.raises(PlanError, match=r"world size 5 is larger than the number of instances \(3\) in shards/x"):
+        make_plan(manifest_with_sizes([1, 2]), 5, where="shards/x")
+    with pytest.raises(PlanError, match="leaves rank 3 without instance columns"):
+        make_plan(manifest_with_sizes([2, 3]), 4)
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    """6 super-classes of 6 images, shards of at most 4: boundaries fall inside shards."""
+    out = tmp_path_factory.mktemp("routing") / "syn"
+    build_shards(open_synthetic(num_super=6, fine_per_super=2, train_per_fine=3, test_per_fine=1, image_size=16, big_patch=6, small_patch=3), out, shard_size=4, progress=False)
+    return open_split(out, "train")
+
+
+def epoch_ids(split, world, routing, workers, batch=4):
+    cfg = validate({"data": {"routing": routing, "batch_size": batch, "num_workers": workers, "shuffle_buffer": 5, "image_size": 16}}, "test").data
+    plan = make_plan(split.manifest, world)
+    per_rank = [[i for b in train_batches(split, plan, cfg, r, epoch=0, seed=0) for i in b["instance"].tolist()] for r in range(world)]
+    return plan, per_rank
+
+
+@pytest.mark.parametrize("world, workers", [(2, 0), (3, 2), (5, 1)])
+def test_by_superclass_rank_streams_exactly_its_columns(uneven, world, workers):
+    plan, per_rank = epoch_ids(uneven, world, "by_superclass", workers)
+    steps = steps_per_epoch(36, world, 4)
+    for r, ids in enumerate(per_rank):
+        lo, hi = plan.column_range(r)
+        assert len(ids) == steps * 4  # every rank takes the same number of steps
+        assert set(ids) == set(range(lo, hi))  # all of its instances, none of another rank's
+
+
+@pytest.mark.parametrize("world, workers", [(2, 2), (3, 0)])
+def test_shuffled_routing_covers_every_instance_once_per_rank_set(uneven, world, workers):
+    _, per_rank = epoch_ids(uneven, world, "shuffled", workers)
+    steps = steps_per_epoch(36, world, 4)
+    assert all(len(ids) == steps * 4 for ids in per_rank)
+    assert set().union(*map(set, per_rank)) == set(range(36))
+    supers_per_rank = [{i // 6 for i in ids} for ids in per_rank]
+    assert all(len(s) > 1 for s in supers_per_rank)  # not grouped by super-class
