@@ -27,6 +27,10 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     shards: str = "data/synthetic"  # the shard set root (with train/ and test/)
+    # Read the tars from elsewhere (the manifests still come from `shards`): any URL WebDataset
+    # opens, e.g. "pipe:curl -s http://host/fmnist" or "http://host/fmnist"; a shared file
+    # system needs nothing: point `shards` at it.
+    shards_url: Optional[str] = None
     routing: Literal["by_superclass", "shuffled"] = "by_superclass"
     batch_size: int = Field(64, ge=1)  # per rank
     num_workers: int = Field(2, ge=0)
@@ -77,6 +81,8 @@ class EvalConfig(Section):
     recall_ks: list[int] = [1, 2, 4, 8]
     batch_size: int = Field(256, ge=1)
     query_chunk: int = Field(1024, ge=1)  # queries per similarity block
+    pictures: bool = True  # attention maps and a retrieval grid after the last evaluation (rank 0)
+    picture_queries: int = Field(8, ge=1)  # test images in those pictures
 
 
 class CheckpointConfig(Section):

@@ -202,6 +202,12 @@ def collate(items):
     }
 
 
+def shard_urls(split: SplitDir, shards: list[ShardInfo], cfg: DataConfig) -> list[str]:
+    if cfg.shards_url:
+        return [f"{cfg.shards_url.rstrip('/')}/{split.path.name}/{s.file}" for s in shards]
+    return [split.shard_path(s) for s in shards]
+
+
 def steps_per_epoch(num_instances: int, world_size: int, batch_size: int) -> int:
     return math.ceil(num_instances / (world_size * batch_size))
 
@@ -209,10 +215,9 @@ def steps_per_epoch(num_instances: int, world_size: int, batch_size: int) -> int
 def rank_specs(split: SplitDir, plan: Plan, cfg: DataConfig, rank: int, epoch: int, seed: int, workers: int) -> list[StreamSpec]:
     """One StreamSpec per DataLoader worker of `rank`."""
     if cfg.routing == "by_superclass":
-        shards: list[ShardInfo] = plan.shards_for_rank(split.manifest, rank)
-        urls = [split.shard_path(s) for s in shards]
+        urls = shard_urls(split, plan.shards_for_rank(split.manifest, rank), cfg)
         return [deal(urls, w, workers, plan.column_range(rank)) for w in range(workers)]
-    urls = [split.shard_path(s) for s in split.manifest.shards]
+    urls = shard_urls(split, split.manifest.shards, cfg)
     random.Random(_seed(seed, epoch)).shuffle(urls)  # the same deal on every rank
     return [deal(urls, rank * workers + w, plan.world_size * workers) for w in range(workers)]
 
@@ -247,6 +252,6 @@ class EvalStream(IterableDataset):
 
 
 def eval_batches(split: SplitDir, cfg: DataConfig, batch_size: int, rank: int, world_size: int):
-    urls = [split.shard_path(s) for s in split.manifest.shards]
+    urls = shard_urls(split, split.manifest.shards, cfg)
     stream = EvalStream(deal(urls, rank, world_size), cfg)
     return DataLoader(stream, batch_size=batch_size, num_workers=min(cfg.num_workers, 1), collate_fn=collate)

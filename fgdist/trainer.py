@@ -67,6 +67,10 @@ class Trainer:
         self.device = torch.device(get_accelerator().current_device_name())
         self.on_cuda = self.device.type == "cuda"
         self.dtype = torch.bfloat16 if self.on_cuda else torch.float32
+        if not self.on_cuda:
+            # CPU ranks share the machine's cores: oversubscribed threads slow every rank down.
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
         seed_everything(cfg.seed)
 
         # Data and the column line.
@@ -155,6 +159,8 @@ class Trainer:
                     self.run_eval()
             metrics = self.run_eval()
             self.write_results(metrics)
+            if cfg.eval.pictures and self.rank == 0:
+                self.log_pictures()
             status = "FINISHED"
             return metrics
         finally:
@@ -192,6 +198,20 @@ class Trainer:
         log0(f"eval after epoch {self.position.epoch}: " + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
         self.tracker.log_metrics(metrics, step=self.position.global_step)
         return metrics
+
+    def log_pictures(self) -> None:
+        """Attention maps and the retrieval grid, on rank 0 once the results are written. A
+        failure is reported, not raised: the training run itself has finished."""
+        from fgdist.pictures import log_pictures
+
+        try:
+            paths = log_pictures(self.engine.module, self.test_split, self.cfg.data, self.cfg.run_dir / "pictures", self.device, self.cfg.eval.picture_queries, self.cfg.eval.batch_size)
+        except Exception as err:
+            print(f"[fgdist] WARNING: pictures failed ({type(err).__name__}: {str(err)[:300]}); results are written", file=sys.stderr, flush=True)
+            return
+        for path in paths:
+            self.tracker.log_artifact(str(path), "pictures")
+        log0("pictures " + ", ".join(str(p) for p in paths))
 
     def write_results(self, metrics: dict[str, float]) -> None:
         if self.rank != 0:

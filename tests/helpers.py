@@ -29,3 +29,36 @@ def init_gloo(rank: int, world_size: int, port: int) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def tiny_synthetic(out, **overrides) -> str:
+    """Build a tiny real shard set with the CLI (4 super-classes, 32 training images)."""
+    import subprocess
+    import sys
+
+    opts = {"num_super": 4, "fine_per_super": 2, "train_per_fine": 4, "test_per_fine": 2, **overrides}
+    cmd = [sys.executable, "-m", "shards", "build", "--source", "synthetic", "--out", str(out), "--quiet"]
+    for k, v in opts.items():
+        cmd += ["--opt", f"{k}={v}"]
+    subprocess.run(cmd, check=True, cwd=REPO)
+    return str(out)
+
+
+def deepspeed_train(cwd, *train_args, num_gpus=2, timeout=600, check=True):
+    """Run launcher/train.py under the real DeepSpeed launcher on a free port."""
+    import subprocess
+
+    cmd = ["deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(free_port()), str(REPO / "launcher" / "train.py"), *train_args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"deepspeed exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+TINY_TRAINING = ["--config", str(REPO / "configs" / "synthetic_cpu.json"), "--set", "model.width=8", "--set", "data.batch_size=8",
+                 "--set", "data.num_workers=1", "--set", "tracking.log_every_steps=1", "--set", "tracking.system_metrics=false",
+                 "--set", "eval.batch_size=16"]

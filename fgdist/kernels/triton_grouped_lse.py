@@ -267,7 +267,8 @@ def _dw_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, lse_ptr, grad_lse_ptr, grad_tgt_ptr
         s = _logits_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, d, stride_x, stride_w,
                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
         # The upstream gradient cannot be factored out of a sum over rows: it goes into the fp32
-        # weights (not onto x, whose rounding would add an error per row).
+        # weights (not onto x, whose rounding would add an error per row). In fp16, as in torch,
+        # weights below its subnormal range (6e-8) then vanish: use loss scaling with fp16.
         p = _softmax_weights(s, lo, hi, cols, lse) * g[:, None]
         xf = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + fs[None, :],
                      mask=row_ok[:, None] & f_ok[None, :], other=0.0)

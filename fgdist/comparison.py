@@ -1,0 +1,342 @@
+"""Compare the runs of an MLflow experiment: the paper-style table and plots.
+
+    python -m fgdist.comparison --experiment synthetic [--runs ID ...] [--tracking-uri URI]
+        [--out DIR] [--curves]
+
+Prints a Markdown table (one row per run: run name, objective, data set, lambda_I; then super
+top-1/top-5 and super/fine Recall@k for every k any run logged, each the run's latest value) and
+writes into --out:
+  comparison.md, comparison.csv   the table
+  recall_at_k.png                 R@k against k, one colour per run, fine solid, super dashed
+  training_curves.png             (--curves) loss parts, learning rates, images/s against step
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from fgdist.config import OBJECTIVES
+from fgdist.tracking import resolve_uri
+
+RECALL = re.compile(r"^(super|fine)_recall_at_(\d+)$")
+META_COLUMNS = ["run", "objective", "dataset", "lambda_I"]
+# lambda_I weighs the instance term only where it is added to the base loss (Eqn 4, 5).
+USES_LAMBDA = {"base_indi", "base_indi_eff"}
+# Step metrics the trainer logs (fgdist.trainer.Trainer.train_epoch); one panel each, the head's
+# learning rate shares the panel of the backbone's.
+CURVE_PANELS = [("loss", ["loss"]), ("super_ce", ["super_ce"]), ("instance_ce", ["instance_ce"]), ("fine_ce", ["fine_ce"]), ("learning rate (head: dashed)", ["lr", "head_lr"]), ("images/s", ["images_per_s"])]
+
+
+class ComparisonError(RuntimeError):
+    """Nothing to compare (no such experiment, no runs, unknown run id); the message says where."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the table needs of one MLflow run."""
+
+    run_id: str
+    name: str
+    status: str
+    objective: str
+    dataset: str
+    lambda_I: str
+    metrics: dict[str, float]  # latest value of each metric
+    start_time: int
+
+
+def column_title(key: str) -> str:
+    m = RECALL.match(key)
+    if m:
+        return f"{m.group(1)} R@{m.group(2)}"
+    return {"run": "run", "objective": "objective", "dataset": "data set", "lambda_I": "lambda_I", "super_top1": "super top-1", "super_top5": "super top-5"}.get(key, key)
+
+
+# -- reading MLflow ----------------------------------------------------------------------------
+def open_client(uri: str):
+    """An MlflowClient for `uri`; a SQLite store must already exist (MlflowClient would otherwise
+    silently create an empty database and report 'no experiment')."""
+    from mlflow import MlflowClient
+
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        path = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+        if path is not None and not path.is_file():
+            raise ComparisonError(f"no MLflow store at {uri}: {path} does not exist (pass --tracking-uri or set MLFLOW_TRACKING_URI)")
+    return MlflowClient(tracking_uri=uri)
+
+
+def load_runs(client, experiment: str, run_ids: list[str] | None = None) -> list[RunInfo]:
+    """The experiment's active runs, or the given ones (which must belong to it)."""
+    uri = client.tracking_uri
+    try:
+        exp = client.get_experiment_by_name(experiment)
+    except Exception as err:  # an unreachable server or a broken store: say which
+        raise ComparisonError(f"cannot read experiment {experiment!r} from {uri}: {type(err).__name__}: {str(err)[:300]}") from None
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise ComparisonError(f"experiment {experiment!r} not found at {uri} (experiments there: {', '.join(names) or 'none'})")
+    if run_ids:
+        runs = []
+        for run_id in run_ids:
+            try:
+                run = client.get_run(run_id)
+            except Exception:
+                raise ComparisonError(f"run {run_id} not found at {uri}") from None
+            if run.info.experiment_id != exp.experiment_id:
+                raise ComparisonError(f"run {run_id} is not in experiment {experiment!r} at {uri}")
+            runs.append(run)
+    else:
+        runs, token = [], None
+        while True:
+            page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                break
+    if not runs:
+        raise ComparisonError(f"experiment {experiment!r} at {uri} has no runs")
+    return [run_info(r) for r in runs]
+
+
+def run_info(run) -> RunInfo:
+    """Tags first (set by the trainer for the UI), else the flattened config params."""
+    tags, params = run.data.tags, run.data.params
+    shards = tags.get("dataset") or params.get("data.shards") or ""
+    return RunInfo(
+        run_id=run.info.run_id,
+        name=run.info.run_name or tags.get("mlflow.runName") or run.info.run_id[:8],
+        status=run.info.status,
+        objective=tags.get("objective") or params.get("objective.name") or "?",
+        dataset=Path(shards.rstrip("/")).name or shards,  # data/synthetic -> synthetic
+        lambda_I=tags.get("lambda_I") or params.get("objective.lambda_I") or "",
+        metrics=dict(run.data.metrics),
+        start_time=run.info.start_time or 0,
+    )
+
+
+# -- the table ---------------------------------------------------------------------------------
+def _order(objective: str) -> tuple:
+    return (OBJECTIVES.index(objective), "") if objective in OBJECTIVES else (len(OBJECTIVES), objective)
+
+
+def _lambda_sort(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        return math.inf
+
+
+def sort_runs(runs: list[RunInfo]) -> list[RunInfo]:
+    """Objective in the paper's order (base, fine, indi, base_indi, base_indi_eff, then others),
+    then name, lambda_I, start time and id: the same runs always give the same table."""
+    return sorted(runs, key=lambda r: (_order(r.objective), r.name, _lambda_sort(r.lambda_I), r.start_time, r.run_id))
+
+
+def metric_columns(runs: list[RunInfo]) -> list[str]:
+    """super top-1, top-5, then super R@k and fine R@k for every k some run logged."""
+    ks = {"super": set(), "fine": set()}
+    for r in runs:
+        for key in r.metrics:
+            m = RECALL.match(key)
+            if m:
+                ks[m.group(1)].add(int(m.group(2)))
+    columns = [k for k in ("super_top1", "super_top5") if any(k in r.metrics for r in runs)]
+    for label in ("super", "fine"):
+        columns += [f"{label}_recall_at_{k}" for k in sorted(ks[label])]
+    return columns
+
+
+def comparison_table(runs: list[RunInfo]) -> tuple[list[str], list[list]]:
+    """(column keys, rows). A row holds run name, objective, data set, lambda_I (strings; "-"
+    where the objective has no lambda_I) and then each metric's latest value or None."""
+    runs = sort_runs([r if isinstance(r, RunInfo) else run_info(r) for r in runs])  # RunInfo or mlflow Run
+    metrics = metric_columns(runs)
+    counts: dict[str, int] = {}
+    for r in runs:
+        counts[r.name] = counts.get(r.name, 0) + 1
+    rows = []
+    for r in runs:
+        name = r.name if counts[r.name] == 1 else f"{r.name} ({r.run_id[:8]})"  # runs sharing a name
+        if r.status != "FINISHED":
+            name += f" [{r.status.lower()}]"  # its metrics may be interim or missing
+        lam = r.lambda_I if r.objective in USES_LAMBDA and r.lambda_I else "-"
+        rows.append([name, r.objective, r.dataset, lam] + [r.metrics.get(k) for k in metrics])
+    return META_COLUMNS + metrics, rows
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def to_markdown(columns: list[str], rows: list[list]) -> str:
+    titles = [column_title(c) for c in columns]
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(t)] + [len(row[i]) for row in cells]) for i, t in enumerate(titles)]
+    numeric = [i >= len(META_COLUMNS) for i in range(len(columns))]
+
+    def line(values):
+        return "| " + " | ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2)) for w, num in zip(widths, numeric)) + "|"
+    return "\n".join([line(titles), rule] + [line(r) for r in cells]) + "\n"
+
+
+def write_csv(path: Path, columns: list[str], rows: list[list]) -> None:
+    """Column keys as the header (MLflow metric names); empty cells where a run lacks a metric,
+    full precision, so that the CSV can be read back as numbers."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(["" if v is None else (repr(v) if isinstance(v, float) else v) for v in row])
+
+
+# -- plots -------------------------------------------------------------------------------------
+def _figure(width: float, height: float):
+    """A figure without pyplot: no global backend state, safe in a library and headless."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=120)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _colors(n: int):
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def plot_recall(path: Path, columns: list[str], rows: list[list]) -> bool:
+    """R@k against k: one colour per run, fine solid, super dashed. False when no run has any
+    Recall@k (nothing to draw)."""
+    series = []
+    for row in rows:
+        values = dict(zip(columns, row))
+        for label, style in (("fine", "-"), ("super", "--")):
+            points = sorted((int(RECALL.match(c).group(2)), v) for c, v in values.items() if v is not None and RECALL.match(c) and RECALL.match(c).group(1) == label)
+            if points:
+                series.append((row[0], label, style, points))
+    if not series:
+        return False
+    names = list(dict.fromkeys(s[0] for s in series))
+    color = dict(zip(names, _colors(len(names))))
+    fig = _figure(7.5, 4.5)
+    ax = fig.add_subplot()
+    for name, label, style, points in series:
+        ks, vs = zip(*points)
+        ax.plot(ks, vs, style, marker="o", markersize=4, color=color[name], label=f"{name} {label}")
+    all_k = sorted({k for s in series for k, _ in s[3]})
+    if all_k[-1] / all_k[0] > 10:  # more than a decade (SOP: 1..1000)
+        ax.set_xscale("log")
+    ax.set_xticks(all_k, [str(k) for k in all_k])
+    ax.minorticks_off()
+    ax.set_xlabel("k")
+    ax.set_ylabel("Recall@k (%)")
+    ax.set_title("Recall@k on the test split (fine solid, super dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.savefig(path, bbox_inches="tight")
+    return True
+
+
+def plot_curves(path: Path, client, runs: list[RunInfo]) -> bool:
+    """Metric histories against the global step, one panel per logged quantity; the head's
+    learning rate dashed beside the backbone's. False when no run has any step metric."""
+    runs = sort_runs(runs)
+    histories: dict[tuple[str, str], list] = {}
+    for r in runs:
+        for _, keys in CURVE_PANELS:
+            for key in keys:
+                if key in r.metrics:
+                    points = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(r.run_id, key))
+                    histories[(r.run_id, key)] = [(s, v) for s, _, v in points]
+    panels = [(title, keys) for title, keys in CURVE_PANELS if any((r.run_id, k) in histories for r in runs for k in keys)]
+    if not panels:
+        return False
+    color = dict(zip([r.run_id for r in runs], _colors(len(runs))))
+    names = [r.name for r in runs]
+    cols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig = _figure(4.2 * cols, 3.2 * nrows)
+    axes = fig.subplots(nrows, cols, squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for r in runs:
+            for key, style in zip(keys, ("-", "--")):
+                if (r.run_id, key) in histories:
+                    steps, values = zip(*histories[(r.run_id, key)])
+                    # Markers where the points are few: a run logged once would not show as a line.
+                    ax.plot(steps, values, style, color=color[r.run_id], linewidth=1.2, marker="o" if len(steps) <= 30 else None, markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    from matplotlib.lines import Line2D
+
+    # One legend entry per run (a run's colour is the same in every panel).
+    handles = [Line2D([], [], color=color[r.run_id], label=r.name if names.count(r.name) == 1 else f"{r.name} ({r.run_id[:8]})") for r in runs]
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(handles)), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+    return True
+
+
+# -- the command -------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="fgdist-compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", required=True, help="MLflow experiment name")
+    p.add_argument("--runs", nargs="+", metavar="ID", help="only these run ids (default: all active runs of the experiment)")
+    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.add_argument("--out", default=".", help="folder for comparison.csv, comparison.md, recall_at_k.png (default: .)")
+    p.add_argument("--curves", action="store_true", help="also write training_curves.png from the metric histories")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    uri = resolve_uri(args.tracking_uri)
+    try:
+        client = open_client(uri)
+        runs = load_runs(client, args.experiment, args.runs)
+    except ComparisonError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    columns, rows = comparison_table(runs)
+    table = to_markdown(columns, rows)
+    caption = f"\nExperiment `{args.experiment}` at {uri}: {len(rows)} run(s); percentages, each run's latest logged value; - = not logged.\n"
+    print(table + caption)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.md").write_text(table + caption)
+    write_csv(out / "comparison.csv", columns, rows)
+    written = [out / "comparison.md", out / "comparison.csv"]
+    if plot_recall(out / "recall_at_k.png", columns, rows):
+        written.append(out / "recall_at_k.png")
+    else:
+        print("note: no run logged Recall@k, so there is no recall_at_k.png", file=sys.stderr)
+    if args.curves:
+        if plot_curves(out / "training_curves.png", client, runs):
+            written.append(out / "training_curves.png")
+        else:
+            print("note: no run logged step metrics, so there is no training_curves.png", file=sys.stderr)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

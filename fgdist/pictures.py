@@ -1,0 +1,358 @@
+"""Pictures of what a trained model looks at and what it retrieves.
+
+- Spatial attention maps (Zagoruyko & Komodakis, "Paying More Attention to Attention"): for a
+  stage's activation A (C x h x w), the map sum_c A_c^2 (here the channel mean, the same up to
+  scale) shows where the stage responds strongly. Taken from layer3 and layer4 of the ResNet by
+  forward hooks, upsampled to the image and overlaid: one row per image, image | layer3 | layer4.
+- A retrieval grid as in the paper's Figure 3: each query with its top-5 neighbours in the test
+  split by cosine similarity of f(x); a neighbour of the query's fine class is outlined in green,
+  one of another fine class in red.
+
+`log_pictures` draws both for a fixed set of test images (evenly spaced over the test split's
+instance ids, which are sorted by super-class, so the queries cover the super-classes); the
+trainer calls it on rank 0 after the final evaluation and logs the files as MLflow artifacts.
+
+    python -m fgdist.pictures --checkpoint runs/synthetic [--shards DIR] [--out DIR] [--queries 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+from torch import nn
+
+from fgdist.config import DataConfig
+from fgdist.data import MEAN, STD, eval_batches, make_transform
+from fgdist.shardset import SplitDir, open_split
+
+ATTENTION_LAYERS = ("layer3", "layer4")
+TOP_K = 5
+CORRECT, WRONG, QUERY = "#1a9850", "#d73027", "#222222"  # green, red, dark grey outlines
+DISPLAY = 128  # pixels per grid cell side at least: 32x32 images are shown enlarged
+
+
+@dataclass
+class TestImage:
+    """A decoded test image: `image` is the normalized CHW tensor the network sees."""
+
+    instance: int
+    super: int
+    fine: int
+    image: torch.Tensor
+
+
+# -- model plumbing ----------------------------------------------------------------------------
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The ResNet inside an EmbeddingNet (or the backbone itself)."""
+    net = getattr(model, "backbone", model)
+    missing = [name for name in ATTENTION_LAYERS if not hasattr(net, name)]
+    if missing:
+        raise ValueError(f"{type(net).__name__} has no {', '.join(missing)}: attention maps need a ResNet-style backbone")
+    return net
+
+
+def _param(model: nn.Module) -> torch.Tensor:
+    return next(model.parameters())
+
+
+def _features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """L2-normalized f(x): EmbeddingNet returns a dict, a bare backbone the features."""
+    p = _param(model)
+    out = model(images.to(device=p.device, dtype=p.dtype))
+    features = out["features"] if isinstance(out, dict) else out
+    return F.normalize(features.float(), dim=1).cpu()
+
+
+class _EvalMode:
+    """Eval mode (running BatchNorm statistics, no cross-rank collectives) and no autograd for
+    the duration; the caller's mode is restored, because the trainer may go on training."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+        self._no_grad = torch.no_grad()
+        self._no_grad.__enter__()
+        return self.model
+
+    def __exit__(self, *exc):
+        self._no_grad.__exit__(*exc)
+        self.model.train(self.was_training)
+
+
+def attention_maps(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{layer: B x h x w} channel means of squared activations of layer3 and layer4."""
+    net = backbone_of(model)
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [getattr(net, name).register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach().float().pow(2).mean(dim=1).cpu())) for name in ATTENTION_LAYERS]
+    try:
+        with _EvalMode(model):
+            _features(model, images)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+def to_rgb(image: torch.Tensor) -> np.ndarray:
+    """Normalized CHW tensor -> HWC floats in [0, 1] (undo the ImageNet normalization)."""
+    array = image.detach().float().cpu().numpy().transpose(1, 2, 0) * STD + MEAN
+    return np.clip(array, 0.0, 1.0)
+
+
+def _display_size(image: torch.Tensor) -> int:
+    return max(DISPLAY, image.shape[-1], image.shape[-2])
+
+
+def _enlarge(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour enlargement: the pixels of a 32x32 image stay visible as pixels."""
+    img = Image.fromarray((rgb * 255).round().astype(np.uint8)).resize((size, size), Image.NEAREST)
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def overlay(rgb: np.ndarray, amap: torch.Tensor, size: int, alpha: float = 0.5) -> np.ndarray:
+    """The map, bilinearly upsampled to the image, min-max scaled, as a jet heat map over it."""
+    from matplotlib import colormaps
+
+    up = F.interpolate(amap[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    lo, hi = float(up.min()), float(up.max())
+    up = (up - lo) / (hi - lo) if hi > lo else torch.zeros_like(up)
+    heat = colormaps["jet"](up.numpy())[..., :3]
+    return (1 - alpha) * _enlarge(rgb, size) + alpha * heat
+
+
+# -- drawing -----------------------------------------------------------------------------------
+def _figure(width: float, height: float):
+    """A figure without pyplot: no global backend state, safe inside the trainer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _show(ax, pixels: np.ndarray, title: str | None = None, outline: str | None = None, fontsize: int = 7) -> None:
+    ax.imshow(pixels, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(outline is not None)
+        if outline is not None:
+            spine.set_edgecolor(outline)
+            spine.set_linewidth(4)
+    if title:
+        ax.set_title(title, fontsize=fontsize, pad=3)
+
+
+def attention_grid(model: nn.Module, images: list[TestImage], path: str | Path, names: "Names | None" = None) -> Path:
+    """One row per image: the image, its layer3 map and its layer4 map, overlaid."""
+    if not images:
+        raise ValueError("attention_grid: no images")
+    names = names or Names()
+    maps = attention_maps(model, torch.stack([t.image for t in images]))
+    size = _display_size(images[0].image)
+    fig = _figure(3 * 1.6, len(images) * 1.75)
+    axes = fig.subplots(len(images), 3, squeeze=False)
+    for row, t in enumerate(images):
+        rgb = to_rgb(t.image)
+        _show(axes[row, 0], _enlarge(rgb, size), f"{names.fine(t.fine)} / {names.super(t.super)}")
+        for col, layer in enumerate(ATTENTION_LAYERS, start=1):
+            h, w = maps[layer].shape[1:]
+            _show(axes[row, col], overlay(rgb, maps[layer][row], size), f"{layer} ({h}x{w})" if row == 0 else None)
+    fig.suptitle("spatial attention: channel mean of squared activations", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+def retrieval_grid(queries: list[TestImage], neighbours: list[list[tuple[TestImage, float]]], path: str | Path, names: "Names | None" = None) -> Path:
+    """Each query (left, dark outline) with its neighbours in rank order, each outlined green if
+    it has the query's fine class (the super-class where the data set has no fine labels), red
+    if not, titled with its class and cosine similarity."""
+    if not queries:
+        raise ValueError("retrieval_grid: no queries")
+    names = names or Names()
+    by_fine = all(q.fine >= 0 for q in queries)
+    k = max(len(n) for n in neighbours)
+    size = _display_size(queries[0].image)
+    fig = _figure((k + 1) * 1.45, len(queries) * 1.65)
+    axes = fig.subplots(len(queries), k + 1, squeeze=False)
+    for row, (q, found) in enumerate(zip(queries, neighbours)):
+        _show(axes[row, 0], _enlarge(to_rgb(q.image), size), f"query {names.fine(q.fine) if by_fine else names.super(q.super)}", QUERY)
+        for col in range(1, k + 1):
+            ax = axes[row, col]
+            if col > len(found):
+                ax.set_visible(False)
+                continue
+            t, sim = found[col - 1]
+            same = t.fine == q.fine if by_fine else t.super == q.super
+            label = names.fine(t.fine) if by_fine else names.super(t.super)
+            _show(ax, _enlarge(to_rgb(t.image), size), f"{label} {sim:.2f}", CORRECT if same else WRONG)
+    label = "fine class" if by_fine else "super-class (no fine labels)"
+    fig.suptitle(f"top-{k} neighbours by cosine similarity: green = same {label}, red = other", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+@dataclass
+class Names:
+    """Class names from the manifest, shortened for captions; ids where there are none."""
+
+    fine_names: list[str] | None = None
+    super_names: list[str] | None = None
+
+    @staticmethod
+    def of(split: SplitDir) -> "Names":
+        return Names(split.manifest.fine_names, [s.name for s in split.manifest.super_classes])
+
+    def fine(self, i: int) -> str:
+        return self.fine_names[i][:14] if self.fine_names and 0 <= i < len(self.fine_names) else f"fine {i}"
+
+    def super(self, i: int) -> str:
+        return self.super_names[i][:14] if self.super_names and 0 <= i < len(self.super_names) else f"super {i}"
+
+
+# -- reading the test split --------------------------------------------------------------------
+def pick_queries(split: SplitDir, count: int) -> list[int]:
+    """`count` instance ids evenly spaced over the split: the same ones for every run on the same
+    shard set, and spread over the super-classes (ids are sorted by super-class)."""
+    n = split.manifest.num_instances
+    count = min(count, n)
+    return sorted({int((i + 0.5) * n / count) for i in range(count)})
+
+
+def read_images(split: SplitDir, data_cfg: DataConfig, instance_ids: list[int]) -> dict[int, TestImage]:
+    """Decode the given test samples with the evaluation transform, reading only the shards that
+    hold them (each shard's instance range is in the manifest)."""
+    wanted = set(instance_ids)
+    transform = make_transform(data_cfg, train=False)
+    shards = [s for s in split.manifest.shards if any(s.instance_begin <= i < s.instance_end for i in wanted)]
+    found: dict[int, TestImage] = {}
+    pipeline = wds.DataPipeline(wds.SimpleShardList([split.shard_path(s) for s in shards]), wds.tarfile_to_samples())
+    for sample in pipeline:
+        meta = json.loads(sample["json"])
+        if meta["instance"] not in wanted:
+            continue
+        data = sample.get("png", sample.get("jpg"))
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            found[meta["instance"]] = TestImage(meta["instance"], meta["super"], meta["fine"], transform(img, None))
+    missing = wanted - found.keys()
+    if missing:
+        raise ValueError(f"{split.path}: instances {sorted(missing)[:5]} not found in its shards")
+    return found
+
+
+def embed_split(model: nn.Module, split: SplitDir, data_cfg: DataConfig, batch_size: int = 256):
+    """Normalized f(x) of every test image (the eval pipeline, one rank), with instance ids."""
+    feats, ids = [], []
+    with _EvalMode(model):
+        for batch in eval_batches(split, data_cfg, batch_size, rank=0, world_size=1):
+            feats.append(_features(model, batch["images"]))
+            ids.append(batch["instance"])
+    return torch.cat(feats), torch.cat(ids)
+
+
+def nearest(model: nn.Module, split: SplitDir, data_cfg: DataConfig, query_ids: list[int], k: int = TOP_K, batch_size: int = 256) -> list[list[tuple[int, float]]]:
+    """For each query, its k nearest other test images: (instance id, cosine similarity)."""
+    feats, ids = embed_split(model, split, data_cfg, batch_size)
+    position = {int(i): p for p, i in enumerate(ids.tolist())}
+    rows = torch.tensor([position[i] for i in query_ids])
+    sims = feats[rows] @ feats.T
+    sims[torch.arange(len(rows)), rows] = float("-inf")  # not itself
+    top = sims.topk(min(k, feats.shape[0] - 1), dim=1)
+    return [[(int(ids[j]), float(s)) for s, j in zip(vals, idx)] for vals, idx in zip(top.values, top.indices)]
+
+
+def log_pictures(model: nn.Module, test_split: SplitDir | str | Path, data_cfg: DataConfig, out_dir: str | Path, device=None, queries: int = 8, batch_size: int = 256) -> list[Path]:
+    """Draw attention.png and retrieval.png for `queries` fixed test images into `out_dir`.
+
+    `model` is an EmbeddingNet (or its backbone) on its device; `test_split` a SplitDir or a
+    shard-set root (its `test` split is used). `device` is where the model lives (default: where
+    its parameters are). Returns the paths written."""
+    if not isinstance(test_split, SplitDir):
+        test_split = open_split(test_split, "test")
+    if device is not None and _param(model).device != torch.device(device):
+        raise ValueError(f"log_pictures: the model is on {_param(model).device}, not on {device}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = Names.of(test_split)
+    query_ids = pick_queries(test_split, queries)
+    found = nearest(model, test_split, data_cfg, query_ids, TOP_K, batch_size)
+    images = read_images(test_split, data_cfg, query_ids + [i for row in found for i, _ in row])
+    query_images = [images[i] for i in query_ids]
+    paths = [
+        attention_grid(model, query_images, out_dir / "attention.png", names),
+        retrieval_grid(query_images, [[(images[i], s) for i, s in row] for row in found], out_dir / "retrieval.png", names),
+    ]
+    return paths
+
+
+# -- command line: pictures from a saved checkpoint --------------------------------------------
+def load_checkpoint_model(path: str | Path):
+    """(EmbeddingNet with the checkpoint's weights, RunConfig) from a run folder (its newest
+    checkpoint) or one checkpoint folder (runs/NAME/checkpoints/TAG)."""
+    from fgdist import checkpoint
+    from fgdist.config import validate
+    from fgdist.model import EmbeddingNet
+
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        folder, run_dir = path, path.parent.parent
+    else:
+        folder, run_dir = checkpoint.latest(path / "checkpoints"), path
+        if folder is None:
+            raise FileNotFoundError(f"{path}: neither a checkpoint folder (with meta.json) nor a run folder with checkpoints/latest")
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: the run's config is missing (the trainer writes it into the run folder)")
+    cfg = validate(json.loads(config_path.read_text()), str(config_path))
+    states = sorted((folder / "engine").glob("**/mp_rank_00_model_states.pt"))
+    if not states:
+        raise FileNotFoundError(f"{folder / 'engine'}: no DeepSpeed model state (mp_rank_00_model_states.pt)")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in torch.load(states[0], map_location="cpu", weights_only=False)["module"].items()}
+    # The heads' sizes are in the weights (the data set's class counts at training time).
+    num_super = state["super_head.weight"].shape[0] if "super_head.weight" in state else None
+    num_fine = state["fine_head.weight"].shape[0] if "fine_head.weight" in state else None
+    model = EmbeddingNet(cfg.model.model_copy(update={"pretrained": None}), num_super, num_fine)
+    model.load_state_dict(state)  # CrossRankBatchNorm2d has BatchNorm2d's keys
+    return model, cfg, folder
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fgdist.pictures", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a run folder (newest checkpoint) or a checkpoint folder")
+    p.add_argument("--shards", help="shard set root (default: the run config's data.shards)")
+    p.add_argument("--out", help="output folder (default: <run folder>/pictures)")
+    p.add_argument("--queries", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    try:
+        model, cfg, folder = load_checkpoint_model(args.checkpoint)
+        split = open_split(args.shards or cfg.data.shards, "test")
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else folder.parent.parent / "pictures"
+    paths = log_pictures(model.to(args.device), split, cfg.data, out, args.device, args.queries, cfg.eval.batch_size)
+    print(f"pictures of {folder}: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
