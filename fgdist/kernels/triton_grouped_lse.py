@@ -54,6 +54,12 @@ class Tiles:
     num_warps: int = 4
     num_stages: int = 2
 
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k", "block_d"):
+            size = getattr(self, name)
+            if size < 16 or size & (size - 1):
+                raise ValueError(f"Tiles.{name} must be a power of two >= 16, got {size}")
+
 
 def default_tiles(d: int, device: torch.device) -> Tiles:
     """Tiles for a feature size.
