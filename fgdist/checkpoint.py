@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fgdist.faults import kill_point
 from fgdist.head import InstanceHead
 
 LATEST = "latest"
@@ -77,6 +78,7 @@ def save(directory: Path, engine, head: InstanceHead | None, plan_json: str, pos
     torch.save(rng_state(), partial / f"rank{rank:05d}.pt")
     if head is not None:
         torch.save(head.slice_state(), partial / f"head-{head.column_begin:012d}-{head.column_end:012d}.pt")
+    kill_point("checkpoint", rank, tag)
     _barrier()
     if rank == 0:
         (partial / "plan.json").write_text(plan_json)

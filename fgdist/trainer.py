@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from fgdist.collectives import mean_over_ranks, world
 from fgdist.config import RunConfig
 from fgdist.data import eval_batches, steps_per_epoch, train_batches
 from fgdist.evaluation import evaluate
+from fgdist.faults import kill_point
 from fgdist.head import InstanceHead
 from fgdist.model import EmbeddingNet, convert_batchnorm, feature_dim
 from fgdist.objectives import OBJECTIVE_HEADS, Objective
@@ -57,7 +59,8 @@ def log0(*args) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: bool = False):
+    def __init__(self, cfg: RunConfig, resume: bool | str = False):
+        """resume: False, True (the newest complete checkpoint) or a checkpoint folder."""
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -100,13 +103,19 @@ class Trainer:
 
         # Where to start.
         self.ckpt_dir = cfg.run_dir / "checkpoints"
+        self.corrupt_skipped = 0  # undecodable samples skipped by this rank (data.on_corrupt=skip)
         self.position = checkpoint.Position(0, 0, 0, self.world_size, None)
         if resume:
-            folder = checkpoint.latest(self.ckpt_dir)
-            if folder is None:
-                raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir}")
+            folder = checkpoint.latest(self.ckpt_dir) if resume is True else Path(resume)
+            if folder is None or not (folder / "meta.json").is_file():
+                raise FileNotFoundError(f"--resume: no checkpoint in {folder or self.ckpt_dir}")
             self.position = checkpoint.load(folder, self.engine, self.head, self.rank)
             log0(f"resumed from {folder} at epoch {self.position.epoch} step {self.position.step} (saved on {self.position.world_size} rank(s), now {self.world_size})")
+            if self.position.world_size != self.world_size and self.position.step:
+                # A mid-epoch position means nothing for another cut of the data: redo the epoch.
+                log0(f"world size changed: epoch {self.position.epoch} restarts at step 0")
+                self.position.global_step -= self.position.step
+                self.position.step = 0
             self.position.world_size = self.world_size
 
         self.tracker = Tracker(self.rank == 0, resolve_uri(cfg.tracking.uri), cfg.tracking.experiment, cfg.tracking.run_name or cfg.name, self.position.mlflow_run_id, cfg.tracking.system_metrics)
@@ -168,21 +177,24 @@ class Trainer:
 
     def train_epoch(self) -> None:
         cfg, pos = self.cfg, self.position
-        window_start, window_images, corrupt = time.time(), 0, 0
+        window_start, window_images = time.time(), 0
         batches = train_batches(self.train_split, self.plan, cfg.data, self.rank, pos.epoch, cfg.seed, start_step=pos.step)
         for batch in batches:
             parts = self.train_step(batch)
             pos.step += 1
             pos.global_step += 1
+            kill_point("step", self.rank, pos.global_step)
             window_images += batch["images"].shape[0] * self.world_size
-            corrupt += batch["corrupt_skipped"]
+            self.corrupt_skipped += batch["corrupt_skipped"]
+            if cfg.checkpoint.every_steps and pos.global_step % cfg.checkpoint.every_steps == 0 and pos.step < self.steps_per_epoch:
+                self.save()
             if pos.step % cfg.tracking.log_every_steps == 0 or pos.step == self.steps_per_epoch:
                 elapsed = time.time() - window_start
                 metrics = {**parts, "lr": self.engine.get_lr()[0], "images_per_s": window_images / max(elapsed, 1e-9)}
                 if self.head is not None:
                     metrics["head_lr"] = self.head.scheduler.get_last_lr()[0]
-                if cfg.data.on_corrupt == "skip":
-                    metrics["corrupt_skipped"] = float(mean_over_ranks(torch.tensor(float(corrupt))) * self.world_size)
+                if cfg.data.on_corrupt == "skip":  # never silent: the run's total over all ranks
+                    metrics["corrupt_skipped"] = float(mean_over_ranks(torch.tensor(float(self.corrupt_skipped))) * self.world_size)
                 log0(f"epoch {pos.epoch + 1}/{cfg.optim.epochs} step {pos.step}/{self.steps_per_epoch} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
                 self.tracker.log_metrics(metrics, step=pos.global_step)
                 window_start, window_images = time.time(), 0

@@ -20,7 +20,8 @@ def parse_args(argv=None):
     p.add_argument("--config", required=True, help="a JSON run config (configs/*.json)")
     p.add_argument("--objective", help="shortcut for --set objective.name=...")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (value parsed as JSON)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint of this run")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue from the newest complete checkpoint of this run, or from the given checkpoint folder")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # appended by the deepspeed launcher
     return p.parse_args(argv)
 

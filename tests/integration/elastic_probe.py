@@ -1,0 +1,44 @@
+"""Run under DeepSpeed: resume a Trainer from a checkpoint, print the loss of a fixed batch (the
+training images, BatchNorm in eval mode, each row on the rank owning its column), then
+train on to the configured end. Used by test_faults.py to show that re-cutting the head keeps
+the loss."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from fgdist.data import EvalStream, collate, deal, shard_urls  # noqa: E402
+from launcher.train import parse_args  # noqa: E402
+from fgdist.config import load_config  # noqa: E402
+from fgdist.trainer import Trainer  # noqa: E402
+
+
+def fixed_batch_loss(trainer: Trainer) -> float:
+    split = trainer.train_split
+    stream = EvalStream(deal(shard_urls(split, split.manifest.shards, trainer.cfg.data), 0, 1), trainer.cfg.data)
+    batch = collate(list(stream))  # every training image: each rank owns some of them
+    lo, hi = trainer.plan.column_range(trainer.rank)
+    mine = (batch["instance"] >= lo) & (batch["instance"] < hi)
+    model = trainer.engine.module
+    model.eval()
+    with torch.no_grad():
+        out = model(batch["images"][mine])
+        parts = trainer.objective(out, batch["super"][mine], batch["fine"][mine], batch["instance"][mine])
+    model.train()
+    total = torch.tensor([float(parts["loss"]) * int(mine.sum()), float(mine.sum())], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    trainer = Trainer(load_config(args.config, args.overrides), resume=args.resume)
+    loss = fixed_batch_loss(trainer)
+    if trainer.rank == 0:
+        print(f"FIXED_BATCH_LOSS {loss:.10f} world_size={trainer.world_size}", flush=True)
+    trainer.train()
