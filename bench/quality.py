@@ -1,0 +1,72 @@
+"""Train several variants of one config on DeepSpeed ranks and print the paper-style table.
+
+    python bench/quality.py --config configs/fmnist_cpu.json --experiment fmnist_quality \
+        --variant base:objective.name=base --variant eff:objective.name=base_indi_eff \
+        --variant eff_l05:objective.name=base_indi_eff,objective.lambda_I=0.5 \
+        [--set optim.epochs=4 ...] --out bench/results/fmnist_quality
+
+A variant is NAME:KEY=VALUE[,KEY=VALUE...]; --set applies to all of them. Each variant is a real
+`deepspeed launcher/train.py` run; the table comes from MLflow through `fgdist.comparison`.
+The five objectives with the same recipe: --objectives base fine indi base_indi base_indi_eff.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fgdist.comparison import main as compare  # noqa: E402
+from fgdist.config import load_config  # noqa: E402
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, _, sets = text.partition(":")
+    return name, [s for s in sets.split(",") if s]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--variant", action="append", default=[], type=parse_variant)
+    p.add_argument("--objectives", nargs="*", default=[], help="shortcut: one variant per objective")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    variants = args.variant + [(o, [f"objective.name={o}"]) for o in args.objectives]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_ids, timings = [], []
+    for name, sets in variants:
+        overrides = [*args.overrides, *sets, f"name={args.experiment}_{name}", f"tracking.experiment={args.experiment}", f"tracking.run_name={name}"]
+        cfg = load_config(args.config, overrides)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = ["deepspeed", "--num_gpus", str(args.ranks), "--master_port", str(port), str(ROOT / "launcher" / "train.py"), "--config", args.config,
+               *sum((["--set", o] for o in overrides), [])]
+        print(f"[quality] {name}: {' '.join(sets)}", flush=True)
+        started = time.time()
+        with open(out / f"{name}.log", "w") as log:
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+        timings.append((name, time.time() - started))
+        run_ids.append(json.loads((cfg.run_dir / "results.json").read_text())["mlflow_run_id"])
+    code = compare(["--experiment", args.experiment, "--runs", *run_ids, "--out", str(out), "--curves"])
+    lines = ["", "| variant | wall time (s), launch to exit |", "|---|---|", *[f"| {n} | {t:.0f} |" for n, t in timings]]
+    print("\n".join(lines))
+    with open(out / "comparison.md", "a") as f:
+        f.write("\n".join(lines) + "\n")
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

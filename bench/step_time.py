@@ -1,0 +1,102 @@
+"""Step time of each objective on DeepSpeed ranks, and the data loader's rate against it.
+
+Driver (runs each objective under the real launcher, then writes a Markdown table):
+    python bench/step_time.py --config configs/synthetic_cpu.json --objectives base base_indi_eff \
+        --steps 20 --out bench/results/step_time_synthetic.md [--set model.width=16 ...]
+Each rank times `Trainer.train_step` alone (batch already in memory) and, separately, how fast
+its loader produces batches with nothing else running in that rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def measure(args) -> None:
+    """Inside a DeepSpeed rank."""
+    import torch.distributed as dist
+
+    from fgdist.config import load_config
+    from fgdist.data import train_batches
+    from fgdist.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg)
+    batches = list(train_batches(trainer.train_split, trainer.plan, cfg.data, trainer.rank, epoch=0, seed=cfg.seed))
+    times = []
+    for i in range(args.steps + args.warmup):
+        batch = batches[i % len(batches)]
+        dist.barrier()
+        t = time.perf_counter()
+        trainer.train_step(batch)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    dist.barrier()
+    # The loader alone: this rank's batches for a whole epoch, decode and augment included.
+    t = time.perf_counter()
+    count = sum(b["images"].shape[0] for b in train_batches(trainer.train_split, trainer.plan, cfg.data, trainer.rank, epoch=1, seed=cfg.seed))
+    loader_rate = count / (time.perf_counter() - t)
+    step = statistics.median(times)
+    result = {"rank": trainer.rank, "step_s": step, "train_images_per_s_per_rank": cfg.data.batch_size / step, "loader_images_per_s_per_rank": loader_rate}
+    gathered = [None] * trainer.world_size
+    dist.all_gather_object(gathered, result)
+    if trainer.rank == 0:
+        Path(args.result).write_text(json.dumps(gathered))
+    trainer.tracker.finish()
+
+
+def drive(args) -> None:
+    rows = []
+    for objective in args.objectives:
+        result = Path(f"/tmp/step_time_{os.getpid()}_{objective}.json")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = ["deepspeed", "--num_gpus", str(args.ranks), "--master_port", str(port), __file__, "--measure", "--result", str(result),
+               "--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup), "--set", f"objective.name={objective}",
+               "--set", f"name=bench_{objective}", "--set", "tracking.system_metrics=false", "--set", "tracking.experiment=bench",
+               *sum((["--set", o] for o in args.overrides), [])]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        ranks = json.loads(result.read_text())
+        rows.append((objective, max(r["step_s"] for r in ranks), min(r["loader_images_per_s_per_rank"] for r in ranks), max(r["train_images_per_s_per_rank"] for r in ranks)))
+    base = rows[0][1]
+    lines = [f"# Step time: {args.config} {' '.join(args.overrides)}", "",
+             f"Command: `python bench/step_time.py {' '.join(sys.argv[1:])}`  ",
+             f"Machine: {args.machine}; date {time.strftime('%Y-%m-%d')}; commit {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout.strip()}  ",
+             f"{args.ranks} DeepSpeed ranks; median of {args.steps} steps after {args.warmup} warm-up; slowest rank.", "",
+             f"| objective | step (s) | step / {rows[0][0]} step | training consumes (img/s/rank) | loader alone (img/s/rank) | loader / training |",
+             "|---|---|---|---|---|---|"]
+    for objective, step, loader, train in rows:
+        lines.append(f"| {objective} | {step:.4f} | {step / base:.3f} | {train:.1f} | {loader:.1f} | {loader / train:.2f}x |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--objectives", nargs="+", default=["base", "base_indi_eff"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--out")
+    p.add_argument("--machine", default="2-core x86_64 CPU, no GPU, gloo")
+    p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    measure(a) if a.measure else drive(a)
