@@ -6,17 +6,24 @@ gradients with respect to x and w):
   triton             the fused block-sparse Triton kernel (CUDA only)
   torch_reference    fgdist.kernels.reference, segmented by group, column-chunked
   masked_dense       full rows x n_local logits, masked to each row's group, F.cross_entropy
-  torch_linear_ce    torch.nn.functional.linear_cross_entropy, chunked (dense case only; only
-                     when this torch has it)
+  torch_linear_ce    torch.nn.functional.linear_cross_entropy, chunked by rows/4 (dense case
+                     only; only when this torch has it). Its "auto" chunking picked far
+                     smaller chunks on CPU and ran about 10x slower.
   cut_cross_entropy  the cut-cross-entropy package (dense case only; CUDA; only if importable)
 
 Sizes: on CUDA rows=4096, d=512, n_local in {125000, 1250000}, groups in {1, 12, 100}, bf16; on
 CPU rows=512, d=128, n_local in {12500, 125000}, same groups, fp32. Groups are equal column
 ranges and rows are spread uniformly over them.
 
-Peak memory: on CUDA torch.cuda.max_memory_allocated above what was allocated before the call;
-on CPU the peak resident set size above the one before the call, sampled every 2 ms by a
-thread (psutil), which can miss a peak shorter than that. Both count the gradients of x and w.
+Time: the median of up to --repeats timed runs after --warmup runs; a case stops early once its
+timed runs add up to --case-budget seconds (at least one run).
+
+Peak memory, counting the gradients of x and w: on CUDA torch.cuda.max_memory_allocated above
+what was allocated before the first timed run. On CPU the peak resident set size above the one
+before the call, sampled every 2 ms by a thread (psutil; a shorter peak can be missed), in a
+fresh child process per case after one warm-up run. The child has glibc map every allocation of
+1 MiB or more fresh (mallopt), so that no freed heap block is reused unseen; the timing process
+keeps glibc's default, whose page-fault costs that setting would distort.
 
 On CUDA it also measures the bf16 matmul rate of a large torch.matmul and reports the kernel's
 TFLOP/s counted on matched (row, column) pairs only: forward 2*d*pairs, backward 6*d*pairs
@@ -29,6 +36,7 @@ over masked_dense.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import gc
 import json
@@ -106,9 +114,9 @@ def loss_masked_dense(x, w, rg, off, tgt):
 
 
 def loss_linear_ce(x, w, rg, off, tgt):
-    # The chunked path (options given) never materializes the logits; older torch has none.
+    # The chunked path (options given) never materializes all logits; older torch has none.
     chunked = getattr(torch.nn, "LinearCrossEntropyOptions", None)
-    options = chunked() if chunked else None
+    options = chunked(batch_chunk_size=max(1, x.shape[0] // 4)) if chunked else None
     return F.linear_cross_entropy(x, w, tgt, reduction="sum", options=options)
 
 
@@ -216,25 +224,73 @@ def time_call(fn, device):
     return time.perf_counter() - t0
 
 
-def measure(loss_fn, case, device, warmup, repeats):
-    """Median fwd+bwd seconds over `repeats` runs, and the peak memory of one more run."""
-    for _ in range(warmup):
-        fwd_bwd(loss_fn, case)
-    times = [time_call(lambda: fwd_bwd(loss_fn, case), device) for _ in range(repeats)]
-    gc.collect()
-    if device.type == "cuda":
+class CudaPeak:
+    """Peak CUDA allocation above the one before the block."""
+
+    def __enter__(self):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fwd_bwd(loss_fn, case)
+        self.base = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc):
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
+        self.delta = torch.cuda.max_memory_allocated() - self.base
+
+
+def map_large_allocations_fresh():
+    """Have glibc mmap every allocation of 1 MiB or more and unmap it on free.
+
+    By default glibc raises its mmap threshold adaptively (up to 32 MiB) and keeps freed blocks
+    below it in the heap, where the next run reuses them without raising the RSS: the RSS delta
+    would then miss them. Returns whether the setting took (glibc only).
+    """
+    m_mmap_threshold = -3  # from malloc.h
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 1 << 20))
+    except (OSError, AttributeError):
+        return False
+
+
+def measure(loss_fn, case, device, warmup, repeats, budget_s):
+    """Median fwd+bwd time of the timed runs; on CUDA also the peak memory of the first one."""
+    def run():
+        return time_call(lambda: fwd_bwd(loss_fn, case), device)
+
+    for _ in range(warmup):
+        fwd_bwd(loss_fn, case)
+    gc.collect()
+    result = {}
+    if device.type == "cuda":
+        with CudaPeak() as peak:
+            times = [run()]
+        result["peak_mib"] = peak.delta / MIB
     else:
-        with RssPeak() as rss:
-            fwd_bwd(loss_fn, case)
-        peak = rss.delta
-    return dict(time_ms=1e3 * statistics.median(times), time_ms_min=1e3 * min(times),
-                peak_mib=peak / MIB)
+        times = [run()]
+    while len(times) < repeats and sum(times) < budget_s:
+        times.append(run())
+    result.update(time_ms=1e3 * statistics.median(times), time_ms_min=1e3 * min(times),
+                  runs=len(times))
+    return result
+
+
+def cpu_peak_mib(impl, rows, d, n_local, groups):
+    """Peak RSS delta of one fwd+bwd, measured by a fresh child process (`--memory-probe`)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", impl,
+           str(rows), str(d), str(n_local), str(groups)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def memory_probe(impl, rows, d, n_local, groups):
+    """The child side of cpu_peak_mib: prints {"peak_mib": ...} as its last line."""
+    map_large_allocations_fresh()
+    case = make_case(rows, d, n_local, groups, torch.float32, torch.device("cpu"))
+    fwd_bwd(LOSSES[impl], case)  # warm-up: lazy library state is not the loss's memory
+    gc.collect()
+    with RssPeak() as peak:
+        fwd_bwd(LOSSES[impl], case)
+    print(json.dumps({"peak_mib": peak.delta / MIB}))
 
 
 def bf16_matmul_tflops(device, n=8192, repeats=10):
@@ -286,16 +342,17 @@ def _fmt(result, key, spec):
 
 
 def markdown_table(results, cuda):
-    head = ["n_local", "groups", "matched pairs", "implementation", "fwd+bwd ms", "peak MiB"]
+    head = ["n_local", "groups", "matched pairs", "implementation", "fwd+bwd ms", "runs",
+            "peak MiB"]
     if cuda:
         head += ["matched TFLOP/s", "of bf16 matmul", "vs masked_dense"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         cells = [f"{r['n_local']:,}", str(r["groups"]), f"{r['pairs']:,}", r["impl"]]
         if "skipped" in r:
-            cells += [f"skipped: {r['skipped']}", ""] + (["", "", ""] if cuda else [])
+            cells += [f"skipped: {r['skipped']}", "", ""] + (["", "", ""] if cuda else [])
         else:
-            cells += [f"{r['time_ms']:.1f}", f"{r['peak_mib']:.0f}"]
+            cells += [f"{r['time_ms']:.1f}", str(r["runs"]), f"{r['peak_mib']:.0f}"]
             if cuda:
                 cells += [_fmt(r, "tflops", "{:.1f}"), _fmt(r, "fraction_of_matmul", "{:.0%}"),
                           _fmt(r, "speedup_vs_masked_dense", "{:.1f}x")]
@@ -312,7 +369,11 @@ def run_case(impl, case, sizes, device, args):
     if need > args.memory_fraction * have:
         return dict(skipped=f"needs ~{need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB free")
     try:
-        return measure(LOSSES[impl], case, device, args.warmup, args.repeats)
+        result = measure(LOSSES[impl], case, device, args.warmup, args.repeats, args.case_budget)
+        if device.type == "cpu":
+            result["peak_mib"] = cpu_peak_mib(impl, sizes["rows"], sizes["d"], case["n_local"],
+                                              case["groups"])
+        return result
     except torch.OutOfMemoryError:
         return dict(skipped="out of memory")
     finally:
@@ -322,6 +383,10 @@ def run_case(impl, case, sizes, device, args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--memory-probe"]:
+        impl, *numbers = argv[1:]
+        return memory_probe(impl, *map(int, numbers))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--rows", type=int, help="default: 4096 on CUDA, 512 on CPU")
@@ -330,7 +395,9 @@ def main(argv=None):
     parser.add_argument("--groups", type=int, nargs="+", help="default: 1 12 100")
     parser.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case, at most")
+    parser.add_argument("--case-budget", type=float, default=10.0,
+                        help="stop timing a case once its timed runs add up to this many seconds")
     parser.add_argument("--memory-fraction", type=float, default=0.6,
                         help="skip a case whose estimated peak exceeds this share of free memory")
     parser.add_argument("--out", type=Path, required=True, help="JSON results")
@@ -348,15 +415,17 @@ def main(argv=None):
 
     script = os.path.relpath(__file__, ROOT)
     meta = dict(
-        command=" ".join(shlex.quote(a) for a in ["python", script, *(argv or sys.argv[1:])]),
+        command=" ".join(shlex.quote(a) for a in ["python", script, *argv]),
         machine=machine_description(device),
         date=shell_date(), load_average_at_start=os.getloadavg(), commit=git_commit(),
         torch=torch.__version__, device=str(device), dtype=str(args.dtype),
         threads=torch.get_num_threads(), rows=sizes["rows"], d=sizes["d"],
         warmup=args.warmup, repeats=args.repeats,
         memory=("torch.cuda.max_memory_allocated above the allocation before the call" if cuda else
-                "peak RSS above the RSS before the call, sampled every 2 ms (psutil)"),
-        time="median of the repeats, one forward + backward each",
+                "peak RSS above the RSS before the call, sampled every 2 ms (psutil), in a fresh "
+                "child process per case with glibc's mmap threshold fixed at 1 MiB"),
+        time=f"median of up to {args.repeats} timed runs (fewer once a case's runs pass "
+             f"{args.case_budget:g} s), one forward + backward each",
     )
     try:
         import triton
@@ -404,7 +473,7 @@ def main(argv=None):
                   f"- date: {meta['date']}", f"- commit: {meta['commit']}",
                   f"- torch {meta['torch']}, triton {meta.get('triton', '-')}, {meta['dtype']}, "
                   f"{meta['threads']} threads", f"- rows={meta['rows']}, d={meta['d']}; "
-                  f"time: {meta['time']} ({meta['warmup']} warm-up, {meta['repeats']} timed)",
+                  f"time: {meta['time']}, after {meta['warmup']} warm-up run(s)",
                   f"- peak memory: {meta['memory']}",
                   "- 1/5/15-minute load average at start {} and end {} (other work on the "
                   "machine slows and scatters the times)".format(
