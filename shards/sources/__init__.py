@@ -42,6 +42,14 @@ def encode_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def parse_int(text: str, what: str, where: str) -> int:
+    """An integer field of a list file; the error names the file and line (`where`)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise SourceError(f"{where}: {what} {text!r} is not an integer") from None
+
+
 def class_ids(names) -> dict[str, int]:
     """Ids in sorted-name order: stable across runs and across the train and test splits."""
     return {name: i for i, name in enumerate(sorted(set(names)))}

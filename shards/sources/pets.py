@@ -11,18 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shards.sources import Collection, Record, SourceError, jpeg_loader
+from shards.sources import Collection, Record, SourceError, jpeg_loader, parse_int
 
 SUPER_NAMES = ["cat", "dog"]  # SPECIES 1, 2
 NUM_BREEDS = 37
 LIST_FILES = {"list.txt": None, "trainval.txt": "train", "test.txt": "test"}  # file -> split
-
-
-def _int(text: str, what: str, where: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise SourceError(f"{where}: {what} {text!r} is not an integer") from None
 
 
 def _parse(path: Path, images: Path):
@@ -39,9 +32,9 @@ def _parse(path: Path, images: Path):
         if len(fields) != 4:
             raise SourceError(f"{where}: expected 'Image CLASS-ID SPECIES BREED-ID', got {line!r}")
         name, class_text, species_text, breed_text = fields
-        class_id = _int(class_text, "CLASS-ID", where)
-        species = _int(species_text, "SPECIES", where)
-        _int(breed_text, "BREED-ID", where)
+        class_id = parse_int(class_text, "CLASS-ID", where)
+        species = parse_int(species_text, "SPECIES", where)
+        parse_int(breed_text, "BREED-ID", where)
         if not 1 <= class_id <= NUM_BREEDS:
             raise SourceError(f"{where}: CLASS-ID {class_id} out of range 1..{NUM_BREEDS}")
         if not 1 <= species <= len(SUPER_NAMES):

@@ -13,19 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.sources import Collection, Record, SourceError, jpeg_loader
+from shards.sources import Collection, Record, SourceError, jpeg_loader, parse_int
 
 FILES = {"train": "Ebay_train.txt", "test": "Ebay_test.txt"}
 HEADER = ["image_id", "class_id", "super_class_id", "path"]
 NUM_FINE = 22634
 NUM_SUPER = 12
-
-
-def _int(text: str, what: str, where: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise SourceError(f"{where}: {what} {text!r} is not an integer") from None
 
 
 def _parse(path: Path, root: Path):
@@ -43,9 +36,9 @@ def _parse(path: Path, root: Path):
         fields = line.split()
         if len(fields) != 4:
             raise SourceError(f"{where}: expected '{' '.join(HEADER)}', got {line!r}")
-        _int(fields[0], "image_id", where)
-        class_id = _int(fields[1], "class_id", where)
-        super_id = _int(fields[2], "super_class_id", where)
+        parse_int(fields[0], "image_id", where)
+        class_id = parse_int(fields[1], "class_id", where)
+        super_id = parse_int(fields[2], "super_class_id", where)
         image = fields[3]
         if not 1 <= class_id <= NUM_FINE:
             raise SourceError(f"{where}: class_id {class_id} out of range 1..{NUM_FINE}")
