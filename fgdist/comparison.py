@@ -18,6 +18,8 @@ import csv
 import math
 import re
 import sys
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -66,6 +68,14 @@ def open_client(uri: str):
     from mlflow import MlflowClient
 
     parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        # MLflow's client retries a refused connection for minutes; a command should say at once.
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
+        except urllib.error.HTTPError:
+            pass  # something answered (a proxy may guard /health); let MLflow talk to it
+        except OSError as err:
+            raise ComparisonError(f"cannot reach the MLflow server at {uri} ({err})") from None
     if parsed.scheme == "sqlite":
         path = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
         if path is not None and not path.is_file():
@@ -88,8 +98,8 @@ def load_runs(client, experiment: str, run_ids: list[str] | None = None) -> list
         for run_id in run_ids:
             try:
                 run = client.get_run(run_id)
-            except Exception:
-                raise ComparisonError(f"run {run_id} not found at {uri}") from None
+            except Exception as err:  # MLflow raises its own exception for an unknown id
+                raise ComparisonError(f"run {run_id} not found at {uri} ({type(err).__name__}: {str(err)[:200]})") from None
             if run.info.experiment_id != exp.experiment_id:
                 raise ComparisonError(f"run {run_id} is not in experiment {experiment!r} at {uri}")
             runs.append(run)

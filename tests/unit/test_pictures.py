@@ -1,0 +1,84 @@
+"""Pictures from a tiny real model on tiny real shards: attention maps from layer3/layer4 hooks,
+exact cosine top-5 neighbours, and the two PNG grids."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fgdist.config import validate
+from fgdist.model import EmbeddingNet
+from fgdist.pictures import CORRECT, WRONG, attention_maps, embed_split, log_pictures, nearest, pick_queries, read_images
+from fgdist.shardset import open_split
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pictures")
+    shards = root / "shards"
+    subprocess.run([sys.executable, "-m", "shards", "build", "--source", "synthetic", "--out", str(shards), "--quiet",
+                    "--opt", "num_super=4", "--opt", "fine_per_super=2", "--opt", "train_per_fine=2", "--opt", "test_per_fine=3"], check=True, cwd=REPO)
+    cfg = validate({"model": {"width": 8}, "data": {"shards": str(shards), "num_workers": 1}}, "test")
+    split = open_split(shards, "test")
+    torch.manual_seed(0)
+    model = EmbeddingNet(cfg.model, split.manifest.num_super, None)
+    return root, cfg, split, model
+
+
+def test_log_pictures_writes_both_grids(setup, tmp_path):
+    _, cfg, split, model = setup
+    model.train()
+    paths = log_pictures(model, split, cfg.data, tmp_path / "pics", "cpu", queries=5, batch_size=7)
+    assert [p.name for p in paths] == ["attention.png", "retrieval.png"]
+    assert model.training  # the caller's mode is restored
+    sizes = {}
+    for p in paths:
+        with Image.open(p) as img:
+            assert img.format == "PNG"
+            sizes[p.name] = img.size
+            pixels = np.asarray(img.convert("RGB"))
+        assert pixels.std() > 20  # images and heat maps, not an empty canvas
+        if p.name == "retrieval.png":
+            outline = {tuple(int(CORRECT[i : i + 2], 16) for i in (1, 3, 5)), tuple(int(WRONG[i : i + 2], 16) for i in (1, 3, 5))}
+            flat = pixels.reshape(-1, 3)
+            assert sum(int((flat == c).all(axis=1).sum()) for c in outline) > 5 * 5 * 4 * 20  # 25 outlined neighbours
+    # 5 rows; attention has 3 columns, retrieval 1 query + 5 neighbours.
+    assert sizes["attention.png"] == (480, 5 * 175)
+    assert sizes["retrieval.png"] == (6 * 145, 5 * 165)
+
+
+def test_attention_maps_from_the_later_stages(setup):
+    _, cfg, split, model = setup
+    images = read_images(split, cfg.data, pick_queries(split, 3))
+    batch = torch.stack([t.image for t in images.values()])
+    maps = attention_maps(model, batch)
+    assert set(maps) == {"layer3", "layer4"}
+    assert maps["layer3"].shape == (3, 8, 8) and maps["layer4"].shape == (3, 4, 4)  # 32x32, cifar stem
+    assert (maps["layer4"] >= 0).all() and maps["layer4"].sum() > 0
+    # The same through the bare backbone (hooks on the same modules).
+    again = attention_maps(model.backbone, batch)
+    assert torch.allclose(again["layer4"], maps["layer4"])
+
+
+def test_neighbours_are_exact_cosine_top5(setup):
+    _, cfg, split, model = setup
+    queries = pick_queries(split, 4)
+    assert len(queries) == 4 and queries == sorted(set(queries))
+    supers = {next(s.id for s in split.manifest.super_classes if s.instance_begin <= q < s.instance_end) for q in queries}
+    assert len(supers) == 4  # spread over the super-classes
+    found = nearest(model, split, cfg.data, queries, k=5, batch_size=5)
+    feats, ids = embed_split(model, split, cfg.data, batch_size=9)
+    pos = {int(i): p for p, i in enumerate(ids)}
+    for q, row in zip(queries, found):
+        sims = feats @ feats[pos[q]]
+        sims[pos[q]] = -2.0
+        expected = sims.topk(5).values
+        assert q not in [i for i, _ in row]
+        assert torch.allclose(torch.tensor([s for _, s in row]), expected, atol=1e-6)
+        assert all(abs(float(feats[pos[i]] @ feats[pos[q]]) - s) < 1e-6 for i, s in row)
