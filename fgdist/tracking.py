@@ -10,6 +10,7 @@ import os
 import sys
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 log = logging.getLogger("fgdist.tracking")
 
 
@@ -39,6 +40,10 @@ class Tracker:
         self._mlflow = None
         if not enabled:
             return
+        # MLflow's HTTP defaults retry for minutes before a call fails; a lost tracking server
+        # would stall training that long. Bounded defaults (the user's environment wins).
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
         import mlflow
 
         self._mlflow = mlflow
