@@ -62,3 +62,36 @@ def test_sop_8gpu_is_the_paper_recipe():
     assert cfg.data.augment == "resized_crop_flip" and cfg.data.image_size == 224 and cfg.model.stem == "imagenet"
     assert cfg.deepspeed["bf16"]["enabled"] is True
     assert cfg.objective.name == "base_indi_eff"
+
+
+@pytest.mark.parametrize("objective", ["base", "fine", "indi", "base_indi", "base_indi_eff"])
+def test_cifar100_configs_are_the_paper_recipe(objective):
+    cfg = load_config(CONFIGS / f"cifar100_{objective}.json")
+    assert cfg.objective.name == objective
+    # batch 256 in total: 128 per rank on the 2 ranks the file is meant for (named in `name`).
+    assert cfg.name == f"cifar100_{objective}_2gpu" and cfg.data.batch_size * 2 == 256
+    assert cfg.optim.epochs == 200 and cfg.optim.lr == 0.1 and cfg.optim.momentum == 0.9
+    assert cfg.optim.weight_decay == 5e-4 and cfg.optim.milestones == [60, 120, 160] and cfg.optim.gamma == 0.2
+    # 32x32 random crops from the zero-padded 40x40 image, plus horizontal flips.
+    assert cfg.data.augment == "crop_flip" and cfg.data.image_size == 32 and cfg.data.padding == 4
+    assert cfg.model.stem == "cifar" and cfg.model.width == 64 and cfg.model.pretrained is None
+    assert cfg.eval.recall_ks == [1, 2, 4, 8] and cfg.data.shards == "data/cifar100"
+
+
+@pytest.mark.parametrize("objective", ["base", "base_indi_eff"])
+def test_pets_configs_are_the_paper_recipe(objective):
+    cfg = load_config(CONFIGS / f"pets_{objective}.json")
+    assert cfg.objective.name == objective
+    assert cfg.model.pretrained == "weights/resnet18_imagenet.pth"  # ImageNet init, a local file
+    assert cfg.model.stem == "imagenet" and cfg.model.width == 64
+    assert cfg.optim.epochs == 30 and cfg.optim.lr == 0.01 and cfg.optim.milestones == [15] and cfg.optim.gamma == 0.1
+    assert cfg.optim.weight_decay == 1e-4 and cfg.optim.momentum == 0.9
+    assert cfg.data.augment == "resized_crop_flip" and cfg.data.image_size == 224 and cfg.data.resize == 256
+    assert cfg.data.batch_size == 32 and cfg.data.shards == "data/pets"
+    assert cfg.eval.recall_ks == [1, 2, 4, 8]
+
+
+def test_sop_8gpu_evaluates_at_the_papers_ks():
+    cfg = load_config(CONFIGS / "sop_8gpu.json")
+    assert cfg.eval.recall_ks == [1, 10, 100, 1000] and cfg.optim.weight_decay == 1e-4
+    assert cfg.data.batch_size * 8 == 256  # the ImageNet recipe's batch 256 for lr 0.1
