@@ -35,6 +35,7 @@ def recall_at_k(embeddings: torch.Tensor, labels: dict[str, torch.Tensor], query
         sims = embeddings[start:stop] @ embeddings.T
         sims[torch.arange(stop - start), torch.arange(start, stop)] = float("-inf")  # not itself
         neighbours = sims.topk(k_max, dim=1).indices
+        del sims  # otherwise the next block is computed while this one is still held (2x peak)
         for name, y in labels.items():
             match = y[neighbours] == y[start:stop, None]
             first_hit = torch.where(match.any(dim=1), match.float().argmax(dim=1), torch.full((stop - start,), k_max))
