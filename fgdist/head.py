@@ -44,8 +44,11 @@ class InstanceHead(nn.Module):
         return self.column_end - self.column_begin
 
     def build_optimizer(self, optim: OptimConfig, lr_mult: float, steps_per_epoch: int) -> None:
-        """SGD with the backbone's momentum, weight decay and milestones; lr x lr_mult."""
-        self.optimizer = torch.optim.SGD([self.weight], lr=optim.lr * lr_mult, momentum=optim.momentum, weight_decay=optim.weight_decay)
+        """SGD with the backbone's momentum, weight decay and milestones; lr x lr_mult. Weight
+        decay is added to the gradient in place in `step` (torch's SGD would allocate a second
+        slice-sized tensor for grad + wd * w every step)."""
+        self.weight_decay = optim.weight_decay
+        self.optimizer = torch.optim.SGD([self.weight], lr=optim.lr * lr_mult, momentum=optim.momentum, weight_decay=0.0)
         milestones = [m * steps_per_epoch for m in optim.milestones]
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=milestones, gamma=optim.gamma)
 
@@ -54,7 +57,7 @@ class InstanceHead(nn.Module):
         world_size per-rank means; dividing gives the gradient of the global-batch mean, the
         scale DeepSpeed gives the engine's averaged gradients."""
         if self.weight.grad is not None:
-            self.weight.grad.div_(world_size)
+            self.weight.grad.div_(world_size).add_(self.weight.detach(), alpha=self.weight_decay)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -75,7 +78,7 @@ class InstanceHead(nn.Module):
         weight = torch.empty_like(self.weight.data)
         momentum = torch.zeros_like(weight)
         has_momentum = False
-        covered = 0
+        covered = torch.zeros(self.num_columns, dtype=torch.bool)
         for s in sorted(slices, key=lambda s: s["column_begin"]):
             lo, hi = max(s["column_begin"], self.column_begin), min(s["column_end"], self.column_end)
             if lo >= hi:
@@ -86,9 +89,12 @@ class InstanceHead(nn.Module):
             if s["momentum"] is not None:
                 momentum[dst] = s["momentum"][src]
                 has_momentum = True
-            covered += hi - lo
-        if covered != self.num_columns:
-            raise ValueError(f"{where}: saved head slices cover {covered} of columns [{self.column_begin}, {self.column_end})")
+            covered[dst] = True
+        if not covered.all():
+            first = int((~covered).nonzero()[0])
+            end = first + int(covered[first:].int().argmax()) if covered[first:].any() else self.num_columns
+            raise ValueError(f"{where}: saved head slices cover {int(covered.sum())} of columns [{self.column_begin}, {self.column_end}); "
+                             f"columns [{self.column_begin + first}, {self.column_begin + end}) are missing")
         self.weight.data.copy_(weight)
         if has_momentum and self.optimizer is not None:
             self.optimizer.state[self.weight]["momentum_buffer"] = momentum.to(self.weight.device)
