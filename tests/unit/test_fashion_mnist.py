@@ -1,0 +1,36 @@
+"""The Fashion-MNIST source on the real IDX files (Debian package dataset-fashion-mnist, which
+.ci/run installs) and a truncated copy."""
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from fgdist.shardset import open_split, verify_split
+from shards.build import build_shards
+from shards.sources import SourceError
+from shards.sources.fashion_mnist import DEFAULT_ROOT, FINE_TO_SUPER, open_fashion_mnist
+
+pytestmark = pytest.mark.skipif(not Path(DEFAULT_ROOT).is_dir(), reason="apt-get install dataset-fashion-mnist")
+
+
+def test_real_files_grouped_as_designed(tmp_path):
+    collection = open_fashion_mnist(limit_per_split=300)
+    assert collection.super_names == ["tops", "trouser", "dress", "footwear", "bag"]
+    assert FINE_TO_SUPER == [0, 1, 0, 2, 0, 3, 0, 3, 4, 3]
+    assert len(collection.splits["train"]) == 300 and len(collection.splits["test"]) == 300
+    assert all(collection.fine_to_super[r.fine_id] == r.super_id for r in collection.splits["train"])
+    build_shards(collection, tmp_path / "fm", shard_size=50, progress=False)
+    split = open_split(tmp_path / "fm", "train")
+    assert verify_split(split) == [] and split.manifest.num_fine == 10
+
+
+def test_truncated_idx_file_names_the_file(tmp_path):
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        data = gzip.open(Path(DEFAULT_ROOT) / name).read()
+        if name == "train-images-idx3-ubyte.gz":
+            data = data[:5000]
+        with gzip.open(tmp_path / name, "wb") as f:
+            f.write(data)
+    with pytest.raises(SourceError, match=r"train-images-idx3-ubyte.gz: truncated IDX file"):
+        open_fashion_mnist(root=str(tmp_path))
