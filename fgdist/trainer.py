@@ -133,7 +133,7 @@ class Trainer:
              f"{self.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs, batch {cfg.data.batch_size}/rank, routing {cfg.data.routing}, norm {norm}")
 
     # -- one step -----------------------------------------------------------------------
-    def train_step(self, batch: dict) -> dict[str, float]:
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         images = batch["images"].to(self.device, self.dtype, non_blocking=True)
         labels = [batch[k].to(self.device) for k in ("super", "fine", "instance")]
         outputs = self.engine(images)
@@ -143,7 +143,7 @@ class Trainer:
         self.engine.step()  # DeepSpeed averages the engine's gradients over ranks, steps its LR
         if self.head is not None:
             self.head.step(self.world_size)  # the head slice: its own optimizer and schedule
-        return {k: float(mean_over_ranks(v)) for k, v in parts.items()}
+        return {k: v.detach() for k, v in parts.items()}  # this rank's values; averaged when logged
 
     def check_finite(self, parts: dict[str, torch.Tensor]) -> None:
         """All ranks stop together (a lone rank raising would leave the others in a collective)."""
@@ -190,7 +190,7 @@ class Trainer:
                 self.save()
             if pos.step % cfg.tracking.log_every_steps == 0 or pos.step == self.steps_per_epoch:
                 elapsed = time.time() - window_start
-                metrics = {**parts, "lr": self.engine.get_lr()[0], "images_per_s": window_images / max(elapsed, 1e-9)}
+                metrics = {**{k: float(mean_over_ranks(v)) for k, v in parts.items()}, "lr": self.engine.get_lr()[0], "images_per_s": window_images / max(elapsed, 1e-9)}
                 if self.head is not None:
                     metrics["head_lr"] = self.head.scheduler.get_last_lr()[0]
                 if cfg.data.on_corrupt == "skip":  # never silent: the run's total over all ranks
