@@ -593,7 +593,7 @@ def notes(a, results) -> str:
                 f"are exchanged (median {results[g][0]['rows_exchanged_per_step']:.0f} of {a.world * a.batch} rows per step here)"
                 + (f"; under shuffled {rs[0]['rows_exchanged_per_step']:.0f} of {a.world * a.batch} rows per step (every row whose "
                    f"super-class is not wholly on its own rank)" if rs else "") + ". Each exchanged row costs d x 4 B of features "
-                f"plus two int64 ids out and 2 floats of partial statistics back; no column ever moves.", ""]
+                "plus two int64 ids out and 2 floats of partial statistics back; no column ever moves.", ""]
     return "\n".join(out)
 
 

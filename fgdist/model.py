@@ -34,7 +34,8 @@ class CrossRankBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         c = x.shape[1]
         n_local = torch.tensor([x.numel() / c], dtype=torch.float32, device=x.device)
-        stats = torch.cat([x.float().sum(dim=(0, 2, 3)), (x.float() ** 2).sum(dim=(0, 2, 3)), n_local])
+        xf = x.float()
+        stats = torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)), n_local])
         stats = all_reduce_sum(stats)
         count = stats[-1]
         mean = stats[:c] / count

@@ -8,7 +8,6 @@ Read `Trainer.train_step` top to bottom for what one step does.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import sys

@@ -6,14 +6,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tarfile
 
 import mlflow
 import pytest
-from PIL import Image
 
-from tests.helpers import REPO, deepspeed_train, free_port
+from tests.helpers import REPO, free_port
 from tests.integration.conftest import assert_same_metrics
 
 
