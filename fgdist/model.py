@@ -11,7 +11,7 @@ from torch import nn
 from torchvision.models import resnet18
 from torchvision.models.resnet import BasicBlock
 
-from fgdist.collectives import all_reduce_sum
+from fgdist.collectives import all_reduce_sum, mean_over_ranks
 from fgdist.config import ModelConfig
 
 STANDARD_WIDTH = 64  # torchvision's ResNet-18: d = 8 * 64 = 512
@@ -42,11 +42,45 @@ class CrossRankBatchNorm2d(nn.BatchNorm2d):
         var = (stats[c : 2 * c] / count - mean**2).clamp_min(0)
         with torch.no_grad():
             self.num_batches_tracked += 1
-            m = self.momentum
+            # momentum None: cumulative average, as in nn.BatchNorm2d (used by recalibrate_batchnorm)
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
             self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
             self.running_var.mul_(1 - m).add_(var.detach() * count / (count - 1).clamp_min(1), alpha=m)
         y = (x - mean[None, :, None, None].to(x.dtype)) * torch.rsqrt(var + self.eps)[None, :, None, None].to(x.dtype)
         return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches, device, dtype) -> int:
+    """Set every BatchNorm's running mean and variance to their plain average over `batches`
+    (population statistics, "precise BN"); returns the number of batches used. Collective: every
+    rank calls it with the same number of batches.
+
+    Why: training keeps an exponential average dominated by the last ~10 steps, and under
+    by_superclass routing those steps hold only the last few super-classes of each rank's stream,
+    so evaluation would normalize every image with those super-classes' statistics (measured on
+    Fashion-MNIST: super-class top-1 from 56% to 95% depending on which super-classes came last).
+    The batches should be drawn across super-classes (the trainer uses shuffled routing). The
+    averages are then averaged over ranks, so ranks with local BatchNorm evaluate one model too."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.train()
+    used = 0
+    for batch in batches:
+        model(batch["images"].to(device=device, dtype=dtype))
+        used += 1
+    model.train(was_training)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+        m.running_mean.copy_(mean_over_ranks(m.running_mean))
+        m.running_var.copy_(mean_over_ranks(m.running_var))
+    return used
 
 
 def convert_batchnorm(module: nn.Module) -> nn.Module:

@@ -7,6 +7,7 @@ Read `Trainer.train_step` top to bottom for what one step does.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -25,7 +26,7 @@ from fgdist.data import eval_batches, steps_per_epoch, train_batches
 from fgdist.evaluation import evaluate
 from fgdist.faults import kill_point
 from fgdist.head import InstanceHead
-from fgdist.model import EmbeddingNet, convert_batchnorm, feature_dim
+from fgdist.model import EmbeddingNet, convert_batchnorm, feature_dim, recalibrate_batchnorm
 from fgdist.objectives import OBJECTIVE_HEADS, Objective
 from fgdist.partition import make_plan
 from fgdist.shardset import open_split
@@ -204,6 +205,11 @@ class Trainer:
 
     def run_eval(self) -> dict[str, float]:
         cfg = self.cfg
+        if cfg.eval.bn_batches:
+            # Shuffled routing: every rank draws from all super-classes (by_superclass would not).
+            shuffled = cfg.data.model_copy(update={"routing": "shuffled"})
+            stream = train_batches(self.train_split, self.plan, shuffled, self.rank, epoch=self.position.epoch, seed=cfg.seed)
+            recalibrate_batchnorm(self.engine.module, itertools.islice(stream, cfg.eval.bn_batches), self.device, self.dtype)
         batches = eval_batches(self.test_split, cfg.data, cfg.eval.batch_size, self.rank, self.world_size)
         metrics = evaluate(self.engine.module, batches, self.device, self.dtype, cfg.eval.recall_ks, cfg.eval.query_chunk, has_super_head=cfg.objective.name in OBJECTIVE_HEADS["super"])
         log0(f"eval after epoch {self.position.epoch}: " + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from fgdist.config import ModelConfig
-from fgdist.model import CrossRankBatchNorm2d, build_backbone, convert_batchnorm, feature_dim
+from fgdist.model import CrossRankBatchNorm2d, build_backbone, convert_batchnorm, feature_dim, recalibrate_batchnorm
 
 MARK = 12.375  # a value no initializer produces by chance
 
@@ -144,3 +144,28 @@ def test_cross_rank_batchnorm_in_one_process_equals_batchnorm():
     with torch.no_grad():
         x = torch.randn(4, 3, 32, 32)
         torch.testing.assert_close(cross(x), plain(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cross_rank", [False, True])
+def test_recalibrated_batchnorm_holds_the_average_over_all_batches_not_the_last_ones(cross_rank):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4))
+    if cross_rank:
+        convert_batchnorm(net)
+    groups = [torch.randn(8, 3, 4, 4) + shift for shift in (-3.0, 0.0, 3.0)]  # three "super-classes"
+    net.train()
+    with torch.no_grad():
+        for _ in range(30):  # training ended on the last group only
+            net(groups[2])
+    with torch.no_grad():
+        feats = [net[0](g) for g in groups]
+    want_mean = torch.stack([f.mean(dim=(0, 2, 3)) for f in feats]).mean(0)
+    want_var = torch.stack([f.var(dim=(0, 2, 3)) for f in feats]).mean(0)  # unbiased, as BatchNorm keeps it
+    bn = net[1]
+    assert not torch.allclose(bn.running_mean, want_mean, atol=0.1)
+
+    net.eval()
+    assert recalibrate_batchnorm(net, [{"images": g} for g in groups], "cpu", torch.float32) == 3
+    torch.testing.assert_close(bn.running_mean, want_mean)
+    torch.testing.assert_close(bn.running_var, want_var)
+    assert bn.momentum == 0.1 and not net.training  # the training settings and mode are back
