@@ -44,7 +44,9 @@ def _find(root: Path, stem: str) -> Path:
     return root / (stem + ".gz")
 
 
-def open_fashion_mnist(root: str = DEFAULT_ROOT, limit_per_split: int | None = None) -> Collection:
+def open_fashion_mnist(root: str = DEFAULT_ROOT, limit_per_split: int | None = None, limit_train: int | None = None) -> Collection:
+    """limit_per_split: only the first N images of each split; limit_train: of the train split
+    only (a small training set measured on the whole test split)."""
     base = Path(root)
     collection = Collection("fashion-mnist", SUPER_NAMES, FINE_NAMES, FINE_TO_SUPER)
     for split, prefix in FILES.items():
@@ -54,7 +56,8 @@ def open_fashion_mnist(root: str = DEFAULT_ROOT, limit_per_split: int | None = N
         labels = _read_idx(labels_path, 0x801)
         if len(images) != len(labels):
             raise SourceError(f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}")
-        count = len(labels) if limit_per_split is None else min(limit_per_split, len(labels))
+        limit = limit_train if split == "train" and limit_train is not None else limit_per_split
+        count = len(labels) if limit is None else min(limit, len(labels))
         records = []
         for i in range(count):
             fine = int(labels[i])

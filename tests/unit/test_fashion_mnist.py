@@ -25,6 +25,11 @@ def test_real_files_grouped_as_designed(tmp_path):
     assert verify_split(split) == [] and split.manifest.num_fine == 10
 
 
+def test_limit_train_keeps_the_whole_test_split():
+    collection = open_fashion_mnist(limit_train=200)
+    assert len(collection.splits["train"]) == 200 and len(collection.splits["test"]) == 10000
+
+
 def test_truncated_idx_file_names_the_file(tmp_path):
     for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         data = gzip.open(Path(DEFAULT_ROOT) / name).read()
