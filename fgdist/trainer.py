@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from fgdist import checkpoint
-from fgdist.collectives import mean_over_ranks, world
+from fgdist.collectives import mean_over_ranks, unlink_deepspeed_shm_buffer, world
 from fgdist.config import RunConfig
 from fgdist.data import eval_batches, steps_per_epoch, train_batches
 from fgdist.evaluation import evaluate
@@ -66,6 +66,7 @@ class Trainer:
 
         self.cfg = cfg
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        unlink_deepspeed_shm_buffer()
         self.rank, self.world_size = world()
         self.device = torch.device(get_accelerator().current_device_name())
         self.on_cuda = self.device.type == "cuda"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -31,7 +32,7 @@ def init_gloo(rank: int, world_size: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
 
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_synthetic(out, **overrides) -> str:
@@ -51,9 +52,13 @@ def deepspeed_train(cwd, *train_args, num_gpus=2, timeout=600, check=True):
     """Run launcher/train.py under the real DeepSpeed launcher on a free port."""
     import subprocess
 
-    cmd = ["deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(free_port()), str(REPO / "launcher" / "train.py"), *train_args]
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(port), str(REPO / "launcher" / "train.py"), *train_args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    # Whatever the outcome, a run leaves no DeepSpeed shared-memory buffer behind (each is 66 MB).
+    leaked = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"run on port {port} left /dev/shm/{leaked}"
     if check and proc.returncode != 0:
         raise AssertionError(f"deepspeed exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
