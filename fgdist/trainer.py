@@ -163,9 +163,13 @@ class Trainer:
             while pos.epoch < cfg.optim.epochs:
                 self.train_epoch()
                 pos.epoch, pos.step = pos.epoch + 1, 0
+                last = pos.epoch == cfg.optim.epochs
+                evaluate_now = last or (cfg.eval.every_epochs and pos.epoch % cfg.eval.every_epochs == 0)
+                if evaluate_now:  # before saving, so a checkpoint holds the statistics its evaluation used
+                    self.reestimate_batchnorm()
                 if cfg.checkpoint.every_epochs and pos.epoch % cfg.checkpoint.every_epochs == 0:
                     self.save()
-                if cfg.eval.every_epochs and pos.epoch % cfg.eval.every_epochs == 0 and pos.epoch < cfg.optim.epochs:
+                if evaluate_now and not last:
                     self.run_eval()
             metrics = self.run_eval()
             self.write_results(metrics)
@@ -204,13 +208,17 @@ class Trainer:
         folder = checkpoint.save(self.ckpt_dir, self.engine, self.head, self.plan.to_json(), self.position, self.rank, self.cfg.checkpoint.keep)
         log0(f"checkpoint {folder}")
 
-    def run_eval(self) -> dict[str, float]:
+    def reestimate_batchnorm(self) -> None:
+        """BatchNorm statistics for evaluation from eval.bn_batches training batches."""
         cfg = self.cfg
         if cfg.eval.bn_batches:
             # Shuffled routing: every rank draws from all super-classes (by_superclass would not).
             shuffled = cfg.data.model_copy(update={"routing": "shuffled"})
             stream = train_batches(self.train_split, self.plan, shuffled, self.rank, epoch=self.position.epoch, seed=cfg.seed)
             recalibrate_batchnorm(self.engine.module, itertools.islice(stream, cfg.eval.bn_batches), self.device, self.dtype)
+
+    def run_eval(self) -> dict[str, float]:
+        cfg = self.cfg
         batches = eval_batches(self.test_split, cfg.data, cfg.eval.batch_size, self.rank, self.world_size)
         metrics = evaluate(self.engine.module, batches, self.device, self.dtype, cfg.eval.recall_ks, cfg.eval.query_chunk, has_super_head=cfg.objective.name in OBJECTIVE_HEADS["super"])
         log0(f"eval after epoch {self.position.epoch}: " + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
