@@ -32,10 +32,10 @@ def unlink_deepspeed_shm_buffer() -> None:
     (init_distributed returns after this rank mapped them all; the barrier waits for the others)
     the name is no longer needed: the memory stays mapped while the ranks live and is returned
     when they exit, crashes included."""
-    if world()[1] == 1:
-        return
-    dist.barrier()
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}"
+    rank, size = world()
+    if size > 1:
+        dist.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank}"
     (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 

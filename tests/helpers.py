@@ -48,6 +48,12 @@ def tiny_synthetic(out, **overrides) -> str:
     return str(out)
 
 
+def assert_no_shm_buffer_left(port: int) -> None:
+    """Whatever its outcome, a run leaves no DeepSpeed shared-memory buffer behind (66 MB each)."""
+    leaked = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"run on port {port} left /dev/shm/{leaked}"
+
+
 def deepspeed_train(cwd, *train_args, num_gpus=2, timeout=600, check=True):
     """Run launcher/train.py under the real DeepSpeed launcher on a free port."""
     import subprocess
@@ -56,9 +62,7 @@ def deepspeed_train(cwd, *train_args, num_gpus=2, timeout=600, check=True):
     cmd = ["deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(port), str(REPO / "launcher" / "train.py"), *train_args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    # Whatever the outcome, a run leaves no DeepSpeed shared-memory buffer behind (each is 66 MB).
-    leaked = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-    assert not leaked, f"run on port {port} left /dev/shm/{leaked}"
+    assert_no_shm_buffer_left(port)
     if check and proc.returncode != 0:
         raise AssertionError(f"deepspeed exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc

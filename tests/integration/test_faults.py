@@ -11,7 +11,7 @@ import tarfile
 import mlflow
 import pytest
 
-from tests.helpers import REPO, free_port
+from tests.helpers import REPO, assert_no_shm_buffer_left, free_port
 from tests.integration.conftest import assert_same_metrics
 
 
@@ -55,11 +55,13 @@ def test_rank_killed_while_writing_a_checkpoint_never_leaves_it_valid(tiny_runs,
 
 
 def probe(tiny_runs, name, checkpoint, epochs, num_gpus):
-    cmd = ["deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(free_port()), str(REPO / "tests" / "integration" / "elastic_probe.py"),
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(port), str(REPO / "tests" / "integration" / "elastic_probe.py"),
            *tiny_runs.args(name, "--set", f"optim.epochs={epochs}"), "--resume", str(checkpoint)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_runs.root}/mlflow.db"}
     proc = subprocess.run(cmd, cwd=tiny_runs.root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_no_shm_buffer_left(port)
     return float(re.search(r"FIXED_BATCH_LOSS (\S+) world_size=(\d+)", proc.stdout).group(1))
 
 
