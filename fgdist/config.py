@@ -82,7 +82,7 @@ class EvalConfig(Section):
     batch_size: int = Field(256, ge=1)
     query_chunk: int = Field(1024, ge=1)  # queries per similarity block
     # before each evaluation, BatchNorm statistics are re-estimated on this many shuffled training
-    # batches (see model.recalibrate_batchnorm); 0 keeps training's running averages
+    # batches (see model.reestimate_batchnorm); 0 keeps training's running averages
     bn_batches: int = Field(20, ge=0)
     pictures: bool = True  # attention maps and a retrieval grid after the last evaluation (rank 0)
     picture_queries: int = Field(8, ge=1)  # test images in those pictures

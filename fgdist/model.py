@@ -42,7 +42,7 @@ class CrossRankBatchNorm2d(nn.BatchNorm2d):
         var = (stats[c : 2 * c] / count - mean**2).clamp_min(0)
         with torch.no_grad():
             self.num_batches_tracked += 1
-            # momentum None: cumulative average, as in nn.BatchNorm2d (used by recalibrate_batchnorm)
+            # momentum None: cumulative average, as in nn.BatchNorm2d (used by reestimate_batchnorm)
             m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
             self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
             self.running_var.mul_(1 - m).add_(var.detach() * count / (count - 1).clamp_min(1), alpha=m)
@@ -51,7 +51,7 @@ class CrossRankBatchNorm2d(nn.BatchNorm2d):
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches, device, dtype) -> int:
+def reestimate_batchnorm(model: nn.Module, batches, device, dtype) -> int:
     """Set every BatchNorm's running mean and variance to their plain average over `batches`
     (population statistics, "precise BN"); returns the number of batches used. Collective: every
     rank calls it with the same number of batches.

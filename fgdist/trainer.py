@@ -26,7 +26,7 @@ from fgdist.data import eval_batches, steps_per_epoch, train_batches
 from fgdist.evaluation import evaluate
 from fgdist.faults import kill_point
 from fgdist.head import InstanceHead
-from fgdist.model import EmbeddingNet, convert_batchnorm, feature_dim, recalibrate_batchnorm
+from fgdist.model import EmbeddingNet, convert_batchnorm, feature_dim, reestimate_batchnorm
 from fgdist.objectives import OBJECTIVE_HEADS, Objective
 from fgdist.partition import make_plan
 from fgdist.shardset import open_split
@@ -166,7 +166,7 @@ class Trainer:
                 last = pos.epoch == cfg.optim.epochs
                 evaluate_now = last or (cfg.eval.every_epochs and pos.epoch % cfg.eval.every_epochs == 0)
                 if evaluate_now:  # before saving, so a checkpoint holds the statistics its evaluation used
-                    self.reestimate_batchnorm()
+                    self.batchnorm_for_eval()
                 if cfg.checkpoint.every_epochs and pos.epoch % cfg.checkpoint.every_epochs == 0:
                     self.save()
                 if evaluate_now and not last:
@@ -208,14 +208,14 @@ class Trainer:
         folder = checkpoint.save(self.ckpt_dir, self.engine, self.head, self.plan.to_json(), self.position, self.rank, self.cfg.checkpoint.keep)
         log0(f"checkpoint {folder}")
 
-    def reestimate_batchnorm(self) -> None:
+    def batchnorm_for_eval(self) -> None:
         """BatchNorm statistics for evaluation from eval.bn_batches training batches."""
         cfg = self.cfg
         if cfg.eval.bn_batches:
             # Shuffled routing: every rank draws from all super-classes (by_superclass would not).
             shuffled = cfg.data.model_copy(update={"routing": "shuffled"})
             stream = train_batches(self.train_split, self.plan, shuffled, self.rank, epoch=self.position.epoch, seed=cfg.seed)
-            recalibrate_batchnorm(self.engine.module, itertools.islice(stream, cfg.eval.bn_batches), self.device, self.dtype)
+            reestimate_batchnorm(self.engine.module, itertools.islice(stream, cfg.eval.bn_batches), self.device, self.dtype)
 
     def run_eval(self) -> dict[str, float]:
         cfg = self.cfg

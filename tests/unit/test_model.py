@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from fgdist.config import ModelConfig
-from fgdist.model import CrossRankBatchNorm2d, build_backbone, convert_batchnorm, feature_dim, recalibrate_batchnorm
+from fgdist.model import CrossRankBatchNorm2d, build_backbone, convert_batchnorm, feature_dim, reestimate_batchnorm
 
 MARK = 12.375  # a value no initializer produces by chance
 
@@ -165,7 +165,7 @@ def test_recalibrated_batchnorm_holds_the_average_over_all_batches_not_the_last_
     assert not torch.allclose(bn.running_mean, want_mean, atol=0.1)
 
     net.eval()
-    assert recalibrate_batchnorm(net, [{"images": g} for g in groups], "cpu", torch.float32) == 3
+    assert reestimate_batchnorm(net, [{"images": g} for g in groups], "cpu", torch.float32) == 3
     torch.testing.assert_close(bn.running_mean, want_mean)
     torch.testing.assert_close(bn.running_var, want_var)
     assert bn.momentum == 0.1 and not net.training  # the training settings and mode are back
