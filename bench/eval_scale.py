@@ -145,7 +145,10 @@ def _worker(rank: int, world: int, port: int, spec: dict, outdir: str) -> None:
     begin = sum(counts_plan[:rank])
     fine_all, super_all = make_labels(spec)
     local = make_rows(spec, begin, begin + counts_plan[rank], fine_all)
-    local_fine, local_super = fine_all[begin : begin + counts_plan[rank]].clone(), super_all[begin : begin + counts_plan[rank]].clone()
+    local_fine, local_super = (
+        fine_all[begin : begin + counts_plan[rank]].clone(),
+        super_all[begin : begin + counts_plan[rank]].clone(),
+    )
     del fine_all, super_all
     counts = gather_counts(local.shape[0], "cpu")
     embeddings = gather_rows(local, counts)
@@ -172,9 +175,17 @@ def _worker(rank: int, world: int, port: int, spec: dict, outdir: str) -> None:
         sampler.__exit__()
     peak = _vm_hwm() if hwm_reset else sampler.peak
     record = {
-        "rank": rank, "queries": q_rank, "rows": embeddings.shape[0], "seconds_recall": t_local, "seconds_with_reduce": t_total,
-        "cpu_seconds": cpu, "load_before": load,
-        "rss_start": rss_start, "rss_before": rss_before, "peak_during": peak, "peak_method": "VmHWM" if hwm_reset else "psutil-2ms",
+        "rank": rank,
+        "queries": q_rank,
+        "rows": embeddings.shape[0],
+        "seconds_recall": t_local,
+        "seconds_with_reduce": t_total,
+        "cpu_seconds": cpu,
+        "load_before": load,
+        "rss_start": rss_start,
+        "rss_before": rss_before,
+        "peak_during": peak,
+        "peak_method": "VmHWM" if hwm_reset else "psutil-2ms",
         "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "hits": {name: totals[i * len(KS) : (i + 1) * len(KS)].tolist() for i, name in enumerate(hits)},
     }
@@ -245,10 +256,14 @@ def exactness(spec: dict, rows: int) -> list[str]:
             same = got == want
             ok &= same
             lines.append(f"| {chunk} | {parts} | {got['super']} | {got['fine']} | {'equal' if same else 'DIFFERENT'} |")
-    head = [f"Subset: {m} rows holding whole fine classes 0..{cut} ({len(torch.unique(labels['fine']))} fine classes, "
-            f"{len(torch.unique(labels['super']))} super-classes), k = {ks}.",
-            f"Brute force (float64, full matrix, no top-k): super hits {want['super']}, fine hits {want['fine']}.", "",
-            "| query_chunk | query slices | super hits | fine hits | vs brute force |", "|---|---|---|---|---|"]
+    head = [
+        f"Subset: {m} rows holding whole fine classes 0..{cut} ({len(torch.unique(labels['fine']))} fine classes, "
+        f"{len(torch.unique(labels['super']))} super-classes), k = {ks}.",
+        f"Brute force (float64, full matrix, no top-k): super hits {want['super']}, fine hits {want['fine']}.",
+        "",
+        "| query_chunk | query slices | super hits | fine hits | vs brute force |",
+        "|---|---|---|---|---|",
+    ]
     if not ok:
         print("EXACTNESS CHECK FAILED", file=sys.stderr)
     return head + lines + ["", f"Result: {'all equal to the brute force' if ok else 'MISMATCH'}."]
@@ -263,26 +278,37 @@ def summarize(world: int, spec: dict, ranks: list[dict]) -> dict:
     n, d, c = spec["n"], spec["dim"], spec["chunk"]
     k_max = min(max(KS), n - 1)
     return {
-        "ranks": world, "chunk": c, "queries": spec["queries"], "queries_per_rank": [r["queries"] for r in ranks],
-        "seconds": max(r["seconds_with_reduce"] for r in ranks), "process_wall": ranks[0]["process_wall"],
-        "cpu": [r["cpu_seconds"] for r in ranks], "load": ranks[0]["load_before"],
+        "ranks": world,
+        "chunk": c,
+        "queries": spec["queries"],
+        "queries_per_rank": [r["queries"] for r in ranks],
+        "seconds": max(r["seconds_with_reduce"] for r in ranks),
+        "process_wall": ranks[0]["process_wall"],
+        "cpu": [r["cpu_seconds"] for r in ranks],
+        "load": ranks[0]["load_before"],
         "block": min(c, max(r["queries"] for r in ranks)) * n * 4,
         "emb_bytes": n * d * 4 + 2 * n * 8,
         "rss_before": max(r["rss_before"] - r["rss_start"] for r in ranks),
         "extra": [r["peak_during"] - r["rss_before"] for r in ranks],
         "predicted": min(c, max(r["queries"] for r in ranks)) * (4 * n + 25 * k_max),
-        "ru_maxrss": [r["ru_maxrss"] for r in ranks], "hits": ranks[0]["hits"], "peak_method": ranks[0]["peak_method"],
+        "ru_maxrss": [r["ru_maxrss"] for r in ranks],
+        "hits": ranks[0]["hits"],
+        "peak_method": ranks[0]["peak_method"],
     }
 
 
 def table(rows: list[dict], n: int) -> list[str]:
-    out = ["| ranks | query_chunk | queries (per rank) | eval wall s (slowest rank) | queries/s | CPU s per rank | load avg at start | embeddings+labels expected MiB | RSS growth for them MiB (max rank) | extra peak during recall_at_k MiB (per rank) | one c x N block MiB | one block + top-k MiB | peak RSS (ru_maxrss) MiB per rank |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| ranks | query_chunk | queries (per rank) | eval wall s (slowest rank) | queries/s | CPU s per rank | load avg at start | embeddings+labels expected MiB | RSS growth for them MiB (max rank) | extra peak during recall_at_k MiB (per rank) | one c x N block MiB | one block + top-k MiB | peak RSS (ru_maxrss) MiB per rank |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for s in rows:
-        out.append(f"| {s['ranks']} | {s['chunk']} | {s['queries']:,} ({' + '.join(f'{q:,}' for q in s['queries_per_rank'])}) | {s['seconds']:.1f} | "
-                   f"{s['queries'] / s['seconds']:,.0f} | {' / '.join(f'{x:.1f}' for x in s['cpu'])} | {s['load']:.1f} | {mib(s['emb_bytes'])} | "
-                   f"{mib(s['rss_before'])} | {' / '.join(mib(x) for x in s['extra'])} | {mib(s['block'])} | "
-                   f"{mib(s['predicted'])} | {' / '.join(mib(x) for x in s['ru_maxrss'])} |")
+        out.append(
+            f"| {s['ranks']} | {s['chunk']} | {s['queries']:,} ({' + '.join(f'{q:,}' for q in s['queries_per_rank'])}) | {s['seconds']:.1f} | "
+            f"{s['queries'] / s['seconds']:,.0f} | {' / '.join(f'{x:.1f}' for x in s['cpu'])} | {s['load']:.1f} | {mib(s['emb_bytes'])} | "
+            f"{mib(s['rss_before'])} | {' / '.join(mib(x) for x in s['extra'])} | {mib(s['block'])} | "
+            f"{mib(s['predicted'])} | {' / '.join(mib(x) for x in s['ru_maxrss'])} |"
+        )
     return out
 
 
@@ -290,27 +316,40 @@ def notes(sweep: list[dict], scaling: list[dict]) -> list[str]:
     out = []
     ratios = [f"{x / s['block']:.2f}" for s in sweep for x in s["extra"]]
     if ratios:
-        out.append(f"- Extra memory / one c x N block, every rank of every run above: {', '.join(ratios)}. recall_at_k computes a chunk's "
-                   "similarity block while the previous chunk's block is still bound to `sims` (the name is rebound only after the matmul), "
-                   "so its peak can hold two blocks; releasing the block after the top-k would leave one.")
+        out.append(
+            f"- Extra memory / one c x N block, every rank of every run above: {', '.join(ratios)}. recall_at_k computes a chunk's "
+            "similarity block while the previous chunk's block is still bound to `sims` (the name is rebound only after the matmul), "
+            "so its peak can hold two blocks; releasing the block after the top-k would leave one."
+        )
     if len(scaling) > 1:
         ex = [max(s["extra"]) for s in sorted(scaling, key=lambda s: s["queries"])]
         qs = [s["queries"] for s in sorted(scaling, key=lambda s: s["queries"])]
         cpu = [s["cpu"][0] / s["queries"] * 1000 for s in sorted(scaling, key=lambda s: s["queries"])]
         flat = max(ex) / min(ex) < 1.25
-        out.append(f"- At a fixed chunk the extra memory for {', '.join(f'{q:,}' for q in qs)} queries is {', '.join(mib(x) for x in ex)} MiB "
-                   f"(max/min {max(ex) / min(ex):.2f}): " + ("flat, set by the chunk and the gallery size N, not by the number of queries. "
-                   if flat else "NOT flat. ") + f"CPU seconds per 1,000 queries: {', '.join(f'{x:.2f}' for x in cpu)}.")
+        out.append(
+            f"- At a fixed chunk the extra memory for {', '.join(f'{q:,}' for q in qs)} queries is {', '.join(mib(x) for x in ex)} MiB "
+            f"(max/min {max(ex) / min(ex):.2f}): "
+            + (
+                "flat, set by the chunk and the gallery size N, not by the number of queries. "
+                if flat
+                else "NOT flat. "
+            )
+            + f"CPU seconds per 1,000 queries: {', '.join(f'{x:.2f}' for x in cpu)}."
+        )
     two = [s for s in sweep if s["ranks"] == 2]
     one = {s["chunk"]: s for s in sweep if s["ranks"] == 1}
     for s in two:
         if s["chunk"] in one:
             o = one[s["chunk"]]
-            out.append(f"- chunk {s['chunk']}: CPU seconds per rank {' / '.join(f'{x:.1f}' for x in s['cpu'])} on 2 ranks against "
-                       f"{o['cpu'][0]:.1f} on 1 rank; wall {s['seconds']:.1f} s against {o['seconds']:.1f} s (speed-up {o['seconds'] / s['seconds']:.2f}x).")
+            out.append(
+                f"- chunk {s['chunk']}: CPU seconds per rank {' / '.join(f'{x:.1f}' for x in s['cpu'])} on 2 ranks against "
+                f"{o['cpu'][0]:.1f} on 1 rank; wall {s['seconds']:.1f} s against {o['seconds']:.1f} s (speed-up {o['seconds'] / s['seconds']:.2f}x)."
+            )
     if two:
-        out.append("- With 2 ranks each rank ranks half the queries against all N rows; the wall time halves only when two cores are free "
-                   "for them (compare the load averages).")
+        out.append(
+            "- With 2 ranks each rank ranks half the queries against all N rows; the wall time halves only when two cores are free "
+            "for them (compare the load averages)."
+        )
     return out
 
 
@@ -330,8 +369,15 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench/results/eval_scale.md"))
     args = p.parse_args()
-    base = {"n": args.n, "dim": args.dim, "fine_classes": args.fine_classes, "super_classes": args.super_classes,
-            "signal": args.signal, "seed": args.seed, "threads": args.threads}
+    base = {
+        "n": args.n,
+        "dim": args.dim,
+        "fine_classes": args.fine_classes,
+        "super_classes": args.super_classes,
+        "signal": args.signal,
+        "seed": args.seed,
+        "threads": args.threads,
+    }
     started = time.perf_counter()
 
     print("exactness check ...", flush=True)
@@ -344,13 +390,19 @@ def main() -> None:
             spec = {**base, "chunk": chunk, "queries": args.n}
             s = summarize(world, spec, run(world, spec))
             sweep.append(s)
-            print(f"ranks {world} chunk {chunk}: {s['seconds']:.1f} s, extra {[mib(x) for x in s['extra']]} MiB, hits {s['hits']}", flush=True)
+            print(
+                f"ranks {world} chunk {chunk}: {s['seconds']:.1f} s, extra {[mib(x) for x in s['extra']]} MiB, hits {s['hits']}",
+                flush=True,
+            )
     scaling = []
     for q in [int(x) for x in args.scaling_queries.split(",") if x]:
         spec = {**base, "chunk": args.scaling_chunk, "queries": q}
         s = summarize(1, spec, run(1, spec))
         scaling.append(s)
-        print(f"scaling: queries {q} chunk {args.scaling_chunk}: {s['seconds']:.1f} s, extra {[mib(x) for x in s['extra']]} MiB", flush=True)
+        print(
+            f"scaling: queries {q} chunk {args.scaling_chunk}: {s['seconds']:.1f} s, extra {[mib(x) for x in s['extra']]} MiB",
+            flush=True,
+        )
     scaling += [s for s in sweep if s["ranks"] == 1 and s["chunk"] == args.scaling_chunk]
     total = time.perf_counter() - started
 
@@ -358,11 +410,20 @@ def main() -> None:
     full = sweep[0]["hits"] if sweep else {}
     n = args.n
     recall = {name: [f"{100 * h / n:.2f}" for h in v] for name, v in full.items()}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "bench/eval_scale.py", "fgdist"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "bench/eval_scale.py", "fgdist"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     lines = [
-        "# Distributed chunked evaluation at SOP scale (CPU)", "",
-        f"Command: `{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}`", "",
+        "# Distributed chunked evaluation at SOP scale (CPU)",
+        "",
+        f"Command: `{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}`",
+        "",
         f"- Machine: 2-core x86_64 CPU, no GPU, shared with other jobs (load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}); "
         f"{platform.platform()}, Python {platform.python_version()}, torch {torch.__version__}",
         f"- Date: {subprocess.run(['date'], capture_output=True, text=True).stdout.strip()}",
@@ -371,19 +432,32 @@ def main() -> None:
         f"(random labels, features clustered by fine class, signal {args.signal}); every row a query against the rest; Recall@{KS}",
         f"- {args.threads} torch thread(s) per rank; each configuration in fresh spawned processes (gloo for 2 ranks); code under test: "
         "`fgdist.evaluation.recall_at_k` after `fgdist.collectives.gather_rows`",
-        f"- Peak memory method: {sweep[0]['peak_method'] if sweep else '-'} (see the script's docstring); total benchmark time {total:.0f} s", "",
-        "## Exactness", "", *check, "",
+        f"- Peak memory method: {sweep[0]['peak_method'] if sweep else '-'} (see the script's docstring); total benchmark time {total:.0f} s",
+        "",
+        "## Exactness",
+        "",
+        *check,
+        "",
         f"Full size: the {len(sweep)} runs below (1 and 2 ranks, every chunk) report {'identical' if len(hits) == 1 else 'DIFFERENT'} hit counts: "
-        f"super R@{KS} = {recall.get('super')} %, fine R@{KS} = {recall.get('fine')} %.", "",
-        "## Chunk size and rank count (all queries)", "",
-        "\"embeddings+labels expected\" is N x d x 4 bytes plus two int64 label vectors; \"RSS growth for them\" is the resident set just before "
+        f"super R@{KS} = {recall.get('super')} %, fine R@{KS} = {recall.get('fine')} %.",
+        "",
+        "## Chunk size and rank count (all queries)",
+        "",
+        '"embeddings+labels expected" is N x d x 4 bytes plus two int64 label vectors; "RSS growth for them" is the resident set just before '
         "recall_at_k minus the one at process start (it includes the data generation's leftovers and the gather's buffers); \"extra peak\" "
-        "is the peak during recall_at_k minus the resident set just before it; \"one block + top-k\" is c x (4N + 25 k_max) bytes. "
-        "\"CPU s\" is the process time of recall_at_k: on this shared machine the wall time also counts the waits for a core.", "",
-        *table(sweep, n), "",
-        f"## Number of queries at a fixed chunk ({args.scaling_chunk}), 1 rank, all {n:,} rows as the gallery", "",
-        *table(sorted(scaling, key=lambda s: s["queries"]), n), "",
-        "## Reading the numbers", "", *notes(sweep, scaling), "",
+        'is the peak during recall_at_k minus the resident set just before it; "one block + top-k" is c x (4N + 25 k_max) bytes. '
+        '"CPU s" is the process time of recall_at_k: on this shared machine the wall time also counts the waits for a core.',
+        "",
+        *table(sweep, n),
+        "",
+        f"## Number of queries at a fixed chunk ({args.scaling_chunk}), 1 rank, all {n:,} rows as the gallery",
+        "",
+        *table(sorted(scaling, key=lambda s: s["queries"]), n),
+        "",
+        "## Reading the numbers",
+        "",
+        *notes(sweep, scaling),
+        "",
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))

@@ -164,13 +164,23 @@ def run_head(rank, world, args, mode):
 
     t0 = time.perf_counter()
     head = InstanceHead(plan, rank, args.dim, seed=args.seed)
-    head.build_optimizer(OptimConfig(lr=0.1, momentum=0.9, weight_decay=5e-4, milestones=[30, 60], gamma=0.1), lr_mult=1.0, steps_per_epoch=1000)
+    head.build_optimizer(
+        OptimConfig(lr=0.1, momentum=0.9, weight_decay=5e-4, milestones=[30, 60], gamma=0.1),
+        lr_mult=1.0,
+        steps_per_epoch=1000,
+    )
     init_s = time.perf_counter() - t0
     loss_fn = InstanceLoss(plan, rank, head, dense=dense, routing=routing, logit=logit, temperature=0.1, kernel="torch")
     after_init = rss_bytes()
 
     gen = torch.Generator().manual_seed(1000 + rank)
-    warmup, steps = (args.dense_warmup, args.dense_steps) if dense else (args.cosine_warmup, args.cosine_steps) if logit == "cosine" else (args.warmup, args.steps)
+    warmup, steps = (
+        (args.dense_warmup, args.dense_steps)
+        if dense
+        else (args.cosine_warmup, args.cosine_steps)
+        if logit == "cosine"
+        else (args.warmup, args.steps)
+    )
     times = {k: [] for k in ("batch", "forward", "backward", "head_step", "step")}
     cpu = {k: [] for k in ("forward", "backward", "head_step", "head", "step")}
     extra = {k: 0 for k in ("forward", "backward", "head_step")}
@@ -196,7 +206,9 @@ def run_head(rank, world, args, mode):
         rss_after_backward = rss_bytes()
         if step == warmup + steps - 1:  # columns with a nonzero gradient (outside the timed phases)
             g = head.weight.grad
-            touched = sum(int((g[a : a + 65536] != 0).any(dim=1).sum()) for a in range(0, g.shape[0], 65536)) / g.shape[0]
+            touched = (
+                sum(int((g[a : a + 65536] != 0).any(dim=1).sum()) for a in range(0, g.shape[0], 65536)) / g.shape[0]
+            )
         with Phase(can_reset) as p_opt:
             head.step(world)
         rss_after_step = rss_bytes()
@@ -230,13 +242,31 @@ def run_head(rank, world, args, mode):
         zeros_cpu.append(time.process_time() - c0)
         del z
     return {
-        "mode": mode, "rank": rank, "batch": batch, "steps": steps, "warmup": warmup, "columns": [lo, hi],
+        "mode": mode,
+        "rank": rank,
+        "batch": batch,
+        "steps": steps,
+        "warmup": warmup,
+        "columns": [lo, hi],
         "split_supers": [[s, *plan.super_ranges[s]] for s in plan.split_supers],
         "local_groups": len(plan.local_groups(rank)[0]),
-        "median_s": {k: statistics.median(v) for k, v in times.items()}, "all_s": times,
-        "init_s": init_s, "zeros_cpu_s": statistics.median(zeros_cpu), "median_cpu_s": {k: statistics.median(v) for k, v in cpu.items()}, "cpu_share": cpu_s / sum(times["step"]), "rows_exchanged_per_step": statistics.median(exchanged), "losses": losses,
-        "baseline": baseline, "after_init": after_init, "after_backward": rss_after_backward, "after_step": rss_after_step,
-        "peak": Phase.observe(), "weights": weight_bytes, "touched_columns": touched, "momentum": momentum_bytes, "gradient": grad_bytes,
+        "median_s": {k: statistics.median(v) for k, v in times.items()},
+        "all_s": times,
+        "init_s": init_s,
+        "zeros_cpu_s": statistics.median(zeros_cpu),
+        "median_cpu_s": {k: statistics.median(v) for k, v in cpu.items()},
+        "cpu_share": cpu_s / sum(times["step"]),
+        "rows_exchanged_per_step": statistics.median(exchanged),
+        "losses": losses,
+        "baseline": baseline,
+        "after_init": after_init,
+        "after_backward": rss_after_backward,
+        "after_step": rss_after_step,
+        "peak": Phase.observe(),
+        "weights": weight_bytes,
+        "touched_columns": touched,
+        "momentum": momentum_bytes,
+        "gradient": grad_bytes,
         "phase_extra": extra if can_reset else None,
     }
 
@@ -273,9 +303,22 @@ def run_backbone(rank, world, args, mode):
             cpu_steps.append(time.process_time() - c0)
             for k, v in (("fwd_bwd", t1 - t0), ("allreduce", t2 - t1), ("opt", t3 - t2), ("step", t3 - t0)):
                 times[k].append(v)
-    return {"mode": mode, "rank": rank, "batch": args.batch, "steps": args.backbone_steps, "warmup": args.backbone_warmup,
-            "width": width, "dim": 8 * width, "params": num_params, "median_s": {k: statistics.median(v) for k, v in times.items()},
-            "all_s": times, "median_cpu_s": {"step": statistics.median(cpu_steps)}, "cpu_share": cpu_s / sum(times["step"]), "baseline": baseline, "peak": peak_rss_bytes()}
+    return {
+        "mode": mode,
+        "rank": rank,
+        "batch": args.batch,
+        "steps": args.backbone_steps,
+        "warmup": args.backbone_warmup,
+        "width": width,
+        "dim": 8 * width,
+        "params": num_params,
+        "median_s": {k: statistics.median(v) for k, v in times.items()},
+        "all_s": times,
+        "median_cpu_s": {"step": statistics.median(cpu_steps)},
+        "cpu_share": cpu_s / sum(times["step"]),
+        "baseline": baseline,
+        "peak": peak_rss_bytes(),
+    }
 
 
 def worker(rank, world, port, args, mode, queue):
@@ -344,11 +387,19 @@ def report(args, results: dict[str, list[dict]], meta: dict) -> str:
     head_modes = [m for m in results if MODES[m][0] == "head"]
     bb = {m: results[m] for m in results if MODES[m][0] == "backbone"}
     bb_step = {m: slower_rank(rs)["median_s"]["step"] for m, rs in bb.items()}
-    lines += ["## Time per step (the rank with the slower median step)", "",
-              "Per phase the median over the measured steps (medians need not add up); head = loss fwd + bwd + head.step, "
-              "its median per step; head share of the bench step over all measured steps together.", ""]
+    lines += [
+        "## Time per step (the rank with the slower median step)",
+        "",
+        "Per phase the median over the measured steps (medians need not add up); head = loss fwd + bwd + head.step, "
+        "its median per step; head share of the bench step over all measured steps together.",
+        "",
+    ]
     share_cols = [f"head / (head + {m} step)" for m in bb]
-    lines.append("| mode | batch/rank | steps | rows exchanged/step (global) | columns with a nonzero gradient | loss fwd s | bwd s | head.step s | head s | step s | head share of bench step | CPU time / wall | " + " | ".join(share_cols) + " |")
+    lines.append(
+        "| mode | batch/rank | steps | rows exchanged/step (global) | columns with a nonzero gradient | loss fwd s | bwd s | head.step s | head s | step s | head share of bench step | CPU time / wall | "
+        + " | ".join(share_cols)
+        + " |"
+    )
     lines.append("|" + "---|" * (12 + len(share_cols)))
     for m in head_modes:
         rs = results[m]
@@ -356,12 +407,19 @@ def report(args, results: dict[str, list[dict]], meta: dict) -> str:
         fwd, bwd, opt, step = (r["median_s"][k] for k in ("forward", "backward", "head_step", "step"))
         headt = head_seconds(r)
         shares = [f"{headt / (headt + s):.0%}" for s in bb_step.values()]
-        touched = sum(x["touched_columns"] * (x["columns"][1] - x["columns"][0]) for x in rs) / sum(x["columns"][1] - x["columns"][0] for x in rs)
-        lines.append(f"| {m} | {r['batch']} | {r['steps']} | {r['rows_exchanged_per_step']:.0f} | {touched:.1%} | {fwd:.3f} | {bwd:.3f} | {opt:.3f} | {headt:.3f} | {step:.3f} | "
-                     f"{bench_share(r):.0%} | {r['cpu_share']:.0%} | " + " | ".join(shares) + " |")
+        touched = sum(x["touched_columns"] * (x["columns"][1] - x["columns"][0]) for x in rs) / sum(
+            x["columns"][1] - x["columns"][0] for x in rs
+        )
+        lines.append(
+            f"| {m} | {r['batch']} | {r['steps']} | {r['rows_exchanged_per_step']:.0f} | {touched:.1%} | {fwd:.3f} | {bwd:.3f} | {opt:.3f} | {headt:.3f} | {step:.3f} | "
+            f"{bench_share(r):.0%} | {r['cpu_share']:.0%} | " + " | ".join(shares) + " |"
+        )
     lines.append("")
-    lines += ["CPU seconds of the rank process per phase (median over the measured steps; the same rank). The other jobs on "
-              "the machine stretch wall time much more than CPU time, so the comparisons in the reading below use these.", ""]
+    lines += [
+        "CPU seconds of the rank process per phase (median over the measured steps; the same rank). The other jobs on "
+        "the machine stretch wall time much more than CPU time, so the comparisons in the reading below use these.",
+        "",
+    ]
     bb_cpu = {m: slower_rank(rs)["median_cpu_s"]["step"] for m, rs in bb.items()}
     cpu_cols = [f"head / (head + {m} step)" for m in bb]
     lines.append("| mode | loss fwd CPU s | bwd CPU s | head.step CPU s | head CPU s | " + " | ".join(cpu_cols) + " |")
@@ -369,30 +427,52 @@ def report(args, results: dict[str, list[dict]], meta: dict) -> str:
     for m in head_modes:
         c = slower_rank(results[m])["median_cpu_s"]
         shares = [f"{c['head'] / (c['head'] + s):.0%}" for s in bb_cpu.values()]
-        lines.append(f"| {m} | {c['forward']:.3f} | {c['backward']:.3f} | {c['head_step']:.3f} | {c['head']:.3f} | " + " | ".join(shares) + " |")
+        lines.append(
+            f"| {m} | {c['forward']:.3f} | {c['backward']:.3f} | {c['head_step']:.3f} | {c['head']:.3f} | "
+            + " | ".join(shares)
+            + " |"
+        )
     lines.append("")
     if bb:
-        lines += ["Backbone steps (ResNet-18, CIFAR stem, 32x32, same batch per rank, both ranks at once, fp32):", "",
-                  "| backbone | d | params | fwd+bwd s | grad all-reduce s | SGD s | step s | step CPU s | CPU time / wall | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "Backbone steps (ResNet-18, CIFAR stem, 32x32, same batch per rank, both ranks at once, fp32):",
+            "",
+            "| backbone | d | params | fwd+bwd s | grad all-reduce s | SGD s | step s | step CPU s | CPU time / wall | peak RSS MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for m, rs in bb.items():
             r = slower_rank(rs)
             t = r["median_s"]
-            lines.append(f"| {m} | {r['dim']} | {r['params'] / 1e6:.2f} M | {t['fwd_bwd']:.2f} | {t['allreduce']:.3f} | {t['opt']:.3f} | {t['step']:.2f} | {r['median_cpu_s']['step']:.2f} | {r['cpu_share']:.0%} | {mib(max(x['peak'] for x in rs))} |")
+            lines.append(
+                f"| {m} | {r['dim']} | {r['params'] / 1e6:.2f} M | {t['fwd_bwd']:.2f} | {t['allreduce']:.3f} | {t['opt']:.3f} | {t['step']:.2f} | {r['median_cpu_s']['step']:.2f} | {r['cpu_share']:.0%} | {mib(max(x['peak'] for x in rs))} |"
+            )
         lines.append("")
-    lines += ["## Memory per rank (MiB; the larger of the 2 ranks)", "",
-              "| mode | peak RSS | baseline (torch + gloo) | weights | momentum | gradient | rest = peak - baseline - W - M - G | peak above start: loss fwd | bwd | head.step |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Memory per rank (MiB; the larger of the 2 ranks)",
+        "",
+        "| mode | peak RSS | baseline (torch + gloo) | weights | momentum | gradient | rest = peak - baseline - W - M - G | peak above start: loss fwd | bwd | head.step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for m in head_modes:
         r = max(results[m], key=lambda x: x["peak"])
         rest = r["peak"] - r["baseline"] - r["weights"] - r["momentum"] - r["gradient"]
         ex = r["phase_extra"] or {}
-        lines.append(f"| {m} | {mib(r['peak'])} | {mib(r['baseline'])} | {mib(r['weights'])} | {mib(r['momentum'])} | {mib(r['gradient'])} | {mib(rest)} | "
-                     + " | ".join(mib(ex[k]) if k in ex else "n/a" for k in ("forward", "backward", "head_step")) + " |")
+        lines.append(
+            f"| {m} | {mib(r['peak'])} | {mib(r['baseline'])} | {mib(r['weights'])} | {mib(r['momentum'])} | {mib(r['gradient'])} | {mib(rest)} | "
+            + " | ".join(mib(ex[k]) if k in ex else "n/a" for k in ("forward", "backward", "head_step"))
+            + " |"
+        )
     lines.append("")
     r0 = results[head_modes[0]][0] if head_modes else None
     if r0:
-        lines += [f"Split super-classes (id, begin, end): {r0['split_supers']}; rank columns: "
-                  + ", ".join(f"rank {r['rank']} {r['columns']} ({r['local_groups']} local super-classes)" for r in results[head_modes[0]]), ""]
+        lines += [
+            f"Split super-classes (id, begin, end): {r0['split_supers']}; rank columns: "
+            + ", ".join(
+                f"rank {r['rank']} {r['columns']} ({r['local_groups']} local super-classes)"
+                for r in results[head_modes[0]]
+            ),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -403,21 +483,30 @@ def machine_meta() -> dict:
         except (OSError, subprocess.CalledProcessError):
             return "unknown"
 
-    return {"date": sh(["date"]), "commit": sh(["git", "rev-parse", "--short", "HEAD"]), "dirty": bool(sh(["git", "status", "--porcelain", "--untracked-files=no"])),
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "loadavg": os.getloadavg()}
+    return {
+        "date": sh(["date"]),
+        "commit": sh(["git", "rev-parse", "--short", "HEAD"]),
+        "dirty": bool(sh(["git", "status", "--porcelain", "--untracked-files=no"])),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "loadavg": os.getloadavg(),
+    }
 
 
 def render_md(meta: dict, args: dict, results: dict[str, list[dict]]) -> str:
     a = argparse.Namespace(**args)
     head = [
-        "# Instance head at scale on CPU (2 gloo ranks)", "",
+        "# Instance head at scale on CPU (2 gloo ranks)",
+        "",
         f"- Command: `{meta['command']}` (from the repository root; {meta['total_s']:.0f} s in all)",
         "- Machine: 2-core x86_64 CPU, no GPU, shared with other jobs "
         f"(`{meta['cpu']}`, {meta['cores']} cores, 1-minute load average {meta['loadavg'][0]:.1f} before and {meta['loadavg_after'][0]:.1f} after the run); "
         f"torch {meta['torch']}, Python {meta['python']}, {a.threads} torch thread(s) per rank",
         f"- Date: {meta['date']}",
-        f"- Commit: {meta['commit']}" + (" (the working tree had uncommitted changes to other tracked files)" if meta["dirty"] else ""),
+        f"- Commit: {meta['commit']}"
+        + (" (the working tree had uncommitted changes to other tracked files)" if meta["dirty"] else ""),
         f"- Problem: n = {a.n:,} instances, d = {a.dim}, {a.supers:,} super-classes with random sizes (random cut points, seed {a.seed}), "
         f"{a.world} ranks of n/{a.world} = {a.n // a.world:,} columns, fp32, kernel = PyTorch reference (column chunks, logits recomputed in backward), "
         f"head SGD lr 0.1, momentum 0.9, weight decay 5e-4; per-rank batch {a.batch} random feature rows (requires_grad)",
@@ -484,6 +573,7 @@ def main(argv=None):
 
 def notes(a, results) -> str:
     """The reading of the numbers, from the numbers (only for the modes that ran)."""
+
     def rank_max(m, key):
         return max(r[key] for r in results[m])
 
@@ -520,24 +610,36 @@ def notes(a, results) -> str:
         checks = []
         g4 = "grouped/by_superclass@4x"
         if g4 in results:
-            checks.append(f"a 4x batch ({results[g4][0]['batch']} rows per rank) moves the peak by {(rank_max(g4, 'peak') - rank_max(g, 'peak')) / MIB:+,.0f} MiB")
+            checks.append(
+                f"a 4x batch ({results[g4][0]['batch']} rows per rank) moves the peak by {(rank_max(g4, 'peak') - rank_max(g, 'peak')) / MIB:+,.0f} MiB"
+            )
         d = "dense/shuffled"
         if d in results:
-            checks.append(f"dense mode, where every one of the {2 * a.batch if a.world == 2 else a.world * a.batch} gathered rows meets all {n_local:,} local columns, "
-                          f"peaks {(rank_max(d, 'peak') - rank_max(g, 'peak')) / MIB:+,.0f} MiB from grouped, its loss forward {mib(extra(d, 'forward'))} MiB above its start "
-                          f"(rows x 8,192-column logit chunks) and its backward {mib(extra(d, 'backward'))} MiB (the dense `dw` plus "
-                          f"{mib(extra(d, 'backward') - G)} MiB of chunk temporaries)")
+            checks.append(
+                f"dense mode, where every one of the {2 * a.batch if a.world == 2 else a.world * a.batch} gathered rows meets all {n_local:,} local columns, "
+                f"peaks {(rank_max(d, 'peak') - rank_max(g, 'peak')) / MIB:+,.0f} MiB from grouped, its loss forward {mib(extra(d, 'forward'))} MiB above its start "
+                f"(rows x 8,192-column logit chunks) and its backward {mib(extra(d, 'backward'))} MiB (the dense `dw` plus "
+                f"{mib(extra(d, 'backward') - G)} MiB of chunk temporaries)"
+            )
         if checks:
-            out += ["Nothing grows with rows x n_local: " + "; ".join(checks) + ". A rows x n_local fp32 logits matrix would be "
-                    f"{2 * a.batch * n_local * 4 / MIB:,.0f} MiB in dense mode.", ""]
+            out += [
+                "Nothing grows with rows x n_local: "
+                + "; ".join(checks)
+                + ". A rows x n_local fp32 logits matrix would be "
+                f"{2 * a.batch * n_local * 4 / MIB:,.0f} MiB in dense mode.",
+                "",
+            ]
         c = "grouped-cosine/by_superclass"
         if c in results:
-            out += [f"`head.logit = cosine` is the exception in size, though not rows x n_local: `F.normalize(w, dim=1)` "
-                    f"(`fgdist/objectives.py`, `_logit_inputs`) materializes a normalized copy of the whole slice every step "
-                    f"(+{mib(extra(c, 'forward'))} MiB in the forward, saved for backward) and its backward allocates "
-                    f"+{mib(extra(c, 'backward'))} MiB of n_local x d temporaries; the step takes "
-                    f"{slower_rank(results[c])['median_cpu_s']['head']:.1f} CPU s instead of "
-                    f"{slower_rank(results[g])['median_cpu_s']['head']:.1f}. Every shipped config uses `dot`.", ""]
+            out += [
+                f"`head.logit = cosine` is the exception in size, though not rows x n_local: `F.normalize(w, dim=1)` "
+                f"(`fgdist/objectives.py`, `_logit_inputs`) materializes a normalized copy of the whole slice every step "
+                f"(+{mib(extra(c, 'forward'))} MiB in the forward, saved for backward) and its backward allocates "
+                f"+{mib(extra(c, 'backward'))} MiB of n_local x d temporaries; the step takes "
+                f"{slower_rank(results[c])['median_cpu_s']['head']:.1f} CPU s instead of "
+                f"{slower_rank(results[g])['median_cpu_s']['head']:.1f}. Every shipped config uses `dot`.",
+                "",
+            ]
         bb = {m: results[m] for m in results if MODES[m][0] == "backbone"}
 
         def cpu_of(m, key):
@@ -556,17 +658,21 @@ def notes(a, results) -> str:
             f"step maps and faults in new pages for `dw` and for the weight-decay temporary).",
         ]
         if g4 in results:
-            out[-1] += (f" The grouped loss itself is cheap: the 4x batch adds {cpu_of(g4, 'forward') - cpu_of(g, 'forward'):.2f} CPU s to "
-                        f"the forward and {cpu_of(g4, 'backward') - cpu_of(g, 'backward'):.2f} to the backward, head.step "
-                        f"{cpu_of(g4, 'head_step') - cpu_of(g, 'head_step'):+.2f}.")
+            out[-1] += (
+                f" The grouped loss itself is cheap: the 4x batch adds {cpu_of(g4, 'forward') - cpu_of(g, 'forward'):.2f} CPU s to "
+                f"the forward and {cpu_of(g4, 'backward') - cpu_of(g, 'backward'):.2f} to the backward, head.step "
+                f"{cpu_of(g4, 'head_step') - cpu_of(g, 'head_step'):+.2f}."
+            )
         if d in results:
             rows = a.world * a.batch
             flop = 4 * 2 * a.dim * rows * n_local
             loss_cpu = cpu_of(d, "forward") + cpu_of(d, "backward")
-            out[-1] += (f" Dense mode takes {cpu_of(d, 'forward'):.1f} + {cpu_of(d, 'backward'):.1f} CPU s in the loss: {rows} rows x "
-                        f"{n_local:,} columns x 2d = {2 * a.dim * rows * n_local / 1e9:,.0f} GFLOP forward and about "
-                        f"3x that in the backward (logits recomputed, dx, dw), {flop / 1e9 / loss_cpu:.1f} GFLOP/s per CPU second: "
-                        f"{cpu_of(d, 'head') / cpu_of(g, 'head'):.0f}x the grouped step.")
+            out[-1] += (
+                f" Dense mode takes {cpu_of(d, 'forward'):.1f} + {cpu_of(d, 'backward'):.1f} CPU s in the loss: {rows} rows x "
+                f"{n_local:,} columns x 2d = {2 * a.dim * rows * n_local / 1e9:,.0f} GFLOP forward and about "
+                f"3x that in the backward (logits recomputed, dx, dw), {flop / 1e9 / loss_cpu:.1f} GFLOP/s per CPU second: "
+                f"{cpu_of(d, 'head') / cpu_of(g, 'head'):.0f}x the grouped step."
+            )
         out.append("")
         if bb:
             parts = []
@@ -574,26 +680,43 @@ def notes(a, results) -> str:
             for m, rs in bb.items():
                 r = slower_rank(rs)
                 step = r["median_cpu_s"]["step"]
-                line = (f"{m} (d = {r['dim']}): {step:.2f} CPU s per step at batch {r['batch']}, so the grouped head "
-                        f"({headc:.2f} CPU s) is {headc / (headc + step):.0%} of head + backbone "
-                        f"({head_seconds(slower_rank(results[g])) / (head_seconds(slower_rank(results[g])) + r['median_s']['step']):.0%} in wall time)")
+                line = (
+                    f"{m} (d = {r['dim']}): {step:.2f} CPU s per step at batch {r['batch']}, so the grouped head "
+                    f"({headc:.2f} CPU s) is {headc / (headc + step):.0%} of head + backbone "
+                    f"({head_seconds(slower_rank(results[g])) / (head_seconds(slower_rank(results[g])) + r['median_s']['step']):.0%} in wall time)"
+                )
                 if r["dim"] != a.dim:
                     k = r["dim"] / a.dim
-                    line += (f"; this backbone's d is {r['dim']} while the head's is {a.dim}, and the head's work (its arrays and "
-                             f"its FLOPs) is linear in d, so a head of d = {r['dim']} on the same columns would be about "
-                             f"{k * headc / (k * headc + step):.0%}")
+                    line += (
+                        f"; this backbone's d is {r['dim']} while the head's is {a.dim}, and the head's work (its arrays and "
+                        f"its FLOPs) is linear in d, so a head of d = {r['dim']} on the same columns would be about "
+                        f"{k * headc / (k * headc + step):.0%}"
+                    )
                 parts.append(line)
-            out += ["**Share of a real step.** This bench has no backbone, so the head is nearly all of its own step (the rest is "
-                    "drawing the batch). Against a ResNet-18 step (fgdist.model.EmbeddingNet, CIFAR stem, 32x32 images, fp32, "
-                    "forward + backward + gradient all-reduce + SGD, both ranks at once on the same machine): " + "; ".join(parts) + ".", ""]
+            out += [
+                "**Share of a real step.** This bench has no backbone, so the head is nearly all of its own step (the rest is "
+                "drawing the batch). Against a ResNet-18 step (fgdist.model.EmbeddingNet, CIFAR stem, 32x32 images, fp32, "
+                "forward + backward + gradient all-reduce + SGD, both ranks at once on the same machine): "
+                + "; ".join(parts)
+                + ".",
+                "",
+            ]
         rs = results.get("grouped/shuffled")
         split = results[g][0]["split_supers"]
         sizes = ", ".join(f"super-class {s} with {e - b:,} columns" for s, b, e in split) or "none"
-        out += [f"**Rows crossing ranks.** Split super-classes: {sizes}. Under by_superclass only rows of split super-classes "
-                f"are exchanged (median {results[g][0]['rows_exchanged_per_step']:.0f} of {a.world * a.batch} rows per step here)"
-                + (f"; under shuffled {rs[0]['rows_exchanged_per_step']:.0f} of {a.world * a.batch} rows per step (every row whose "
-                   f"super-class is not wholly on its own rank)" if rs else "") + ". Each exchanged row costs d x 4 B of features "
-                "plus two int64 ids out and 2 floats of partial statistics back; no column ever moves.", ""]
+        out += [
+            f"**Rows crossing ranks.** Split super-classes: {sizes}. Under by_superclass only rows of split super-classes "
+            f"are exchanged (median {results[g][0]['rows_exchanged_per_step']:.0f} of {a.world * a.batch} rows per step here)"
+            + (
+                f"; under shuffled {rs[0]['rows_exchanged_per_step']:.0f} of {a.world * a.batch} rows per step (every row whose "
+                f"super-class is not wholly on its own rank)"
+                if rs
+                else ""
+            )
+            + ". Each exchanged row costs d x 4 B of features "
+            "plus two int64 ids out and 2 floats of partial statistics back; no column ever moves.",
+            "",
+        ]
     return "\n".join(out)
 
 

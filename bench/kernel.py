@@ -80,10 +80,16 @@ def make_case(rows, d, n_local, groups, dtype, device, seed=0):
     target = lo + (torch.rand(rows, generator=gen, dtype=torch.float64) * (hi - lo)).long()
     x = F.normalize(torch.randn(rows, d, generator=gen), dim=1) / 0.05
     w = F.normalize(torch.randn(n_local, d, generator=gen), dim=1)
-    pairs = int(((hi - lo)).sum())
+    pairs = int((hi - lo).sum())
     to = dict(device=device)
-    return dict(x=x.to(dtype=dtype, **to), w=w.to(dtype=dtype, **to), row_group=row_group.to(**to),
-                offsets=offsets.to(**to), target=target.to(**to), pairs=pairs)
+    return dict(
+        x=x.to(dtype=dtype, **to),
+        w=w.to(dtype=dtype, **to),
+        row_group=row_group.to(**to),
+        offsets=offsets.to(**to),
+        target=target.to(**to),
+        pairs=pairs,
+    )
 
 
 def group_mask(row_group, offsets, n_cols):
@@ -254,6 +260,7 @@ def map_large_allocations_fresh():
 
 def measure(loss_fn, case, device, warmup, repeats, budget_s):
     """Median fwd+bwd time of the timed runs; on CUDA also the peak memory of the first one."""
+
     def run():
         return time_call(lambda: fwd_bwd(loss_fn, case), device)
 
@@ -269,15 +276,22 @@ def measure(loss_fn, case, device, warmup, repeats, budget_s):
         times = [run()]
     while len(times) < repeats and sum(times) < budget_s:
         times.append(run())
-    result.update(time_ms=1e3 * statistics.median(times), time_ms_min=1e3 * min(times),
-                  runs=len(times))
+    result.update(time_ms=1e3 * statistics.median(times), time_ms_min=1e3 * min(times), runs=len(times))
     return result
 
 
 def cpu_peak_mib(impl, rows, d, n_local, groups):
     """Peak RSS delta of one fwd+bwd, measured by a fresh child process (`--memory-probe`)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", impl,
-           str(rows), str(d), str(n_local), str(groups)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--memory-probe",
+        impl,
+        str(rows),
+        str(d),
+        str(n_local),
+        str(groups),
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
 
@@ -342,8 +356,7 @@ def _fmt(result, key, spec):
 
 
 def markdown_table(results, cuda):
-    head = ["n_local", "groups", "matched pairs", "implementation", "fwd+bwd ms", "runs",
-            "peak MiB"]
+    head = ["n_local", "groups", "matched pairs", "implementation", "fwd+bwd ms", "runs", "peak MiB"]
     if cuda:
         head += ["matched TFLOP/s", "of bf16 matmul", "vs masked_dense"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -354,8 +367,11 @@ def markdown_table(results, cuda):
         else:
             cells += [f"{r['time_ms']:.1f}", str(r["runs"]), f"{r['peak_mib']:.0f}"]
             if cuda:
-                cells += [_fmt(r, "tflops", "{:.1f}"), _fmt(r, "fraction_of_matmul", "{:.0%}"),
-                          _fmt(r, "speedup_vs_masked_dense", "{:.1f}x")]
+                cells += [
+                    _fmt(r, "tflops", "{:.1f}"),
+                    _fmt(r, "fraction_of_matmul", "{:.0%}"),
+                    _fmt(r, "speedup_vs_masked_dense", "{:.1f}x"),
+                ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -371,8 +387,7 @@ def run_case(impl, case, sizes, device, args):
     try:
         result = measure(LOSSES[impl], case, device, args.warmup, args.repeats, args.case_budget)
         if device.type == "cpu":
-            result["peak_mib"] = cpu_peak_mib(impl, sizes["rows"], sizes["d"], case["n_local"],
-                                              case["groups"])
+            result["peak_mib"] = cpu_peak_mib(impl, sizes["rows"], sizes["d"], case["n_local"], case["groups"])
         return result
     except torch.OutOfMemoryError:
         return dict(skipped="out of memory")
@@ -396,16 +411,29 @@ def main(argv=None):
     parser.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case, at most")
-    parser.add_argument("--case-budget", type=float, default=10.0,
-                        help="stop timing a case once its timed runs add up to this many seconds")
-    parser.add_argument("--memory-fraction", type=float, default=0.6,
-                        help="skip a case whose estimated peak exceeds this share of free memory")
+    parser.add_argument(
+        "--case-budget",
+        type=float,
+        default=10.0,
+        help="stop timing a case once its timed runs add up to this many seconds",
+    )
+    parser.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.6,
+        help="skip a case whose estimated peak exceeds this share of free memory",
+    )
     parser.add_argument("--out", type=Path, required=True, help="JSON results")
     parser.add_argument("--md", type=Path, help="also write a Markdown report here")
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     cuda = device.type == "cuda"
     sizes = dict(GPU_SIZES if cuda else CPU_SIZES)
     overrides = dict(rows=args.rows, d=args.d, n_local=args.n_local, groups=args.groups)
@@ -417,15 +445,25 @@ def main(argv=None):
     meta = dict(
         command=" ".join(shlex.quote(a) for a in ["python", script, *argv]),
         machine=machine_description(device),
-        date=shell_date(), load_average_at_start=os.getloadavg(), commit=git_commit(),
-        torch=torch.__version__, device=str(device), dtype=str(args.dtype),
-        threads=torch.get_num_threads(), rows=sizes["rows"], d=sizes["d"],
-        warmup=args.warmup, repeats=args.repeats,
-        memory=("torch.cuda.max_memory_allocated above the allocation before the call" if cuda else
-                "peak RSS above the RSS before the call, sampled every 2 ms (psutil), in a fresh "
-                "child process per case with glibc's mmap threshold fixed at 1 MiB"),
+        date=shell_date(),
+        load_average_at_start=os.getloadavg(),
+        commit=git_commit(),
+        torch=torch.__version__,
+        device=str(device),
+        dtype=str(args.dtype),
+        threads=torch.get_num_threads(),
+        rows=sizes["rows"],
+        d=sizes["d"],
+        warmup=args.warmup,
+        repeats=args.repeats,
+        memory=(
+            "torch.cuda.max_memory_allocated above the allocation before the call"
+            if cuda
+            else "peak RSS above the RSS before the call, sampled every 2 ms (psutil), in a fresh "
+            "child process per case with glibc's mmap threshold fixed at 1 MiB"
+        ),
         time=f"median of up to {args.repeats} timed runs (fewer once a case's runs pass "
-             f"{args.case_budget:g} s), one forward + backward each",
+        f"{args.case_budget:g} s), one forward + backward each",
     )
     try:
         import triton
@@ -447,9 +485,15 @@ def main(argv=None):
                 r.update(run_case(impl, case, sizes, device, args))
                 by_impl[impl] = r
                 results.append(r)
-                print(f"n_local={n_local} groups={groups} {impl}: "
-                      + (f"skipped ({r['skipped']})" if "skipped" in r else
-                         f"{r['time_ms']:.1f} ms, {r['peak_mib']:.0f} MiB"), flush=True)
+                print(
+                    f"n_local={n_local} groups={groups} {impl}: "
+                    + (
+                        f"skipped ({r['skipped']})"
+                        if "skipped" in r
+                        else f"{r['time_ms']:.1f} ms, {r['peak_mib']:.0f} MiB"
+                    ),
+                    flush=True,
+                )
             fused = by_impl.get("triton")
             if cuda and fused and "skipped" not in fused:
                 flops = 8 * sizes["d"] * case["pairs"]  # fwd 2*d*pairs + bwd 6*d*pairs
@@ -468,17 +512,21 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(meta=meta, results=results), indent=2) + "\n")
     if args.md:
-        header = [f"# Grouped logsumexp benchmark ({meta['machine']})", "",
-                  f"- command: `{meta['command']}`", f"- machine: {meta['machine']}",
-                  f"- date: {meta['date']}", f"- commit: {meta['commit']}",
-                  f"- torch {meta['torch']}, triton {meta.get('triton', '-')}, {meta['dtype']}, "
-                  f"{meta['threads']} threads", f"- rows={meta['rows']}, d={meta['d']}; "
-                  f"time: {meta['time']}, after {meta['warmup']} warm-up run(s)",
-                  f"- peak memory: {meta['memory']}",
-                  "- 1/5/15-minute load average at start {} and end {} (other work on the "
-                  "machine slows and scatters the times)".format(
-                      *(", ".join(f"{v:.1f}" for v in meta[k])
-                        for k in ("load_average_at_start", "load_average_at_end")))]
+        header = [
+            f"# Grouped logsumexp benchmark ({meta['machine']})",
+            "",
+            f"- command: `{meta['command']}`",
+            f"- machine: {meta['machine']}",
+            f"- date: {meta['date']}",
+            f"- commit: {meta['commit']}",
+            f"- torch {meta['torch']}, triton {meta.get('triton', '-')}, {meta['dtype']}, {meta['threads']} threads",
+            f"- rows={meta['rows']}, d={meta['d']}; time: {meta['time']}, after {meta['warmup']} warm-up run(s)",
+            f"- peak memory: {meta['memory']}",
+            "- 1/5/15-minute load average at start {} and end {} (other work on the "
+            "machine slows and scatters the times)".format(
+                *(", ".join(f"{v:.1f}" for v in meta[k]) for k in ("load_average_at_start", "load_average_at_end"))
+            ),
+        ]
         if cuda:
             header.append(f"- bf16 matmul rate: {meta['bf16_matmul_tflops']:.0f} TFLOP/s")
         args.md.parent.mkdir(parents=True, exist_ok=True)

@@ -47,13 +47,28 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     run_ids, timings = [], []
     for name, sets in variants:
-        overrides = [*args.overrides, *sets, f"name={args.experiment}_{name}", f"tracking.experiment={args.experiment}", f"tracking.run_name={name}"]
+        overrides = [
+            *args.overrides,
+            *sets,
+            f"name={args.experiment}_{name}",
+            f"tracking.experiment={args.experiment}",
+            f"tracking.run_name={name}",
+        ]
         cfg = load_config(args.config, overrides)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = ["deepspeed", "--num_gpus", str(args.ranks), "--master_port", str(port), str(ROOT / "launcher" / "train.py"), "--config", args.config,
-               *sum((["--set", o] for o in overrides), [])]
+        cmd = [
+            "deepspeed",
+            "--num_gpus",
+            str(args.ranks),
+            "--master_port",
+            str(port),
+            str(ROOT / "launcher" / "train.py"),
+            "--config",
+            args.config,
+            *sum((["--set", o] for o in overrides), []),
+        ]
         print(f"[quality] {name}: {' '.join(sets)}", flush=True)
         started = time.time()
         with open(out / f"{name}.log", "w") as log:
@@ -61,7 +76,12 @@ def main(argv=None) -> int:
         timings.append((name, time.time() - started))
         run_ids.append(json.loads((cfg.run_dir / "results.json").read_text())["mlflow_run_id"])
     code = compare(["--experiment", args.experiment, "--runs", *run_ids, "--out", str(out), "--curves"])
-    lines = ["", "| variant | wall time (s), launch to exit |", "|---|---|", *[f"| {n} | {t:.0f} |" for n, t in timings]]
+    lines = [
+        "",
+        "| variant | wall time (s), launch to exit |",
+        "|---|---|",
+        *[f"| {n} | {t:.0f} |" for n, t in timings],
+    ]
     print("\n".join(lines))
     with open(out / "comparison.md", "a") as f:
         f.write("\n".join(lines) + "\n")

@@ -35,7 +35,12 @@ def measure(args) -> None:
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)
     # Only the batches the timed steps use: an epoch of a large set would not fit in memory.
-    batches = list(itertools.islice(train_batches(trainer.train_split, trainer.plan, cfg.data, trainer.rank, epoch=0, seed=cfg.seed), args.steps + args.warmup))
+    batches = list(
+        itertools.islice(
+            train_batches(trainer.train_split, trainer.plan, cfg.data, trainer.rank, epoch=0, seed=cfg.seed),
+            args.steps + args.warmup,
+        )
+    )
     times = []
     for i in range(args.steps + args.warmup):
         batch = batches[i % len(batches)]
@@ -49,10 +54,18 @@ def measure(args) -> None:
     if args.loader:
         # The loader alone: this rank's batches for a whole epoch, decode and augment included.
         t = time.perf_counter()
-        count = sum(b["images"].shape[0] for b in train_batches(trainer.train_split, trainer.plan, cfg.data, trainer.rank, epoch=1, seed=cfg.seed))
+        count = sum(
+            b["images"].shape[0]
+            for b in train_batches(trainer.train_split, trainer.plan, cfg.data, trainer.rank, epoch=1, seed=cfg.seed)
+        )
         loader_rate = count / (time.perf_counter() - t)
     step = statistics.median(times)
-    result = {"rank": trainer.rank, "step_s": step, "train_images_per_s_per_rank": cfg.data.batch_size / step, "loader_images_per_s_per_rank": loader_rate}
+    result = {
+        "rank": trainer.rank,
+        "step_s": step,
+        "train_images_per_s_per_rank": cfg.data.batch_size / step,
+        "loader_images_per_s_per_rank": loader_rate,
+    }
     gathered = [None] * trainer.world_size
     dist.all_gather_object(gathered, result)
     if trainer.rank == 0:
@@ -67,21 +80,50 @@ def drive(args) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = ["deepspeed", "--num_gpus", str(args.ranks), "--master_port", str(port), __file__, "--measure", "--result", str(result),
-               "--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup), "--loader" if args.loader else "--no-loader", "--set", f"objective.name={objective}",
-               "--set", f"name=bench_{objective}", "--set", "tracking.system_metrics=false", "--set", "tracking.experiment=bench",
-               *sum((["--set", o] for o in args.overrides), [])]
+        cmd = [
+            "deepspeed",
+            "--num_gpus",
+            str(args.ranks),
+            "--master_port",
+            str(port),
+            __file__,
+            "--measure",
+            "--result",
+            str(result),
+            "--config",
+            args.config,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--loader" if args.loader else "--no-loader",
+            "--set",
+            f"objective.name={objective}",
+            "--set",
+            f"name=bench_{objective}",
+            "--set",
+            "tracking.system_metrics=false",
+            "--set",
+            "tracking.experiment=bench",
+            *sum((["--set", o] for o in args.overrides), []),
+        ]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         ranks = json.loads(result.read_text())
         loader = min(r["loader_images_per_s_per_rank"] for r in ranks) if args.loader else None
-        rows.append((objective, max(r["step_s"] for r in ranks), loader, max(r["train_images_per_s_per_rank"] for r in ranks)))
+        rows.append(
+            (objective, max(r["step_s"] for r in ranks), loader, max(r["train_images_per_s_per_rank"] for r in ranks))
+        )
     base = rows[0][1]
-    lines = [f"# Step time: {args.config} {' '.join(args.overrides)}", "",
-             f"Command: `python bench/step_time.py {' '.join(sys.argv[1:])}`  ",
-             f"Machine: {args.machine}; date {time.strftime('%Y-%m-%d')}; commit {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout.strip()}  ",
-             f"{args.ranks} DeepSpeed ranks; median of {args.steps} steps after {args.warmup} warm-up; slowest rank.", "",
-             f"| objective | step (s) | step / {rows[0][0]} step | training consumes (img/s/rank) | loader alone (img/s/rank) | loader / training |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Step time: {args.config} {' '.join(args.overrides)}",
+        "",
+        f"Command: `python bench/step_time.py {' '.join(sys.argv[1:])}`  ",
+        f"Machine: {args.machine}; date {time.strftime('%Y-%m-%d')}; commit {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout.strip()}  ",
+        f"{args.ranks} DeepSpeed ranks; median of {args.steps} steps after {args.warmup} warm-up; slowest rank.",
+        "",
+        f"| objective | step (s) | step / {rows[0][0]} step | training consumes (img/s/rank) | loader alone (img/s/rank) | loader / training |",
+        "|---|---|---|---|---|---|",
+    ]
     for objective, step, loader, train in rows:
         loader_cells = f"{loader:.1f} | {loader / train:.2f}x" if loader is not None else "not measured | -"
         lines.append(f"| {objective} | {step:.4f} | {step / base:.3f} | {train:.1f} | {loader_cells} |")
@@ -100,7 +142,12 @@ if __name__ == "__main__":
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--out")
-    p.add_argument("--loader", action=argparse.BooleanOptionalAction, default=True, help="also time the loader alone over one epoch")
+    p.add_argument(
+        "--loader",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the loader alone over one epoch",
+    )
     p.add_argument("--machine", default="2-core x86_64 CPU, no GPU, gloo")
     p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)

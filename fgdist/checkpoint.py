@@ -53,8 +53,12 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -65,7 +69,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(directory: Path, engine, head: InstanceHead | None, plan_json: str, position: Position, rank: int, keep: int) -> Path:
+def save(
+    directory: Path, engine, head: InstanceHead | None, plan_json: str, position: Position, rank: int, keep: int
+) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder."""
     tag = f"epoch{position.epoch:04d}-step{position.step:06d}"
     partial = directory / f".{tag}.partial"
@@ -106,7 +112,9 @@ def load(folder: Path, engine, head: InstanceHead | None, rank: int) -> Position
     """Restore the engine, this rank's head columns (re-cut from any saved world size), and,
     when the world size is unchanged, this rank's RNG states."""
     position = Position(**json.loads((folder / "meta.json").read_text()))
-    load_path, _ = engine.load_checkpoint(str(folder / "engine"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True)
+    load_path, _ = engine.load_checkpoint(
+        str(folder / "engine"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if load_path is None:
         raise FileNotFoundError(f"{folder / 'engine'}: DeepSpeed found no engine state")
     files = sorted(folder.glob("rank*.pt"))

@@ -35,7 +35,8 @@ def unlink_deepspeed_shm_buffer() -> None:
     rank, size = world()
     if size > 1:
         dist.barrier()
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank}"
+    master = f"{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}"
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{master}_{rank}"
     (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 

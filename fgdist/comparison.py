@@ -33,7 +33,14 @@ META_COLUMNS = ["run", "objective", "dataset", "lambda_I"]
 USES_LAMBDA = {"base_indi", "base_indi_eff"}
 # Step metrics the trainer logs (fgdist.trainer.Trainer.train_epoch); one panel each, the head's
 # learning rate shares the panel of the backbone's.
-CURVE_PANELS = [("loss", ["loss"]), ("super_ce", ["super_ce"]), ("instance_ce", ["instance_ce"]), ("fine_ce", ["fine_ce"]), ("learning rate (head: dashed)", ["lr", "head_lr"]), ("images/s", ["images_per_s"])]
+CURVE_PANELS = [
+    ("loss", ["loss"]),
+    ("super_ce", ["super_ce"]),
+    ("instance_ce", ["instance_ce"]),
+    ("fine_ce", ["fine_ce"]),
+    ("learning rate (head: dashed)", ["lr", "head_lr"]),
+    ("images/s", ["images_per_s"]),
+]
 
 
 class ComparisonError(RuntimeError):
@@ -58,7 +65,14 @@ def column_title(key: str) -> str:
     m = RECALL.match(key)
     if m:
         return f"{m.group(1)} R@{m.group(2)}"
-    return {"run": "run", "objective": "objective", "dataset": "data set", "lambda_I": "lambda_I", "super_top1": "super top-1", "super_top5": "super top-5"}.get(key, key)
+    return {
+        "run": "run",
+        "objective": "objective",
+        "dataset": "data set",
+        "lambda_I": "lambda_I",
+        "super_top1": "super top-1",
+        "super_top5": "super top-5",
+    }.get(key, key)
 
 
 # -- reading MLflow ----------------------------------------------------------------------------
@@ -79,7 +93,9 @@ def open_client(uri: str):
     if parsed.scheme == "sqlite":
         path = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
         if path is not None and not path.is_file():
-            raise ComparisonError(f"no MLflow store at {uri}: {path} does not exist (pass --tracking-uri or set MLFLOW_TRACKING_URI)")
+            raise ComparisonError(
+                f"no MLflow store at {uri}: {path} does not exist (pass --tracking-uri or set MLFLOW_TRACKING_URI)"
+            )
     return MlflowClient(tracking_uri=uri)
 
 
@@ -89,17 +105,23 @@ def load_runs(client, experiment: str, run_ids: list[str] | None = None) -> list
     try:
         exp = client.get_experiment_by_name(experiment)
     except Exception as err:  # an unreachable server or a broken store: say which
-        raise ComparisonError(f"cannot read experiment {experiment!r} from {uri}: {type(err).__name__}: {str(err)[:300]}") from None
+        raise ComparisonError(
+            f"cannot read experiment {experiment!r} from {uri}: {type(err).__name__}: {str(err)[:300]}"
+        ) from None
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise ComparisonError(f"experiment {experiment!r} not found at {uri} (experiments there: {', '.join(names) or 'none'})")
+        raise ComparisonError(
+            f"experiment {experiment!r} not found at {uri} (experiments there: {', '.join(names) or 'none'})"
+        )
     if run_ids:
         runs = []
         for run_id in run_ids:
             try:
                 run = client.get_run(run_id)
             except Exception as err:  # MLflow raises its own exception for an unknown id
-                raise ComparisonError(f"run {run_id} not found at {uri} ({type(err).__name__}: {str(err)[:200]})") from None
+                raise ComparisonError(
+                    f"run {run_id} not found at {uri} ({type(err).__name__}: {str(err)[:200]})"
+                ) from None
             if run.info.experiment_id != exp.experiment_id:
                 raise ComparisonError(f"run {run_id} is not in experiment {experiment!r} at {uri}")
             runs.append(run)
@@ -238,7 +260,11 @@ def plot_recall(path: Path, columns: list[str], rows: list[list]) -> bool:
     for row in rows:
         values = dict(zip(columns, row))
         for label, style in (("fine", "-"), ("super", "--")):
-            points = sorted((int(RECALL.match(c).group(2)), v) for c, v in values.items() if v is not None and RECALL.match(c) and RECALL.match(c).group(1) == label)
+            points = sorted(
+                (int(RECALL.match(c).group(2)), v)
+                for c, v in values.items()
+                if v is not None and RECALL.match(c) and RECALL.match(c).group(1) == label
+            )
             if points:
                 series.append((row[0], label, style, points))
     if not series:
@@ -275,7 +301,9 @@ def plot_curves(path: Path, client, runs: list[RunInfo]) -> bool:
                 if key in r.metrics:
                     points = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(r.run_id, key))
                     histories[(r.run_id, key)] = [(s, v) for s, _, v in points]
-    panels = [(title, keys) for title, keys in CURVE_PANELS if any((r.run_id, k) in histories for r in runs for k in keys)]
+    panels = [
+        (title, keys) for title, keys in CURVE_PANELS if any((r.run_id, k) in histories for r in runs for k in keys)
+    ]
     if not panels:
         return False
     color = dict(zip([r.run_id for r in runs], _colors(len(runs))))
@@ -290,7 +318,15 @@ def plot_curves(path: Path, client, runs: list[RunInfo]) -> bool:
                 if (r.run_id, key) in histories:
                     steps, values = zip(*histories[(r.run_id, key)])
                     # Markers where the points are few: a run logged once would not show as a line.
-                    ax.plot(steps, values, style, color=color[r.run_id], linewidth=1.2, marker="o" if len(steps) <= 30 else None, markersize=3)
+                    ax.plot(
+                        steps,
+                        values,
+                        style,
+                        color=color[r.run_id],
+                        linewidth=1.2,
+                        marker="o" if len(steps) <= 30 else None,
+                        markersize=3,
+                    )
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -299,7 +335,12 @@ def plot_curves(path: Path, client, runs: list[RunInfo]) -> bool:
     from matplotlib.lines import Line2D
 
     # One legend entry per run (a run's colour is the same in every panel).
-    handles = [Line2D([], [], color=color[r.run_id], label=r.name if names.count(r.name) == 1 else f"{r.name} ({r.run_id[:8]})") for r in runs]
+    handles = [
+        Line2D(
+            [], [], color=color[r.run_id], label=r.name if names.count(r.name) == 1 else f"{r.name} ({r.run_id[:8]})"
+        )
+        for r in runs
+    ]
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(handles)), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
@@ -308,9 +349,13 @@ def plot_curves(path: Path, client, runs: list[RunInfo]) -> bool:
 
 # -- the command -------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="fgdist-compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="fgdist-compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--experiment", required=True, help="MLflow experiment name")
-    p.add_argument("--runs", nargs="+", metavar="ID", help="only these run ids (default: all active runs of the experiment)")
+    p.add_argument(
+        "--runs", nargs="+", metavar="ID", help="only these run ids (default: all active runs of the experiment)"
+    )
     p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     p.add_argument("--out", default=".", help="folder for comparison.csv, comparison.md, recall_at_k.png (default: .)")
     p.add_argument("--curves", action="store_true", help="also write training_curves.png from the metric histories")
@@ -328,7 +373,10 @@ def main(argv=None) -> int:
         return 2
     columns, rows = comparison_table(runs)
     table = to_markdown(columns, rows)
-    caption = f"\nExperiment `{args.experiment}` at {uri}: {len(rows)} run(s); percentages, each run's latest logged value; - = not logged.\n"
+    caption = (
+        f"\nExperiment `{args.experiment}` at {uri}: {len(rows)} run(s); "
+        "percentages, each run's latest logged value; - = not logged.\n"
+    )
     print(table + caption)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

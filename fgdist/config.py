@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -30,7 +30,7 @@ class DataConfig(Section):
     # Read the tars from elsewhere (the manifests still come from `shards`): any URL WebDataset
     # opens, e.g. "pipe:curl -s http://host/fmnist" or "http://host/fmnist"; a shared file
     # system needs nothing: point `shards` at it.
-    shards_url: Optional[str] = None
+    shards_url: str | None = None
     routing: Literal["by_superclass", "shuffled"] = "by_superclass"
     batch_size: int = Field(64, ge=1)  # per rank
     num_workers: int = Field(2, ge=0)
@@ -50,7 +50,7 @@ class ModelConfig(Section):
     # super-classes, so local statistics would be per-super-class. auto = global when routing is
     # by_superclass and there is more than one rank.
     norm: Literal["auto", "global", "local"] = "auto"
-    pretrained: Optional[str] = None  # a local state_dict file (torchvision ResNet-18 keys)
+    pretrained: str | None = None  # a local state_dict file (torchvision ResNet-18 keys)
 
 
 class ObjectiveConfig(Section):
@@ -95,9 +95,9 @@ class CheckpointConfig(Section):
 
 
 class TrackingConfig(Section):
-    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "fgdist"
-    run_name: Optional[str] = None
+    run_name: str | None = None
     system_metrics: bool = True
     log_every_steps: int = Field(10, ge=1)
 
@@ -158,7 +158,10 @@ def validate(raw: dict, where: str) -> RunConfig:
         lines = []
         for e in err.errors():
             key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-            lines.append(f"{where}: key {key!r}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e.get("input"), dict) else ""))
+            lines.append(
+                f"{where}: key {key!r}: {e['msg']}"
+                + (f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e.get("input"), dict) else "")
+            )
         raise ConfigError("\n".join(lines)) from None
 
 

@@ -139,7 +139,10 @@ def _decode(sample, meta, transform, rng, on_corrupt):
             return transform(img, rng)
     except (OSError, SyntaxError, ValueError) as err:
         if on_corrupt == "fail":
-            raise CorruptSampleError(f"{sample.get('__url__')}: sample {sample['__key__']}: cannot decode image ({err}); set data.on_corrupt='skip' to skip such samples") from None
+            raise CorruptSampleError(
+                f"{sample.get('__url__')}: sample {sample['__key__']}: cannot decode image ({err}); set "
+                "data.on_corrupt='skip' to skip such samples"
+            ) from None
         return None
 
 
@@ -147,7 +150,14 @@ class TrainStream(IterableDataset):
     """The endless, shuffled sample stream of one rank for one epoch."""
 
     def __init__(self, specs: list[StreamSpec], cfg: DataConfig, seed: int, epoch: int, rank: int, skip_batches: int):
-        self.specs, self.cfg, self.seed, self.epoch, self.rank, self.skip_batches = specs, cfg, seed, epoch, rank, skip_batches
+        self.specs, self.cfg, self.seed, self.epoch, self.rank, self.skip_batches = (
+            specs,
+            cfg,
+            seed,
+            epoch,
+            rank,
+            skip_batches,
+        )
         self.transform = make_transform(cfg, train=True)
 
     def __iter__(self):
@@ -187,7 +197,10 @@ class TrainStream(IterableDataset):
             rng.shuffle(buffer)
             yield from buffer
             if count == 0:
-                raise RuntimeError(f"rank {self.rank} worker {worker}: no samples in {spec.urls[:3]} (instance range {spec.instance_range}, modulo {spec.modulo})")
+                raise RuntimeError(
+                    f"rank {self.rank} worker {worker}: no samples in {spec.urls[:3]} (instance range "
+                    f"{spec.instance_range}, modulo {spec.modulo})"
+                )
             passes += 1
 
 
@@ -212,7 +225,9 @@ def steps_per_epoch(num_instances: int, world_size: int, batch_size: int) -> int
     return math.ceil(num_instances / (world_size * batch_size))
 
 
-def rank_specs(split: SplitDir, plan: Plan, cfg: DataConfig, rank: int, epoch: int, seed: int, workers: int) -> list[StreamSpec]:
+def rank_specs(
+    split: SplitDir, plan: Plan, cfg: DataConfig, rank: int, epoch: int, seed: int, workers: int
+) -> list[StreamSpec]:
     """One StreamSpec per DataLoader worker of `rank`."""
     if cfg.routing == "by_superclass":
         urls = shard_urls(split, plan.shards_for_rank(split.manifest, rank), cfg)

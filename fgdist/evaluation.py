@@ -26,7 +26,14 @@ def metric_name(label: str, k: int) -> str:
 
 
 @torch.no_grad()
-def recall_at_k(embeddings: torch.Tensor, labels: dict[str, torch.Tensor], query_begin: int, query_end: int, ks: list[int], chunk: int) -> dict[str, torch.Tensor]:
+def recall_at_k(
+    embeddings: torch.Tensor,
+    labels: dict[str, torch.Tensor],
+    query_begin: int,
+    query_end: int,
+    ks: list[int],
+    chunk: int,
+) -> dict[str, torch.Tensor]:
     """Hit counts of queries [query_begin, query_end) against all rows, per label and k."""
     k_max = min(max(ks), embeddings.shape[0] - 1)
     hits = {name: torch.zeros(len(ks), dtype=torch.long) for name in labels}
@@ -45,7 +52,9 @@ def recall_at_k(embeddings: torch.Tensor, labels: dict[str, torch.Tensor], query
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, dtype, ks: list[int], chunk: int, has_super_head: bool, progress=None) -> dict[str, float]:
+def evaluate(
+    model, batches, device, dtype, ks: list[int], chunk: int, has_super_head: bool, progress=None
+) -> dict[str, float]:
     """Metrics of `model` on a test split; `batches` is this rank's slice of it."""
     rank, size = world()
     model.eval()

@@ -48,7 +48,9 @@ class InstanceHead(nn.Module):
         decay is added to the gradient in place in `step` (torch's SGD would allocate a second
         slice-sized tensor for grad + wd * w every step)."""
         self.weight_decay = optim.weight_decay
-        self.optimizer = torch.optim.SGD([self.weight], lr=optim.lr * lr_mult, momentum=optim.momentum, weight_decay=0.0)
+        self.optimizer = torch.optim.SGD(
+            [self.weight], lr=optim.lr * lr_mult, momentum=optim.momentum, weight_decay=0.0
+        )
         milestones = [m * steps_per_epoch for m in optim.milestones]
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=milestones, gamma=optim.gamma)
 
@@ -93,8 +95,11 @@ class InstanceHead(nn.Module):
         if not covered.all():
             first = int((~covered).nonzero()[0])
             end = first + int(covered[first:].int().argmax()) if covered[first:].any() else self.num_columns
-            raise ValueError(f"{where}: saved head slices cover {int(covered.sum())} of columns [{self.column_begin}, {self.column_end}); "
-                             f"columns [{self.column_begin + first}, {self.column_begin + end}) are missing")
+            raise ValueError(
+                f"{where}: saved head slices cover {int(covered.sum())} of columns [{self.column_begin}, "
+                f"{self.column_end}); "
+                f"columns [{self.column_begin + first}, {self.column_begin + end}) are missing"
+            )
         self.weight.data.copy_(weight)
         if has_momentum and self.optimizer is not None:
             self.optimizer.state[self.weight]["momentum_buffer"] = momentum.to(self.weight.device)

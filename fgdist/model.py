@@ -87,7 +87,9 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm2d by CrossRankBatchNorm2d, keeping parameters and buffers."""
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
-            new = CrossRankBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            new = CrossRankBatchNorm2d(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
             new.load_state_dict(child.state_dict())
             setattr(module, name, new)
         else:
@@ -108,7 +110,11 @@ class NarrowResNet18(nn.Module):
         stages, inplanes = [], width
         for i, planes in enumerate((width, 2 * width, 4 * width, 8 * width)):
             stride = 1 if i == 0 else 2
-            down = None if stride == 1 and inplanes == planes else nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+            down = (
+                None
+                if stride == 1 and inplanes == planes
+                else nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+            )
             stages.append(nn.Sequential(BasicBlock(inplanes, planes, stride, down), BasicBlock(planes, planes)))
             inplanes = planes
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
@@ -128,11 +134,16 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
     if cfg.pretrained:
         path = Path(cfg.pretrained)
         if not path.is_file():
-            raise FileNotFoundError(f"model.pretrained: weights file {path} not found (nothing is downloaded at run time)")
+            raise FileNotFoundError(
+                f"model.pretrained: weights file {path} not found (nothing is downloaded at run time)"
+            )
         state = torch.load(path, map_location="cpu", weights_only=True)
         missing, unexpected = net.load_state_dict(state, strict=False)
         if [k for k in missing if not k.startswith("fc.")] or unexpected:
-            raise ValueError(f"model.pretrained: {path} is not a torchvision ResNet-18 state_dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise ValueError(
+                f"model.pretrained: {path} is not a torchvision ResNet-18 state_dict (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]})"
+            )
     if cfg.stem == "cifar":
         # Small images: a 3x3 stride-1 first conv and no max-pool keep 32x32 detail.
         net.conv1 = nn.Conv2d(3, cfg.width, kernel_size=3, stride=1, padding=1, bias=False)

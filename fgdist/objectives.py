@@ -35,7 +35,17 @@ DENSE_INSTANCE = {"indi", "base_indi"}
 
 
 class InstanceLoss(nn.Module):
-    def __init__(self, plan: Plan, rank: int, head: InstanceHead, dense: bool, routing: str, logit: str, temperature: float, kernel: str):
+    def __init__(
+        self,
+        plan: Plan,
+        rank: int,
+        head: InstanceHead,
+        dense: bool,
+        routing: str,
+        logit: str,
+        temperature: float,
+        kernel: str,
+    ):
         super().__init__()
         self.plan, self.rank, self.head = plan, rank, head
         self.dense, self.logit, self.temperature, self.kernel = dense, logit, temperature, kernel
@@ -43,10 +53,14 @@ class InstanceLoss(nn.Module):
         self.register_buffer("group_of_super", lookup, persistent=False)
         self.register_buffer("col_offsets", offsets, persistent=False)
         # A row can be finished locally only if every column it needs is on this rank.
-        needs_remote = [(dense and plan.world_size > 1) or plan.owners(s) != [rank] for s in range(len(plan.super_ranges))]
+        needs_remote = [
+            (dense and plan.world_size > 1) or plan.owners(s) != [rank] for s in range(len(plan.super_ranges))
+        ]
         self.register_buffer("super_needs_remote", torch.tensor(needs_remote, dtype=torch.bool), persistent=False)
         # Known in advance on every rank: no row ever leaves its rank.
-        self.never_exchange = plan.world_size == 1 or (not dense and routing == "by_superclass" and not plan.split_supers)
+        self.never_exchange = plan.world_size == 1 or (
+            not dense and routing == "by_superclass" and not plan.split_supers
+        )
 
     def _logit_inputs(self, x: torch.Tensor):
         w = self.head.weight
@@ -69,7 +83,10 @@ class InstanceLoss(nn.Module):
         if counts is None or sum(counts) == 0:
             if remote.any():
                 bad = int(super_ids[remote][0])
-                raise RuntimeError(f"rank {self.rank}: got a row of super-class {bad}, whose columns are on ranks {self.plan.owners(bad)}; by_superclass routing must only send a rank its own super-classes")
+                raise RuntimeError(
+                    f"rank {self.rank}: got a row of super-class {bad}, whose columns are on ranks "
+                    f"{self.plan.owners(bad)}; by_superclass routing must only send a rank its own super-classes"
+                )
             lse, target = self._partials(x, w, super_ids, instance_ids)
             return lse - target
         local = (~remote).nonzero(as_tuple=True)[0]
@@ -78,7 +95,12 @@ class InstanceLoss(nn.Module):
         x_ex = gather_rows(x[sent], counts)
         super_ex = gather_rows(super_ids[sent], counts)
         inst_ex = gather_rows(instance_ids[sent], counts)
-        lse, target = self._partials(torch.cat([x[local], x_ex]), w, torch.cat([super_ids[local], super_ex]), torch.cat([instance_ids[local], inst_ex]))
+        lse, target = self._partials(
+            torch.cat([x[local], x_ex]),
+            w,
+            torch.cat([super_ids[local], super_ex]),
+            torch.cat([instance_ids[local], inst_ex]),
+        )
         n_local = local.numel()
         loss = torch.empty(features.shape[0], dtype=lse.dtype, device=lse.device)
         loss = loss.index_put((local,), lse[:n_local] - target[:n_local])
@@ -101,7 +123,16 @@ class Objective(nn.Module):
         self.lambda_I = cfg.objective.lambda_I
         self.instance = None
         if self.name in OBJECTIVE_HEADS["instance"]:
-            self.instance = InstanceLoss(plan, rank, head, self.name in DENSE_INSTANCE, cfg.data.routing, cfg.head.logit, cfg.head.temperature, cfg.head.kernel)
+            self.instance = InstanceLoss(
+                plan,
+                rank,
+                head,
+                self.name in DENSE_INSTANCE,
+                cfg.data.routing,
+                cfg.head.logit,
+                cfg.head.temperature,
+                cfg.head.kernel,
+            )
 
     def forward(self, outputs: dict, super_ids, fine_ids, instance_ids) -> dict[str, torch.Tensor]:
         parts = {}

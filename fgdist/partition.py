@@ -69,7 +69,13 @@ class Plan:
             lo, hi = self.column_range(r)
             supers, _ = self.local_groups(r)
             ranks.append({"rank": r, "columns": [lo, hi], "super_classes": supers})
-        return {"world_size": self.world_size, "num_instances": self.num_instances, "columns_per_rank": self.columns_per_rank, "split_super_classes": self.split_supers, "ranks": ranks}
+        return {
+            "world_size": self.world_size,
+            "num_instances": self.num_instances,
+            "columns_per_rank": self.columns_per_rank,
+            "split_super_classes": self.split_supers,
+            "ranks": ranks,
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.describe(), indent=1)
@@ -83,10 +89,15 @@ def make_plan(manifest: Manifest, world_size: int, where: str = "shard set") -> 
             f"world size {world_size} is larger than the number of instances ({manifest.num_instances}) in {where}: "
             f"rank {manifest.num_instances} and above would own no instance column"
         )
-    plan = Plan(world_size, manifest.num_instances, tuple((s.instance_begin, s.instance_end) for s in manifest.super_classes))
+    plan = Plan(
+        world_size, manifest.num_instances, tuple((s.instance_begin, s.instance_end) for s in manifest.super_classes)
+    )
     empty = [r for r in range(world_size) if plan.column_range(r)[0] >= plan.column_range(r)[1]]
     if empty:
-        raise PlanError(f"world size {world_size} leaves rank {empty[0]} without instance columns ({manifest.num_instances} instances in {where}); use at most {math.ceil(manifest.num_instances / plan.columns_per_rank)} ranks")
+        raise PlanError(
+            f"world size {world_size} leaves rank {empty[0]} without instance columns ({manifest.num_instances} "
+            f"instances in {where}); use at most {math.ceil(manifest.num_instances / plan.columns_per_rank)} ranks"
+        )
     return plan
 
 

@@ -57,7 +57,9 @@ def backbone_of(model: nn.Module) -> nn.Module:
     net = getattr(model, "backbone", model)
     missing = [name for name in ATTENTION_LAYERS if not hasattr(net, name)]
     if missing:
-        raise ValueError(f"{type(net).__name__} has no {', '.join(missing)}: attention maps need a ResNet-style backbone")
+        raise ValueError(
+            f"{type(net).__name__} has no {', '.join(missing)}: attention maps need a ResNet-style backbone"
+        )
     return net
 
 
@@ -95,7 +97,12 @@ def attention_maps(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Te
     """{layer: B x h x w} channel means of squared activations of layer3 and layer4."""
     net = backbone_of(model)
     captured: dict[str, torch.Tensor] = {}
-    hooks = [getattr(net, name).register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach().float().pow(2).mean(dim=1).cpu())) for name in ATTENTION_LAYERS]
+    hooks = [
+        getattr(net, name).register_forward_hook(
+            lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach().float().pow(2).mean(dim=1).cpu())
+        )
+        for name in ATTENTION_LAYERS
+    ]
     try:
         with _EvalMode(model):
             _features(model, images)
@@ -156,7 +163,7 @@ def _show(ax, pixels: np.ndarray, title: str | None = None, outline: str | None 
         ax.set_title(title, fontsize=fontsize, pad=3)
 
 
-def attention_grid(model: nn.Module, images: list[TestImage], path: str | Path, names: "Names | None" = None) -> Path:
+def attention_grid(model: nn.Module, images: list[TestImage], path: str | Path, names: Names | None = None) -> Path:
     """One row per image: the image, its layer3 map and its layer4 map, overlaid."""
     if not images:
         raise ValueError("attention_grid: no images")
@@ -178,7 +185,12 @@ def attention_grid(model: nn.Module, images: list[TestImage], path: str | Path, 
     return path
 
 
-def retrieval_grid(queries: list[TestImage], neighbours: list[list[tuple[TestImage, float]]], path: str | Path, names: "Names | None" = None) -> Path:
+def retrieval_grid(
+    queries: list[TestImage],
+    neighbours: list[list[tuple[TestImage, float]]],
+    path: str | Path,
+    names: Names | None = None,
+) -> Path:
     """Each query (left, dark outline) with its neighbours in rank order, each outlined green if
     it has the query's fine class (the super-class where the data set has no fine labels), red
     if not, titled with its class and cosine similarity."""
@@ -191,7 +203,12 @@ def retrieval_grid(queries: list[TestImage], neighbours: list[list[tuple[TestIma
     fig = _figure((k + 1) * 1.45, len(queries) * 1.65)
     axes = fig.subplots(len(queries), k + 1, squeeze=False)
     for row, (q, found) in enumerate(zip(queries, neighbours)):
-        _show(axes[row, 0], _enlarge(to_rgb(q.image), size), f"query {names.fine(q.fine) if by_fine else names.super(q.super)}", QUERY)
+        _show(
+            axes[row, 0],
+            _enlarge(to_rgb(q.image), size),
+            f"query {names.fine(q.fine) if by_fine else names.super(q.super)}",
+            QUERY,
+        )
         for col in range(1, k + 1):
             ax = axes[row, col]
             if col > len(found):
@@ -217,7 +234,7 @@ class Names:
     super_names: list[str] | None = None
 
     @staticmethod
-    def of(split: SplitDir) -> "Names":
+    def of(split: SplitDir) -> Names:
         return Names(split.manifest.fine_names, [s.name for s in split.manifest.super_classes])
 
     def fine(self, i: int) -> str:
@@ -268,7 +285,9 @@ def embed_split(model: nn.Module, split: SplitDir, data_cfg: DataConfig, batch_s
     return torch.cat(feats), torch.cat(ids)
 
 
-def nearest(model: nn.Module, split: SplitDir, data_cfg: DataConfig, query_ids: list[int], k: int = TOP_K, batch_size: int = 256) -> list[list[tuple[int, float]]]:
+def nearest(
+    model: nn.Module, split: SplitDir, data_cfg: DataConfig, query_ids: list[int], k: int = TOP_K, batch_size: int = 256
+) -> list[list[tuple[int, float]]]:
     """For each query, its k nearest other test images: (instance id, cosine similarity)."""
     feats, ids = embed_split(model, split, data_cfg, batch_size)
     position = {int(i): p for p, i in enumerate(ids.tolist())}
@@ -279,7 +298,15 @@ def nearest(model: nn.Module, split: SplitDir, data_cfg: DataConfig, query_ids: 
     return [[(int(ids[j]), float(s)) for s, j in zip(vals, idx)] for vals, idx in zip(top.values, top.indices)]
 
 
-def log_pictures(model: nn.Module, test_split: SplitDir | str | Path, data_cfg: DataConfig, out_dir: str | Path, device=None, queries: int = 8, batch_size: int = 256) -> list[Path]:
+def log_pictures(
+    model: nn.Module,
+    test_split: SplitDir | str | Path,
+    data_cfg: DataConfig,
+    out_dir: str | Path,
+    device=None,
+    queries: int = 8,
+    batch_size: int = 256,
+) -> list[Path]:
     """Draw attention.png and retrieval.png for `queries` fixed test images into `out_dir`.
 
     `model` is an EmbeddingNet (or its backbone) on its device; `test_split` a SplitDir or a
@@ -298,7 +325,9 @@ def log_pictures(model: nn.Module, test_split: SplitDir | str | Path, data_cfg: 
     query_images = [images[i] for i in query_ids]
     paths = [
         attention_grid(model, query_images, out_dir / "attention.png", names),
-        retrieval_grid(query_images, [[(images[i], s) for i, s in row] for row in found], out_dir / "retrieval.png", names),
+        retrieval_grid(
+            query_images, [[(images[i], s) for i, s in row] for row in found], out_dir / "retrieval.png", names
+        ),
     ]
     return paths
 
@@ -317,15 +346,22 @@ def load_checkpoint_model(path: str | Path):
     else:
         folder, run_dir = checkpoint.latest(path / "checkpoints"), path
         if folder is None:
-            raise FileNotFoundError(f"{path}: neither a checkpoint folder (with meta.json) nor a run folder with checkpoints/latest")
+            raise FileNotFoundError(
+                f"{path}: neither a checkpoint folder (with meta.json) nor a run folder with checkpoints/latest"
+            )
     config_path = run_dir / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: the run's config is missing (the trainer writes it into the run folder)")
+        raise FileNotFoundError(
+            f"{config_path}: the run's config is missing (the trainer writes it into the run folder)"
+        )
     cfg = validate(json.loads(config_path.read_text()), str(config_path))
     states = sorted((folder / "engine").glob("**/mp_rank_00_model_states.pt"))
     if not states:
         raise FileNotFoundError(f"{folder / 'engine'}: no DeepSpeed model state (mp_rank_00_model_states.pt)")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in torch.load(states[0], map_location="cpu", weights_only=False)["module"].items()}
+    state = {
+        k: v.float() if v.is_floating_point() else v
+        for k, v in torch.load(states[0], map_location="cpu", weights_only=False)["module"].items()
+    }
     # The heads' sizes are in the weights (the data set's class counts at training time).
     num_super = state["super_head.weight"].shape[0] if "super_head.weight" in state else None
     num_fine = state["fine_head.weight"].shape[0] if "fine_head.weight" in state else None
@@ -335,7 +371,9 @@ def load_checkpoint_model(path: str | Path):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fgdist.pictures", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fgdist.pictures", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, help="a run folder (newest checkpoint) or a checkpoint folder")
     p.add_argument("--shards", help="shard set root (default: the run config's data.shards)")
     p.add_argument("--out", help="output folder (default: <run folder>/pictures)")

@@ -68,7 +68,7 @@ class Manifest:
         return json.dumps(asdict(self), indent=1)
 
     @staticmethod
-    def from_json(text: str, where: str) -> "Manifest":
+    def from_json(text: str, where: str) -> Manifest:
         try:
             raw = json.loads(text)
             if raw.get("format") != FORMAT:
@@ -127,15 +127,23 @@ def check_manifest(manifest: Manifest, where: str) -> None:
     expected = 0
     for s in manifest.super_classes:
         if s.instance_begin != expected or s.instance_end < s.instance_begin:
-            raise ShardSetError(f"{where}: super-class {s.id} ({s.name}) range [{s.instance_begin}, {s.instance_end}) is not contiguous after {expected}")
+            raise ShardSetError(
+                f"{where}: super-class {s.id} ({s.name}) range [{s.instance_begin}, {s.instance_end}) is not "
+                f"contiguous after {expected}"
+            )
         expected = s.instance_end
     if expected != manifest.num_instances:
-        raise ShardSetError(f"{where}: super-class ranges cover {expected} instances, manifest says {manifest.num_instances}")
+        raise ShardSetError(
+            f"{where}: super-class ranges cover {expected} instances, manifest says {manifest.num_instances}"
+        )
     expected = 0
     for shard in manifest.shards:
         owner = manifest.super_classes[shard.super_id]
         if shard.instance_begin != expected or shard.instance_end - shard.instance_begin != shard.count:
-            raise ShardSetError(f"{where}: shard {shard.file} range [{shard.instance_begin}, {shard.instance_end}) with {shard.count} samples does not follow {expected}")
+            raise ShardSetError(
+                f"{where}: shard {shard.file} range [{shard.instance_begin}, {shard.instance_end}) with {shard.count} "
+                f"samples does not follow {expected}"
+            )
         if not owner.instance_begin <= shard.instance_begin <= shard.instance_end <= owner.instance_end:
             raise ShardSetError(f"{where}: shard {shard.file} crosses the range of super-class {shard.super_id}")
         expected = shard.instance_end

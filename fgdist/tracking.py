@@ -10,7 +10,11 @@ import os
 import sys
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
 log = logging.getLogger("fgdist.tracking")
 
 
@@ -33,7 +37,15 @@ def resolve_uri(configured: str | None) -> str:
 class Tracker:
     """Logs on rank 0; a no-op elsewhere. `run_id` continues an existing run (resume)."""
 
-    def __init__(self, enabled: bool, uri: str, experiment: str, run_name: str | None, run_id: str | None = None, system_metrics: bool = True):
+    def __init__(
+        self,
+        enabled: bool,
+        uri: str,
+        experiment: str,
+        run_name: str | None,
+        run_id: str | None = None,
+        system_metrics: bool = True,
+    ):
         self.enabled = enabled
         self.uri = uri
         self.run_id = run_id
@@ -53,7 +65,9 @@ class Tracker:
         mlflow = self._mlflow
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_experiment(experiment)
-        run = mlflow.start_run(run_id=self.run_id, run_name=None if self.run_id else run_name, log_system_metrics=system_metrics)
+        run = mlflow.start_run(
+            run_id=self.run_id, run_name=None if self.run_id else run_name, log_system_metrics=system_metrics
+        )
         self.run_id = run.info.run_id
 
     def _guard(self, what, fn, *args, **kwargs):
@@ -64,8 +78,12 @@ class Tracker:
             return fn(*args, **kwargs)
         except Exception as err:  # any transport or store error: tracking is best effort
             self.enabled = False
-            print(f"[fgdist] WARNING: MLflow at {self.uri} failed to {what} ({type(err).__name__}: {str(err)[:200]}); "
-                  "tracking is off for the rest of this run, training continues and results are written locally", file=sys.stderr, flush=True)
+            print(
+                f"[fgdist] WARNING: MLflow at {self.uri} failed to {what} ({type(err).__name__}: {str(err)[:200]}); "
+                "tracking is off for the rest of this run, training continues and results are written locally",
+                file=sys.stderr,
+                flush=True,
+            )
             return None
 
     def log_params(self, params: dict[str, str]) -> None:

@@ -48,7 +48,10 @@ def deepspeed_config(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict:
     ds = {"steps_per_print": 10**9, "zero_optimization": {"stage": 0}, "bf16": {"enabled": on_cuda}, **cfg.deepspeed}
     micro = ds.setdefault("train_micro_batch_size_per_gpu", cfg.data.batch_size)
     if micro != cfg.data.batch_size or ds.setdefault("gradient_accumulation_steps", 1) != 1:
-        raise ValueError(f"deepspeed.train_micro_batch_size_per_gpu must equal data.batch_size ({cfg.data.batch_size}) and gradient_accumulation_steps must be 1")
+        raise ValueError(
+            f"deepspeed.train_micro_batch_size_per_gpu must equal data.batch_size ({cfg.data.batch_size}) and "
+            "gradient_accumulation_steps must be 1"
+        )
     ds.setdefault("train_batch_size", cfg.data.batch_size * world_size)
     return ds
 
@@ -88,8 +91,16 @@ class Trainer:
         name = cfg.objective.name
         if name == "fine" and manifest.num_fine == 0:
             raise ValueError(f"objective 'fine' needs fine labels; {self.train_split.path} has none")
-        model = EmbeddingNet(cfg.model, manifest.num_super if name in OBJECTIVE_HEADS["super"] else None, manifest.num_fine if name in OBJECTIVE_HEADS["fine"] else None)
-        norm = cfg.model.norm if cfg.model.norm != "auto" else ("global" if cfg.data.routing == "by_superclass" and self.world_size > 1 else "local")
+        model = EmbeddingNet(
+            cfg.model,
+            manifest.num_super if name in OBJECTIVE_HEADS["super"] else None,
+            manifest.num_fine if name in OBJECTIVE_HEADS["fine"] else None,
+        )
+        norm = (
+            cfg.model.norm
+            if cfg.model.norm != "auto"
+            else ("global" if cfg.data.routing == "by_superclass" and self.world_size > 1 else "local")
+        )
         if norm == "global":
             model = convert_batchnorm(model)
         self.head = None
@@ -98,9 +109,18 @@ class Trainer:
             self.head.build_optimizer(cfg.optim, cfg.head.lr_mult, self.steps_per_epoch)
         self.objective = Objective(cfg, self.plan, self.rank, self.head).to(self.device)
 
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [m * self.steps_per_epoch for m in cfg.optim.milestones], cfg.optim.gamma)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, self.world_size, self.on_cuda))
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, [m * self.steps_per_epoch for m in cfg.optim.milestones], cfg.optim.gamma
+        )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, self.world_size, self.on_cuda),
+        )
 
         # Where to start.
         self.ckpt_dir = cfg.run_dir / "checkpoints"
@@ -111,7 +131,10 @@ class Trainer:
             if folder is None or not (folder / "meta.json").is_file():
                 raise FileNotFoundError(f"--resume: no checkpoint in {folder or self.ckpt_dir}")
             self.position = checkpoint.load(folder, self.engine, self.head, self.rank)
-            log0(f"resumed from {folder} at epoch {self.position.epoch} step {self.position.step} (saved on {self.position.world_size} rank(s), now {self.world_size})")
+            log0(
+                f"resumed from {folder} at epoch {self.position.epoch} step {self.position.step} (saved on "
+                f"{self.position.world_size} rank(s), now {self.world_size})"
+            )
             if self.position.world_size != self.world_size and self.position.step:
                 # A mid-epoch position means nothing for another cut of the data: redo the epoch.
                 log0(f"world size changed: epoch {self.position.epoch} restarts at step 0")
@@ -119,19 +142,37 @@ class Trainer:
                 self.position.step = 0
             self.position.world_size = self.world_size
 
-        self.tracker = Tracker(self.rank == 0, resolve_uri(cfg.tracking.uri), cfg.tracking.experiment, cfg.tracking.run_name or cfg.name, self.position.mlflow_run_id, cfg.tracking.system_metrics)
+        self.tracker = Tracker(
+            self.rank == 0,
+            resolve_uri(cfg.tracking.uri),
+            cfg.tracking.experiment,
+            cfg.tracking.run_name or cfg.name,
+            self.position.mlflow_run_id,
+            cfg.tracking.system_metrics,
+        )
         self.position.mlflow_run_id = self.tracker.run_id
         if self.rank == 0:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             (cfg.run_dir / "config.json").write_text(cfg.model_dump_json(indent=1))
             (cfg.run_dir / "plan.json").write_text(self.plan.to_json())
             if not resume:
-                self.tracker.log_params({**flatten(cfg.model_dump()), "world_size": str(self.world_size), "num_instances": str(manifest.num_instances)})
-                self.tracker.set_tags({"objective": name, "dataset": str(cfg.data.shards), "lambda_I": str(cfg.objective.lambda_I)})
+                self.tracker.log_params(
+                    {
+                        **flatten(cfg.model_dump()),
+                        "world_size": str(self.world_size),
+                        "num_instances": str(manifest.num_instances),
+                    }
+                )
+                self.tracker.set_tags(
+                    {"objective": name, "dataset": str(cfg.data.shards), "lambda_I": str(cfg.objective.lambda_I)}
+                )
                 self.tracker.log_artifact(str(cfg.run_dir / "config.json"))
                 self.tracker.log_artifact(str(cfg.run_dir / "plan.json"))
-        log0(f"{name} on {self.world_size} rank(s), {self.device}, {manifest.num_instances} training images, "
-             f"{self.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs, batch {cfg.data.batch_size}/rank, routing {cfg.data.routing}, norm {norm}")
+        log0(
+            f"{name} on {self.world_size} rank(s), {self.device}, {manifest.num_instances} training images, "
+            f"{self.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs, batch {cfg.data.batch_size}/rank, "
+            f"routing {cfg.data.routing}, norm {norm}"
+        )
 
     # -- one step -----------------------------------------------------------------------
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -153,7 +194,10 @@ class Trainer:
             dist.all_reduce(bad)
         if bad.item():
             where = f"epoch {self.position.epoch} step {self.position.step}"
-            raise NonFiniteLossError(f"rank {self.rank}: non-finite loss at {where} ({ {k: float(v) for k, v in parts.items()} }); lower optim.lr or head.lr_mult")
+            raise NonFiniteLossError(
+                f"rank {self.rank}: non-finite loss at {where} ({ {k: float(v) for k, v in parts.items()} }); lower "
+                "optim.lr or head.lr_mult"
+            )
 
     # -- the loop -----------------------------------------------------------------------
     def train(self) -> dict[str, float]:
@@ -183,7 +227,9 @@ class Trainer:
     def train_epoch(self) -> None:
         cfg, pos = self.cfg, self.position
         window_start, window_images = time.time(), 0
-        batches = train_batches(self.train_split, self.plan, cfg.data, self.rank, pos.epoch, cfg.seed, start_step=pos.step)
+        batches = train_batches(
+            self.train_split, self.plan, cfg.data, self.rank, pos.epoch, cfg.seed, start_step=pos.step
+        )
         for batch in batches:
             parts = self.train_step(batch)
             pos.step += 1
@@ -191,21 +237,42 @@ class Trainer:
             kill_point("step", self.rank, pos.global_step)
             window_images += batch["images"].shape[0] * self.world_size
             self.corrupt_skipped += batch["corrupt_skipped"]
-            if cfg.checkpoint.every_steps and pos.global_step % cfg.checkpoint.every_steps == 0 and pos.step < self.steps_per_epoch:
+            if (
+                cfg.checkpoint.every_steps
+                and pos.global_step % cfg.checkpoint.every_steps == 0
+                and pos.step < self.steps_per_epoch
+            ):
                 self.save()
             if pos.step % cfg.tracking.log_every_steps == 0 or pos.step == self.steps_per_epoch:
                 elapsed = time.time() - window_start
-                metrics = {**{k: float(mean_over_ranks(v)) for k, v in parts.items()}, "lr": self.engine.get_lr()[0], "images_per_s": window_images / max(elapsed, 1e-9)}
+                metrics = {
+                    **{k: float(mean_over_ranks(v)) for k, v in parts.items()},
+                    "lr": self.engine.get_lr()[0],
+                    "images_per_s": window_images / max(elapsed, 1e-9),
+                }
                 if self.head is not None:
                     metrics["head_lr"] = self.head.scheduler.get_last_lr()[0]
                 if cfg.data.on_corrupt == "skip":  # never silent: the run's total over all ranks
-                    metrics["corrupt_skipped"] = float(mean_over_ranks(torch.tensor(float(self.corrupt_skipped))) * self.world_size)
-                log0(f"epoch {pos.epoch + 1}/{cfg.optim.epochs} step {pos.step}/{self.steps_per_epoch} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+                    metrics["corrupt_skipped"] = float(
+                        mean_over_ranks(torch.tensor(float(self.corrupt_skipped))) * self.world_size
+                    )
+                log0(
+                    f"epoch {pos.epoch + 1}/{cfg.optim.epochs} step {pos.step}/{self.steps_per_epoch} "
+                    + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+                )
                 self.tracker.log_metrics(metrics, step=pos.global_step)
                 window_start, window_images = time.time(), 0
 
     def save(self) -> None:
-        folder = checkpoint.save(self.ckpt_dir, self.engine, self.head, self.plan.to_json(), self.position, self.rank, self.cfg.checkpoint.keep)
+        folder = checkpoint.save(
+            self.ckpt_dir,
+            self.engine,
+            self.head,
+            self.plan.to_json(),
+            self.position,
+            self.rank,
+            self.cfg.checkpoint.keep,
+        )
         log0(f"checkpoint {folder}")
 
     def batchnorm_for_eval(self) -> None:
@@ -214,13 +281,25 @@ class Trainer:
         if cfg.eval.bn_batches:
             # Shuffled routing: every rank draws from all super-classes (by_superclass would not).
             shuffled = cfg.data.model_copy(update={"routing": "shuffled"})
-            stream = train_batches(self.train_split, self.plan, shuffled, self.rank, epoch=self.position.epoch, seed=cfg.seed)
-            reestimate_batchnorm(self.engine.module, itertools.islice(stream, cfg.eval.bn_batches), self.device, self.dtype)
+            stream = train_batches(
+                self.train_split, self.plan, shuffled, self.rank, epoch=self.position.epoch, seed=cfg.seed
+            )
+            reestimate_batchnorm(
+                self.engine.module, itertools.islice(stream, cfg.eval.bn_batches), self.device, self.dtype
+            )
 
     def run_eval(self) -> dict[str, float]:
         cfg = self.cfg
         batches = eval_batches(self.test_split, cfg.data, cfg.eval.batch_size, self.rank, self.world_size)
-        metrics = evaluate(self.engine.module, batches, self.device, self.dtype, cfg.eval.recall_ks, cfg.eval.query_chunk, has_super_head=cfg.objective.name in OBJECTIVE_HEADS["super"])
+        metrics = evaluate(
+            self.engine.module,
+            batches,
+            self.device,
+            self.dtype,
+            cfg.eval.recall_ks,
+            cfg.eval.query_chunk,
+            has_super_head=cfg.objective.name in OBJECTIVE_HEADS["super"],
+        )
         log0(f"eval after epoch {self.position.epoch}: " + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
         self.tracker.log_metrics(metrics, step=self.position.global_step)
         return metrics
@@ -231,9 +310,21 @@ class Trainer:
         from fgdist.pictures import log_pictures
 
         try:
-            paths = log_pictures(self.engine.module, self.test_split, self.cfg.data, self.cfg.run_dir / "pictures", self.device, self.cfg.eval.picture_queries, self.cfg.eval.batch_size)
+            paths = log_pictures(
+                self.engine.module,
+                self.test_split,
+                self.cfg.data,
+                self.cfg.run_dir / "pictures",
+                self.device,
+                self.cfg.eval.picture_queries,
+                self.cfg.eval.batch_size,
+            )
         except Exception as err:
-            print(f"[fgdist] WARNING: pictures failed ({type(err).__name__}: {str(err)[:300]}); results are written", file=sys.stderr, flush=True)
+            print(
+                f"[fgdist] WARNING: pictures failed ({type(err).__name__}: {str(err)[:300]}); results are written",
+                file=sys.stderr,
+                flush=True,
+            )
             return
         for path in paths:
             self.tracker.log_artifact(str(path), "pictures")
@@ -243,7 +334,14 @@ class Trainer:
         if self.rank != 0:
             return
         path = self.cfg.run_dir / "results.json"
-        record = {"name": self.cfg.name, "objective": self.cfg.objective.name, "lambda_I": self.cfg.objective.lambda_I, "world_size": self.world_size, "mlflow_run_id": self.tracker.run_id, "metrics": metrics}
+        record = {
+            "name": self.cfg.name,
+            "objective": self.cfg.objective.name,
+            "lambda_I": self.cfg.objective.lambda_I,
+            "world_size": self.world_size,
+            "mlflow_run_id": self.tracker.run_id,
+            "metrics": metrics,
+        }
         path.write_text(json.dumps(record, indent=1))
         table = "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v:.2f} |\n" for k, v in metrics.items())
         (self.cfg.run_dir / "results.md").write_text(table)

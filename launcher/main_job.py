@@ -47,13 +47,37 @@ def main(argv=None) -> int:
     run_ids = []
     for objective in OBJECTIVES:
         name = f"{cfg.name}_{objective}"
-        run(["deepspeed", "--num_gpus", str(args.num_gpus), "--master_port", str(free_port()), str(ROOT / "launcher" / "train.py"),
-             "--config", args.config, "--objective", objective, "--set", f"name={name}", *sum((["--set", o] for o in args.overrides), [])])
+        run(
+            [
+                "deepspeed",
+                "--num_gpus",
+                str(args.num_gpus),
+                "--master_port",
+                str(free_port()),
+                str(ROOT / "launcher" / "train.py"),
+                "--config",
+                args.config,
+                "--objective",
+                objective,
+                "--set",
+                f"name={name}",
+                *sum((["--set", o] for o in args.overrides), []),
+            ]
+        )
         run_ids.append(json.loads((Path(cfg.output_dir) / name / "results.json").read_text())["mlflow_run_id"])
     from fgdist.comparison import main as compare
 
-    return compare(["--experiment", cfg.tracking.experiment, "--runs", *run_ids, "--out", str(Path(cfg.output_dir) / f"{cfg.name}_comparison")]
-                   + (["--tracking-uri", cfg.tracking.uri] if cfg.tracking.uri else []))
+    return compare(
+        [
+            "--experiment",
+            cfg.tracking.experiment,
+            "--runs",
+            *run_ids,
+            "--out",
+            str(Path(cfg.output_dir) / f"{cfg.name}_comparison"),
+        ]
+        + (["--tracking-uri", cfg.tracking.uri] if cfg.tracking.uri else [])
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The DeepSpeed entry point.
 
-    deepspeed --num_gpus 2 launcher/train.py --config configs/synthetic_cpu.json [--objective base]
-        [--set optim.epochs=3 --set data.batch_size=32] [--resume]
+deepspeed --num_gpus 2 launcher/train.py --config configs/synthetic_cpu.json [--objective base]
+    [--set optim.epochs=3 --set data.batch_size=32] [--resume]
 """
 
 from __future__ import annotations
@@ -19,9 +19,22 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="a JSON run config (configs/*.json)")
     p.add_argument("--objective", help="shortcut for --set objective.name=...")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (value parsed as JSON)")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue from the newest complete checkpoint of this run, or from the given checkpoint folder")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (value parsed as JSON)",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
+        help="continue from the newest complete checkpoint of this run, or from the given checkpoint folder",
+    )
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # appended by the deepspeed launcher
     return p.parse_args(argv)
 

@@ -32,7 +32,11 @@ def _write_split(split: str, records: list[Record], collection: Collection, out:
     out.mkdir(parents=True)
     # Instance ids: sorted by super-class, contiguous within one (stable: source order inside).
     ordered = sorted(records, key=lambda r: r.super_id)
-    super_infos, shard_infos, index = [], [], {c: [] for c in ("key", "instance_id", "super_id", "fine_id", "shard", "member", "source")}
+    super_infos, shard_infos, index = (
+        [],
+        [],
+        {c: [] for c in ("key", "instance_id", "super_id", "fine_id", "shard", "member", "source")},
+    )
     bar = tqdm(total=len(ordered), desc=f"{collection.name} {split}", unit="img", disable=not progress)
     begin = 0
     for super_id, name in enumerate(collection.super_names):
@@ -51,7 +55,9 @@ def _write_split(split: str, records: list[Record], collection: Collection, out:
                     meta = {"instance": iid, "super": record.super_id, "fine": record.fine_id}
                     _add_member(tar, f"{key}.{record.ext}", image)
                     _add_member(tar, f"{key}.json", json.dumps(meta).encode())
-                    for column, value in zip(index, (key, iid, record.super_id, record.fine_id, file, f"{key}.{record.ext}", record.origin)):
+                    for column, value in zip(
+                        index, (key, iid, record.super_id, record.fine_id, file, f"{key}.{record.ext}", record.origin)
+                    ):
                         index[column].append(value)
                     bar.update(1)
             shard_infos.append(ShardInfo(file, super_id, first, last, last - first, sha256_of(out / file)))
@@ -59,14 +65,20 @@ def _write_split(split: str, records: list[Record], collection: Collection, out:
     bar.close()
     if begin != len(ordered):
         bad = ordered[begin]
-        raise ValueError(f"{bad.origin}: super id {bad.super_id} outside the class table ({len(collection.super_names)} classes)")
+        raise ValueError(
+            f"{bad.origin}: super id {bad.super_id} outside the class table ({len(collection.super_names)} classes)"
+        )
     pq.write_table(pa.table(index), out / INDEX)
-    manifest = Manifest(split, len(ordered), super_infos, list(collection.fine_names), list(collection.fine_to_super), shard_infos)
+    manifest = Manifest(
+        split, len(ordered), super_infos, list(collection.fine_names), list(collection.fine_to_super), shard_infos
+    )
     (out / MANIFEST).write_text(manifest.to_json())
     return manifest
 
 
-def build_shards(collection: Collection, out: str | Path, shard_size: int = 1000, overwrite: bool = False, progress: bool = True) -> dict[str, Manifest]:
+def build_shards(
+    collection: Collection, out: str | Path, shard_size: int = 1000, overwrite: bool = False, progress: bool = True
+) -> dict[str, Manifest]:
     out = Path(out)
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -75,8 +87,13 @@ def build_shards(collection: Collection, out: str | Path, shard_size: int = 1000
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        manifests = {split: _write_split(split, records, collection, tmp / split, shard_size, progress) for split, records in collection.splits.items()}
-        (tmp / "collection.json").write_text(json.dumps({"name": collection.name, "splits": sorted(manifests)}, indent=1))
+        manifests = {
+            split: _write_split(split, records, collection, tmp / split, shard_size, progress)
+            for split, records in collection.splits.items()
+        }
+        (tmp / "collection.json").write_text(
+            json.dumps({"name": collection.name, "splits": sorted(manifests)}, indent=1)
+        )
         if out.exists():
             trash = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, trash)

@@ -1,11 +1,11 @@
 """python -m shards build | inspect | verify
 
-  python -m shards build --source synthetic --out data/synthetic
-  python -m shards build --source fashion-mnist --out data/fmnist
-  python -m shards build --source manifest --path images.csv --out data/mine
-  python -m shards build --source folder --path photos/ --out data/mine --opt shorter_side=256
-  python -m shards inspect data/fmnist
-  python -m shards verify data/fmnist
+python -m shards build --source synthetic --out data/synthetic
+python -m shards build --source fashion-mnist --out data/fmnist
+python -m shards build --source manifest --path images.csv --out data/mine
+python -m shards build --source folder --path photos/ --out data/mine --opt shorter_side=256
+python -m shards inspect data/fmnist
+python -m shards verify data/fmnist
 """
 
 from __future__ import annotations
@@ -61,9 +61,14 @@ def _open_source(args):
 
 def cmd_build(args) -> int:
     collection = _open_source(args)
-    manifests = build_shards(collection, args.out, shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.quiet)
+    manifests = build_shards(
+        collection, args.out, shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.quiet
+    )
     for split, m in manifests.items():
-        print(f"{args.out}/{split}: {m.num_instances} samples, {len(m.shards)} shards, {m.num_super} super-classes, {m.num_fine} fine classes")
+        print(
+            f"{args.out}/{split}: {m.num_instances} samples, {len(m.shards)} shards, {m.num_super} super-classes, "
+            f"{m.num_fine} fine classes"
+        )
     return 0
 
 
@@ -71,10 +76,16 @@ def cmd_inspect(args) -> int:
     for split in args.splits:
         s = open_split(args.dir, split)
         m = s.manifest
-        print(f"{s.path}: {m.num_instances} samples in {len(m.shards)} shards, {m.num_super} super-classes, {m.num_fine} fine classes")
+        print(
+            f"{s.path}: {m.num_instances} samples in {len(m.shards)} shards, {m.num_super} super-classes, "
+            f"{m.num_fine} fine classes"
+        )
         for c in m.super_classes:
             shards = [sh for sh in m.shards if sh.super_id == c.id]
-            print(f"  super {c.id:3d} {c.name:20s} instances [{c.instance_begin}, {c.instance_end})  {len(shards)} shard(s)")
+            print(
+                f"  super {c.id:3d} {c.name:20s} instances [{c.instance_begin}, {c.instance_end})  {len(shards)} "
+                "shard(s)"
+            )
     return 0
 
 
@@ -94,7 +105,9 @@ def cmd_verify(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build a shard set from a source")
     b.add_argument("--source", required=True, choices=sorted(SOURCES))

@@ -59,7 +59,15 @@ def deepspeed_train(cwd, *train_args, num_gpus=2, timeout=600, check=True):
     import subprocess
 
     port = free_port()
-    cmd = ["deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(port), str(REPO / "launcher" / "train.py"), *train_args]
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        str(num_gpus),
+        "--master_port",
+        str(port),
+        str(REPO / "launcher" / "train.py"),
+        *train_args,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert_no_shm_buffer_left(port)
@@ -68,6 +76,19 @@ def deepspeed_train(cwd, *train_args, num_gpus=2, timeout=600, check=True):
     return proc
 
 
-TINY_TRAINING = ["--config", str(REPO / "configs" / "synthetic_cpu.json"), "--set", "model.width=8", "--set", "data.batch_size=8",
-                 "--set", "data.num_workers=1", "--set", "tracking.log_every_steps=1", "--set", "tracking.system_metrics=false",
-                 "--set", "eval.batch_size=16"]
+TINY_TRAINING = [
+    "--config",
+    str(REPO / "configs" / "synthetic_cpu.json"),
+    "--set",
+    "model.width=8",
+    "--set",
+    "data.batch_size=8",
+    "--set",
+    "data.num_workers=1",
+    "--set",
+    "tracking.log_every_steps=1",
+    "--set",
+    "tracking.system_metrics=false",
+    "--set",
+    "eval.batch_size=16",
+]

@@ -95,9 +95,22 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, d, stride_x, stride_w,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _logits_tile(
+    x_ptr,
+    w_ptr,
+    rows,
+    cols,
+    row_ok,
+    col_ok,
+    d,
+    stride_x,
+    stride_w,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """fp32 logits x[rows] . w[cols]^T for one tile, d walked in masked chunks of BLOCK_K."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
@@ -144,8 +157,7 @@ def _dot_weights(wts, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _target_logit(x_ptr, w_ptr, rows, row_ok, tgt, d, stride_x, stride_w,
-                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _target_logit(x_ptr, w_ptr, rows, row_ok, tgt, d, stride_x, stride_w, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """x_i . w[target_i] in fp32 (0 where target_i is -1), a gathered row per target."""
     has = row_ok & (tgt >= 0)
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -166,10 +178,27 @@ def _target_logit(x_ptr, w_ptr, rows, row_ok, tgt, d, stride_x, stride_w,
 
 
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, tgt_ptr, tile_col_lo_ptr, tile_col_hi_ptr,
-                    lse_ptr, target_logit_ptr, n_rows, n_cols, d, stride_x, stride_w,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _forward_kernel(
+    x_ptr,
+    w_ptr,
+    lo_ptr,
+    hi_ptr,
+    tgt_ptr,
+    tile_col_lo_ptr,
+    tile_col_hi_ptr,
+    lse_ptr,
+    target_logit_ptr,
+    n_rows,
+    n_cols,
+    d,
+    stride_x,
+    stride_w,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """One program per row tile: online logsumexp over the column tiles of its groups."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -180,20 +209,34 @@ def _forward_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, tgt_ptr, tile_col_lo_ptr, tile
     col_hi = tl.load(tile_col_hi_ptr + pid)
 
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max
-    l = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp(logit - m)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp(logit - m)
     for c0 in range(col_lo // BLOCK_N * BLOCK_N, col_hi, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        s = _logits_tile(x_ptr, w_ptr, rows, cols, row_ok, cols < n_cols, d, stride_x, stride_w,
-                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
+        s = _logits_tile(
+            x_ptr,
+            w_ptr,
+            rows,
+            cols,
+            row_ok,
+            cols < n_cols,
+            d,
+            stride_x,
+            stride_w,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            PRECISION,
+            UPCAST,
+        )
         s = tl.where(_in_group(lo, hi, cols), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         # A row that has met no column of its group yet still has max -inf: shift it by 0 so
         # that exp(-inf - shift) is 0 rather than NaN.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp(m - shift) + tl.sum(tl.exp(s - shift[:, None]), axis=1)
+        total = total * tl.exp(m - shift) + tl.sum(tl.exp(s - shift[:, None]), axis=1)
         m = m_new
-    # l == 0: no column of the row's group was seen (log is given 1 to avoid evaluating log 0).
-    lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
+    # total == 0: no column of the row's group was seen (log is given 1 to avoid evaluating log 0).
+    lse = tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
     tl.store(lse_ptr + rows, lse, mask=row_ok)
 
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
@@ -202,11 +245,31 @@ def _forward_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, tgt_ptr, tile_col_lo_ptr, tile
 
 
 @triton.jit
-def _dx_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, tgt_ptr, lse_ptr, grad_lse_ptr, grad_tgt_ptr,
-               tile_col_lo_ptr, tile_col_hi_ptr, dx_ptr, n_rows, n_cols, d,
-               stride_x, stride_w, stride_dx,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _dx_kernel(
+    x_ptr,
+    w_ptr,
+    lo_ptr,
+    hi_ptr,
+    tgt_ptr,
+    lse_ptr,
+    grad_lse_ptr,
+    grad_tgt_ptr,
+    tile_col_lo_ptr,
+    tile_col_hi_ptr,
+    dx_ptr,
+    n_rows,
+    n_cols,
+    d,
+    stride_x,
+    stride_w,
+    stride_dx,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """One program per (row tile, feature chunk): dx = g * softmax @ w + g_target * w_target."""
     pid = tl.program_id(0)
     fs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # output features of this program
@@ -223,11 +286,26 @@ def _dx_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, tgt_ptr, lse_ptr, grad_lse_ptr, gra
     for c0 in range(col_lo // BLOCK_N * BLOCK_N, col_hi, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_cols
-        s = _logits_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, d, stride_x, stride_w,
-                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
+        s = _logits_tile(
+            x_ptr,
+            w_ptr,
+            rows,
+            cols,
+            row_ok,
+            col_ok,
+            d,
+            stride_x,
+            stride_w,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            PRECISION,
+            UPCAST,
+        )
         p = _softmax_weights(s, lo, hi, cols, lse)
-        wf = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_w + fs[None, :],
-                     mask=col_ok[:, None] & f_ok[None, :], other=0.0)
+        wf = tl.load(
+            w_ptr + cols.to(tl.int64)[:, None] * stride_w + fs[None, :], mask=col_ok[:, None] & f_ok[None, :], other=0.0
+        )
         acc = _dot_weights(p, wf, acc, PRECISION, UPCAST)
     # The upstream gradient multiplies after the sum, so the weights stay in [0, 1] and a small
     # gradient cannot push them out of fp16's range.
@@ -237,8 +315,9 @@ def _dx_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, tgt_ptr, lse_ptr, grad_lse_ptr, gra
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
     gt = tl.load(grad_tgt_ptr + rows, mask=row_ok, other=0.0)
     has = row_ok & (tgt >= 0)
-    wt = tl.load(w_ptr + tgt.to(tl.int64)[:, None] * stride_w + fs[None, :],
-                 mask=has[:, None] & f_ok[None, :], other=0.0)
+    wt = tl.load(
+        w_ptr + tgt.to(tl.int64)[:, None] * stride_w + fs[None, :], mask=has[:, None] & f_ok[None, :], other=0.0
+    )
     dx += gt[:, None] * wt.to(tl.float32)
 
     out = dx_ptr + rows.to(tl.int64)[:, None] * stride_dx + fs[None, :]
@@ -246,12 +325,33 @@ def _dx_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, tgt_ptr, lse_ptr, grad_lse_ptr, gra
 
 
 @triton.jit
-def _dw_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, lse_ptr, grad_lse_ptr, grad_tgt_ptr,
-               tile_row_start_ptr, tile_row_end_ptr,
-               by_target_row_ptr, by_target_col_ptr, tile_tgt_start_ptr, tile_tgt_end_ptr,
-               dw_ptr, n_cols, d, stride_x, stride_w, stride_dw,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _dw_kernel(
+    x_ptr,
+    w_ptr,
+    lo_ptr,
+    hi_ptr,
+    lse_ptr,
+    grad_lse_ptr,
+    grad_tgt_ptr,
+    tile_row_start_ptr,
+    tile_row_end_ptr,
+    by_target_row_ptr,
+    by_target_col_ptr,
+    tile_tgt_start_ptr,
+    tile_tgt_end_ptr,
+    dw_ptr,
+    n_cols,
+    d,
+    stride_x,
+    stride_w,
+    stride_dw,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """One program per (column tile, feature chunk): dw = (g * softmax)^T @ x + target term."""
     pid = tl.program_id(0)
     fs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -270,14 +370,29 @@ def _dw_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, lse_ptr, grad_lse_ptr, grad_tgt_ptr
         hi = tl.load(hi_ptr + rows, mask=row_ok, other=0)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("-inf"))
         g = tl.load(grad_lse_ptr + rows, mask=row_ok, other=0.0)
-        s = _logits_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, d, stride_x, stride_w,
-                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
+        s = _logits_tile(
+            x_ptr,
+            w_ptr,
+            rows,
+            cols,
+            row_ok,
+            col_ok,
+            d,
+            stride_x,
+            stride_w,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            PRECISION,
+            UPCAST,
+        )
         # The upstream gradient cannot be factored out of a sum over rows: it goes into the fp32
         # weights (not onto x, whose rounding would add an error per row). In fp16, as in torch,
         # weights below its subnormal range (6e-8) then vanish: use loss scaling with fp16.
         p = _softmax_weights(s, lo, hi, cols, lse) * g[:, None]
-        xf = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + fs[None, :],
-                     mask=row_ok[:, None] & f_ok[None, :], other=0.0)
+        xf = tl.load(
+            x_ptr + rows.to(tl.int64)[:, None] * stride_x + fs[None, :], mask=row_ok[:, None] & f_ok[None, :], other=0.0
+        )
         acc = _dot_weights(tl.trans(p), xf, acc, PRECISION, UPCAST)
 
     # Target term: rows sorted by target column, those whose target falls in this tile. A
@@ -290,8 +405,9 @@ def _dw_kernel(x_ptr, w_ptr, lo_ptr, hi_ptr, lse_ptr, grad_lse_ptr, grad_tgt_ptr
         rows = tl.load(by_target_row_ptr + pos, mask=pos_ok, other=0)
         tcol = tl.load(by_target_col_ptr + pos, mask=pos_ok, other=-1)
         gt = tl.load(grad_tgt_ptr + rows, mask=pos_ok, other=0.0)
-        xf = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + fs[None, :],
-                     mask=pos_ok[:, None] & f_ok[None, :], other=0.0)
+        xf = tl.load(
+            x_ptr + rows.to(tl.int64)[:, None] * stride_x + fs[None, :], mask=pos_ok[:, None] & f_ok[None, :], other=0.0
+        )
         one_hot = (cols[:, None] == tcol[None, :]).to(tl.float32)
         # tf32x3: fp32-accurate products on tensor cores (an "ieee" fp32 dot spills registers).
         acc = tl.dot(one_hot, xf.to(tl.float32) * gt[:, None], acc, input_precision="tf32x3")
@@ -331,8 +447,9 @@ def _plan_rows(row_group, col_offsets, target_col) -> _RowPlan:
     def int32(t):
         return t.to(torch.int32).contiguous()
 
-    return _RowPlan(order=order, lo=int32(bounds[key_sorted]), hi=int32(bounds[key_sorted + 1]),
-                    target=int32(target_col[order]))
+    return _RowPlan(
+        order=order, lo=int32(bounds[key_sorted]), hi=int32(bounds[key_sorted + 1]), target=int32(target_col[order])
+    )
 
 
 def _row_tile_columns(plan: _RowPlan, block_m: int):
@@ -377,8 +494,12 @@ def _column_tile_targets(plan: _RowPlan, n_cols: int, block_n: int):
     c0, c1 = _column_tiles(n_cols, block_n, plan.lo.device)
     start = torch.searchsorted(target_sorted, c0)
     end = torch.searchsorted(target_sorted, c1)
-    return (by_target.to(torch.int32).contiguous(), target_sorted.to(torch.int32).contiguous(),
-            start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous())
+    return (
+        by_target.to(torch.int32).contiguous(),
+        target_sorted.to(torch.int32).contiguous(),
+        start.to(torch.int32).contiguous(),
+        end.to(torch.int32).contiguous(),
+    )
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -404,9 +525,15 @@ def _unsort(sorted_values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 def _meta(tiles: Tiles, dtype: torch.dtype, with_block_d: bool) -> dict:
     """Compile-time constants and launch options shared by the launchers."""
-    meta = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-                PRECISION=_dot_precision(dtype), UPCAST=_INTERPRETED and dtype == torch.bfloat16,
-                num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    meta = dict(
+        BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k,
+        PRECISION=_dot_precision(dtype),
+        UPCAST=_INTERPRETED and dtype == torch.bfloat16,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+    )
     if with_block_d:
         meta["BLOCK_D"] = tiles.block_d
     return meta
@@ -421,8 +548,21 @@ def _launch_forward(xs, w, plan: _RowPlan, tiles: Tiles):
     col_lo, col_hi = _row_tile_columns(plan, tiles.block_m)
     grid = (col_lo.numel(),)
     _forward_kernel[grid](
-        xs, w, plan.lo, plan.hi, plan.target, col_lo, col_hi, lse, target_logit,
-        n_rows, w.shape[0], d, xs.stride(0), w.stride(0), **_meta(tiles, xs.dtype, False),
+        xs,
+        w,
+        plan.lo,
+        plan.hi,
+        plan.target,
+        col_lo,
+        col_hi,
+        lse,
+        target_logit,
+        n_rows,
+        w.shape[0],
+        d,
+        xs.stride(0),
+        w.stride(0),
+        **_meta(tiles, xs.dtype, False),
     )
     return lse, target_logit
 
@@ -435,8 +575,23 @@ def _launch_dx(xs, w, plan, lse, grad_lse, grad_tgt, tiles: Tiles, out_dtype):
     col_lo, col_hi = _row_tile_columns(plan, tiles.block_m)
     grid = (col_lo.numel(), triton.cdiv(d, tiles.block_d))
     _dx_kernel[grid](
-        xs, w, plan.lo, plan.hi, plan.target, lse, grad_lse, grad_tgt, col_lo, col_hi, dx,
-        n_rows, w.shape[0], d, xs.stride(0), w.stride(0), dx.stride(0),
+        xs,
+        w,
+        plan.lo,
+        plan.hi,
+        plan.target,
+        lse,
+        grad_lse,
+        grad_tgt,
+        col_lo,
+        col_hi,
+        dx,
+        n_rows,
+        w.shape[0],
+        d,
+        xs.stride(0),
+        w.stride(0),
+        dx.stride(0),
         **_meta(tiles, xs.dtype, True),
     )
     return dx
@@ -448,13 +603,29 @@ def _launch_dw(xs, w, plan, lse, grad_lse, grad_tgt, tiles: Tiles, out_dtype):
     if n_cols == 0:
         return dw
     row_start, row_end = _column_tile_rows(plan, n_cols, tiles.block_n)
-    by_target_row, by_target_col, tgt_start, tgt_end = _column_tile_targets(
-        plan, n_cols, tiles.block_n)
+    by_target_row, by_target_col, tgt_start, tgt_end = _column_tile_targets(plan, n_cols, tiles.block_n)
     grid = (row_start.numel(), triton.cdiv(d, tiles.block_d))
     _dw_kernel[grid](
-        xs, w, plan.lo, plan.hi, lse, grad_lse, grad_tgt, row_start, row_end,
-        by_target_row, by_target_col, tgt_start, tgt_end, dw,
-        n_cols, d, xs.stride(0), w.stride(0), dw.stride(0), **_meta(tiles, xs.dtype, True),
+        xs,
+        w,
+        plan.lo,
+        plan.hi,
+        lse,
+        grad_lse,
+        grad_tgt,
+        row_start,
+        row_end,
+        by_target_row,
+        by_target_col,
+        tgt_start,
+        tgt_end,
+        dw,
+        n_cols,
+        d,
+        xs.stride(0),
+        w.stride(0),
+        dw.stride(0),
+        **_meta(tiles, xs.dtype, True),
     )
     return dw
 
@@ -515,5 +686,6 @@ def grouped_lse_triton(x, w, row_group, col_offsets, target_col, tiles: Tiles | 
         raise ValueError(f"x [R, d] and w [N, d] must share d, got {shapes}")
     if row_group.shape != (x.shape[0],) or target_col.shape != (x.shape[0],):
         raise ValueError("row_group and target_col must have one entry per row of x")
-    return _GroupedLSETriton.apply(x, w, row_group, col_offsets, target_col,
-                                   tiles or default_tiles(x.shape[1], x.device))
+    return _GroupedLSETriton.apply(
+        x, w, row_group, col_offsets, target_col, tiles or default_tiles(x.shape[1], x.device)
+    )

@@ -8,8 +8,8 @@ builder can sort all records by super-class before reading a single image.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from PIL import Image
 
@@ -79,7 +79,11 @@ def jpeg_loader(path, shorter_side: int = 256, quality: int = 90) -> Callable[[]
                     return data
                 if short > shorter_side:
                     scale = shorter_side / short
-                    size = (shorter_side, max(1, round(height * scale))) if width <= height else (max(1, round(width * scale)), shorter_side)
+                    size = (
+                        (shorter_side, max(1, round(height * scale)))
+                        if width <= height
+                        else (max(1, round(width * scale)), shorter_side)
+                    )
                     # JPEG decoders can scale by 1/2, 1/4, 1/8 while decoding (never below `size`):
                     # most of the work for large photos saved before the exact resize.
                     image.draft("RGB", size)

@@ -57,7 +57,9 @@ def _load_pickle(path: Path) -> dict:
         with open(path, "rb") as f:
             data = pickle.load(f, encoding="bytes")
     except FileNotFoundError:
-        raise SourceError(f"{path}: file not found (expected the CIFAR-100 python version: train, test, meta)") from None
+        raise SourceError(
+            f"{path}: file not found (expected the CIFAR-100 python version: train, test, meta)"
+        ) from None
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError) as err:
         raise SourceError(f"{path}: not a readable pickle ({type(err).__name__}: {err})") from None
     if not isinstance(data, dict):
@@ -94,7 +96,10 @@ def _read_split(path: Path):
     except (TypeError, ValueError) as err:
         raise SourceError(f"{path}: labels are not lists of integers ({err})") from None
     # File names only label the records' origin; a copy without them still loads.
-    filenames = [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in data.get(b"filenames", [b""] * len(images))]
+    filenames = [
+        n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n)
+        for n in data.get(b"filenames", [b""] * len(images))
+    ]
     for key, values in ((b"fine_labels", fine), (b"coarse_labels", coarse), (b"filenames", filenames)):
         if len(values) != len(images):
             raise SourceError(f"{path}: {len(values)} entries in {key!r} for {len(images)} rows of b'data'")
@@ -128,7 +133,8 @@ def open_cifar100(root: str) -> Collection:
             seen = fine_to_coarse.setdefault(f, (c, f"{base / split} item {i}"))
             if seen[0] != c:
                 raise SourceError(
-                    f"{base / split}: item {i}: fine class {f} ({fine_names[f]}) has coarse label {c} ({coarse_names[c]}), "
+                    f"{base / split}: item {i}: fine class {f} ({fine_names[f]}) has coarse label {c} "
+                    f"({coarse_names[c]}), "
                     f"but coarse label {seen[0]} ({coarse_names[seen[0]]}) at {seen[1]}"
                 )
     fine_to_super = []

@@ -26,7 +26,7 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
             data = f.read()
     except FileNotFoundError:
         raise SourceError(f"{path}: file not found (apt-get install dataset-fashion-mnist, or pass --root)") from None
-    got, = struct.unpack(">I", data[:4])
+    (got,) = struct.unpack(">I", data[:4])
     if got != magic:
         raise SourceError(f"{path}: not an IDX file of the expected kind (magic {got:#x}, expected {magic:#x})")
     ndim = magic & 0xFF
@@ -44,7 +44,9 @@ def _find(root: Path, stem: str) -> Path:
     return root / (stem + ".gz")
 
 
-def open_fashion_mnist(root: str = DEFAULT_ROOT, limit_per_split: int | None = None, limit_train: int | None = None) -> Collection:
+def open_fashion_mnist(
+    root: str = DEFAULT_ROOT, limit_per_split: int | None = None, limit_train: int | None = None
+) -> Collection:
     """limit_per_split: only the first N images of each split; limit_train: of the train split
     only (a small training set measured on the whole test split)."""
     base = Path(root)
@@ -63,6 +65,14 @@ def open_fashion_mnist(root: str = DEFAULT_ROOT, limit_per_split: int | None = N
             fine = int(labels[i])
             if fine >= len(FINE_NAMES):
                 raise SourceError(f"{labels_path}: item {i}: label {fine} out of range 0..9")
-            records.append(Record(FINE_TO_SUPER[fine], fine, (lambda a=images[i]: encode_png(Image.fromarray(a))), "png", f"{images_path.name}#{i}"))
+            records.append(
+                Record(
+                    FINE_TO_SUPER[fine],
+                    fine,
+                    (lambda a=images[i]: encode_png(Image.fromarray(a))),
+                    "png",
+                    f"{images_path.name}#{i}",
+                )
+            )
         collection.splits[split] = records
     return collection

@@ -50,8 +50,15 @@ def open_manifest(path: str) -> Collection:
     manifest = Path(path)
     if not manifest.exists():
         raise SourceError(f"{manifest}: manifest not found")
-    table = pq.read_table(manifest) if manifest.suffix == ".parquet" else pacsv.read_csv(
-        manifest, convert_options=pacsv.ConvertOptions(strings_can_be_null=False, column_types={c: "string" for c in ("path", "super", "fine", "split")})
+    table = (
+        pq.read_table(manifest)
+        if manifest.suffix == ".parquet"
+        else pacsv.read_csv(
+            manifest,
+            convert_options=pacsv.ConvertOptions(
+                strings_can_be_null=False, column_types={c: "string" for c in ("path", "super", "fine", "split")}
+            ),
+        )
     )
     for column in ("path", "super"):
         if column not in table.column_names:

@@ -58,7 +58,9 @@ def open_pets(root: str, shorter_side: int = 256, jpeg_quality: int = 90) -> Col
         for where, name, breed, class_id, species in _parse(annotations / file, images):
             seen = labels.setdefault(name, (class_id, species, where))
             if seen[:2] != (class_id, species):
-                raise SourceError(f"{where}: {name} has CLASS-ID {class_id} SPECIES {species}, but {seen[0]} {seen[1]} at {seen[2]}")
+                raise SourceError(
+                    f"{where}: {name} has CLASS-ID {class_id} SPECIES {species}, but {seen[0]} {seen[1]} at {seen[2]}"
+                )
             known = breeds.setdefault(class_id, (breed, species, where))
             if known[:2] != (breed, species):
                 raise SourceError(
@@ -67,7 +69,9 @@ def open_pets(root: str, shorter_side: int = 256, jpeg_quality: int = 90) -> Col
                 )
             if split is not None:
                 if name in split_of:
-                    raise SourceError(f"{where}: {name} is already listed at {split_of[name]} (the splits must not share images)")
+                    raise SourceError(
+                        f"{where}: {name} is already listed at {split_of[name]} (the splits must not share images)"
+                    )
                 split_of[name] = where
                 rows[split].append((where, name, class_id))
 
@@ -82,7 +86,13 @@ def open_pets(root: str, shorter_side: int = 256, jpeg_quality: int = 90) -> Col
     )
     for split, split_rows in rows.items():
         collection.splits[split] = [
-            Record(breeds[class_id][1] - 1, fine_of[class_id], jpeg_loader(images / f"{name}.jpg", shorter_side, jpeg_quality), "jpg", f"{where} {name}")
+            Record(
+                breeds[class_id][1] - 1,
+                fine_of[class_id],
+                jpeg_loader(images / f"{name}.jpg", shorter_side, jpeg_quality),
+                "jpg",
+                f"{where} {name}",
+            )
             for where, name, class_id in split_rows
         ]
     return collection

@@ -52,7 +52,14 @@ def _parse(path: Path, root: Path):
         yield where, class_id, super_id, folder.removesuffix("_final"), image
 
 
-def open_sop(root: str, split: str = "paper", seed: int = 0, train_size: int = 80000, shorter_side: int = 256, jpeg_quality: int = 90) -> Collection:
+def open_sop(
+    root: str,
+    split: str = "paper",
+    seed: int = 0,
+    train_size: int = 80000,
+    shorter_side: int = 256,
+    jpeg_quality: int = 90,
+) -> Collection:
     if split not in ("paper", "standard"):
         raise ValueError(f"sop: split must be 'paper' or 'standard', got {split!r}")
     base = Path(root)
@@ -64,10 +71,14 @@ def open_sop(root: str, split: str = "paper", seed: int = 0, train_size: int = 8
         for where, class_id, super_id, name, image in _parse(base / file, base):
             known = super_name.setdefault(super_id, (name, where))
             if known[0] != name:
-                raise SourceError(f"{where}: super_class_id {super_id} is folder {name!r}, but {known[0]!r} at {known[1]}")
+                raise SourceError(
+                    f"{where}: super_class_id {super_id} is folder {name!r}, but {known[0]!r} at {known[1]}"
+                )
             owner = class_super.setdefault(class_id, (super_id, where))
             if owner[0] != super_id:
-                raise SourceError(f"{where}: class_id {class_id} under super_class_id {super_id}, but under {owner[0]} at {owner[1]}")
+                raise SourceError(
+                    f"{where}: class_id {class_id} under super_class_id {super_id}, but under {owner[0]} at {owner[1]}"
+                )
             if image in seen_images:
                 raise SourceError(f"{where}: {image} is already listed at {seen_images[image]}")
             seen_images[image] = where
@@ -88,7 +99,8 @@ def open_sop(root: str, split: str = "paper", seed: int = 0, train_size: int = 8
     else:
         if isinstance(train_size, bool) or not isinstance(train_size, int) or not 0 < train_size < len(pool):
             raise ValueError(
-                f"sop: train_size must be an integer with 0 < train_size < {len(pool)} (the images in {FILES['train']} and "
+                f"sop: train_size must be an integer with 0 < train_size < {len(pool)} (the images in "
+                f"{FILES['train']} and "
                 f"{FILES['test']} together), got {train_size!r}"
             )
         chosen = np.zeros(len(pool), dtype=bool)
@@ -97,6 +109,12 @@ def open_sop(root: str, split: str = "paper", seed: int = 0, train_size: int = 8
 
     collection.splits = {"train": [], "test": []}
     for to, (_, where, class_id, super_id, image) in zip(assignment, pool):
-        record = Record(super_of[super_id], fine_of[class_id], jpeg_loader(base / image, shorter_side, jpeg_quality), "jpg", f"{where} {image}")
+        record = Record(
+            super_of[super_id],
+            fine_of[class_id],
+            jpeg_loader(base / image, shorter_side, jpeg_quality),
+            "jpg",
+            f"{where} {image}",
+        )
         collection.splits[to].append(record)
     return collection

@@ -57,6 +57,8 @@ def open_synthetic(
                 box = _paste(rng, canvas, big[fine // fine_per_super], None)
                 _paste(rng, canvas, small[fine], box)
                 png = encode_png(Image.fromarray(canvas))
-                records.append(Record(fine // fine_per_super, fine, (lambda b=png: b), "png", f"synthetic {split} fine{fine} #{k}"))
+                records.append(
+                    Record(fine // fine_per_super, fine, (lambda b=png: b), "png", f"synthetic {split} fine{fine} #{k}")
+                )
         collection.splits[split] = records
     return collection

@@ -14,8 +14,20 @@ class TinyRuns:
         tiny_synthetic(self.shards)
 
     def args(self, name, *extra):
-        return [*TINY_TRAINING, "--set", f"data.shards={self.shards}", "--set", f"output_dir={self.root / 'runs'}",
-                "--set", f"name={name}", "--set", "optim.milestones=[2]", "--set", "checkpoint.every_epochs=1", *extra]
+        return [
+            *TINY_TRAINING,
+            "--set",
+            f"data.shards={self.shards}",
+            "--set",
+            f"output_dir={self.root / 'runs'}",
+            "--set",
+            f"name={name}",
+            "--set",
+            "optim.milestones=[2]",
+            "--set",
+            "checkpoint.every_epochs=1",
+            *extra,
+        ]
 
     def train(self, name, *extra, num_gpus=2, check=True):
         return deepspeed_train(self.root, *self.args(name, *extra), num_gpus=num_gpus, check=check)

@@ -11,10 +11,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from fgdist.data import EvalStream, collate, deal, shard_urls  # noqa: E402
-from launcher.train import parse_args  # noqa: E402
 from fgdist.config import load_config  # noqa: E402
+from fgdist.data import EvalStream, collate, deal, shard_urls  # noqa: E402
 from fgdist.trainer import Trainer  # noqa: E402
+from launcher.train import parse_args  # noqa: E402
 
 
 def fixed_batch_loss(trainer: Trainer) -> float:

@@ -37,7 +37,9 @@ def test_rank_killed_mid_epoch_resumes_to_the_same_result(tiny_runs, straight_ru
     assert_same_metrics(straight_run, resumed)
     assert resumed["mlflow_run_id"] == first_run
     client = mlflow.MlflowClient(f"sqlite:///{tiny_runs.root}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id], "attributes.run_name = 'kill_step'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("synthetic").experiment_id], "attributes.run_name = 'kill_step'"
+    )
     assert len(runs) == 1  # no duplicate run
     steps = sorted({m.step for m in client.get_metric_history(first_run, "loss")})
     assert steps == list(range(1, 7))  # steps continue, not reset
@@ -56,8 +58,17 @@ def test_rank_killed_while_writing_a_checkpoint_never_leaves_it_valid(tiny_runs,
 
 def probe(tiny_runs, name, checkpoint, epochs, num_gpus):
     port = free_port()
-    cmd = ["deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(port), str(REPO / "tests" / "integration" / "elastic_probe.py"),
-           *tiny_runs.args(name, "--set", f"optim.epochs={epochs}"), "--resume", str(checkpoint)]
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        str(num_gpus),
+        "--master_port",
+        str(port),
+        str(REPO / "tests" / "integration" / "elastic_probe.py"),
+        *tiny_runs.args(name, "--set", f"optim.epochs={epochs}"),
+        "--resume",
+        str(checkpoint),
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_runs.root}/mlflow.db"}
     proc = subprocess.run(cmd, cwd=tiny_runs.root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -102,7 +113,9 @@ def test_corrupt_samples_fail_or_are_skipped_and_counted(tiny_runs):
     proc = tiny_runs.train("corrupt_fail", "--set", "optim.epochs=1", "--set", f"data.shards={bad}", check=False)
     assert proc.returncode != 0
     assert re.search(r"train-000000.tar: sample 0000000000: cannot decode image", proc.stdout + proc.stderr)
-    tiny_runs.train("corrupt_skip", "--set", "optim.epochs=2", "--set", f"data.shards={bad}", "--set", "data.on_corrupt=skip")
+    tiny_runs.train(
+        "corrupt_skip", "--set", "optim.epochs=2", "--set", f"data.shards={bad}", "--set", "data.on_corrupt=skip"
+    )
     run_id = tiny_runs.results("corrupt_skip")["mlflow_run_id"]
     history = mlflow.MlflowClient(f"sqlite:///{tiny_runs.root}/mlflow.db").get_metric_history(run_id, "corrupt_skipped")
     assert history and max(m.value for m in history) >= 2  # once per epoch, logged, never silent

@@ -46,7 +46,9 @@ def global_batch(sizes):
     gen = torch.Generator().manual_seed(1)
     n = sum(sizes)
     # Pick rows so that each of the two ranks owns exactly half of them (by instance id).
-    inst = torch.cat([torch.randperm(9, generator=gen)[: BATCH // 2], 9 + torch.randperm(n - 9, generator=gen)[: BATCH // 2]])
+    inst = torch.cat(
+        [torch.randperm(9, generator=gen)[: BATCH // 2], 9 + torch.randperm(n - 9, generator=gen)[: BATCH // 2]]
+    )
     bounds = torch.tensor(sizes).cumsum(0)
     sup = torch.bucketize(inst, bounds, right=True)
     fine = (inst * 7) % 6
@@ -55,7 +57,10 @@ def global_batch(sizes):
 
 
 def run_case(sizes, objective, routing, rank, world):
-    cfg = validate({"objective": {"name": objective, "lambda_I": 0.7}, "data": {"routing": routing}, "head": {"kernel": "torch"}}, "test")
+    cfg = validate(
+        {"objective": {"name": objective, "lambda_I": 0.7}, "data": {"routing": routing}, "head": {"kernel": "torch"}},
+        "test",
+    )
     manifest = manifest_with_sizes(sizes, num_fine=6)
     plan = make_plan(manifest, world)
     net = TinyNet(len(sizes), 6)

@@ -34,11 +34,27 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = self.root / f"server-{self.port}.log"
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root}/db.sqlite",
-               "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts"),
-               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.root}/db.sqlite",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
         with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True
+            )
 
     def wait_healthy(self, timeout: float = 240) -> None:
         deadline = time.time() + timeout
@@ -52,7 +68,9 @@ class Server:
             except OSError:
                 pass
             time.sleep(0.3)
-        raise TimeoutError(f"mlflow server at {self.url} not healthy after {timeout} s:\n{self.log.read_text()[-3000:]}")
+        raise TimeoutError(
+            f"mlflow server at {self.url} not healthy after {timeout} s:\n{self.log.read_text()[-3000:]}"
+        )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -70,8 +88,29 @@ class Server:
 
 
 def build_shards(out: Path, train_per_fine: int) -> Path:
-    subprocess.run([sys.executable, "-m", "shards", "build", "--source", "synthetic", "--out", str(out), "--quiet",
-                    "--opt", "num_super=4", "--opt", "fine_per_super=2", "--opt", f"train_per_fine={train_per_fine}", "--opt", "test_per_fine=2"], check=True, cwd=REPO)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shards",
+            "build",
+            "--source",
+            "synthetic",
+            "--out",
+            str(out),
+            "--quiet",
+            "--opt",
+            "num_super=4",
+            "--opt",
+            "fine_per_super=2",
+            "--opt",
+            f"train_per_fine={train_per_fine}",
+            "--opt",
+            "test_per_fine=2",
+        ],
+        check=True,
+        cwd=REPO,
+    )
     return out
 
 
@@ -90,18 +129,54 @@ def env(tmp_path_factory):
         server.kill()
 
 
-def launch(workdir: Path, shards: Path, uri: str, experiment: str, *overrides: str, env_extra: dict | None = None, out=None, err=None):
+def launch(
+    workdir: Path,
+    shards: Path,
+    uri: str,
+    experiment: str,
+    *overrides: str,
+    env_extra: dict | None = None,
+    out=None,
+    err=None,
+):
     """launcher/train.py under the real DeepSpeed launcher: 2 CPU ranks, tiny model."""
-    args = ["--config", str(REPO / "configs" / "synthetic_cpu.json"), "--set", f"data.shards={shards}", "--set", "model.width=8",
-            "--set", "data.batch_size=8", "--set", "data.num_workers=1", "--set", f"output_dir={workdir / 'runs'}",
-            "--set", f"tracking.uri={uri}", "--set", f"tracking.experiment={experiment}", "--set", "tracking.log_every_steps=1"]
+    args = [
+        "--config",
+        str(REPO / "configs" / "synthetic_cpu.json"),
+        "--set",
+        f"data.shards={shards}",
+        "--set",
+        "model.width=8",
+        "--set",
+        "data.batch_size=8",
+        "--set",
+        "data.num_workers=1",
+        "--set",
+        f"output_dir={workdir / 'runs'}",
+        "--set",
+        f"tracking.uri={uri}",
+        "--set",
+        f"tracking.experiment={experiment}",
+        "--set",
+        "tracking.log_every_steps=1",
+    ]
     for o in overrides:
         args += ["--set", o]
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "launcher" / "train.py"), *args]
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "launcher" / "train.py"),
+        *args,
+    ]
     environ = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     environ.update({"CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", **(env_extra or {})})
     workdir.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(cmd, cwd=workdir, env=environ, stdout=out or subprocess.PIPE, stderr=err or subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd, cwd=workdir, env=environ, stdout=out or subprocess.PIPE, stderr=err or subprocess.PIPE, text=True
+    )
 
 
 def artifact_paths(client, run_id, folder=None):
@@ -112,7 +187,9 @@ def artifact_paths(client, run_id, folder=None):
 def test_training_run_reads_back_from_the_server(env, tmp_path):
     root, server, shards = env
     server.ensure_running()
-    proc = launch(tmp_path, shards["small"], server.url, "served", "name=served", "optim.epochs=1", "checkpoint.every_epochs=1")
+    proc = launch(
+        tmp_path, shards["small"], server.url, "served", "name=served", "optim.epochs=1", "checkpoint.every_epochs=1"
+    )
     stdout, stderr = proc.communicate(timeout=420)
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert WARNING not in stdout + stderr
@@ -132,12 +209,22 @@ def test_training_run_reads_back_from_the_server(env, tmp_path):
     assert all(np.isfinite(m.value) and m.value > 0 for m in loss)
 
     paths = set(artifact_paths(client, run.info.run_id))
-    assert {"config.json", "plan.json", "results.json", "results.md", "pictures/attention.png", "pictures/retrieval.png"} <= paths
+    assert {
+        "config.json",
+        "plan.json",
+        "results.json",
+        "results.md",
+        "pictures/attention.png",
+        "pictures/retrieval.png",
+    } <= paths
     local = client.download_artifacts(run.info.run_id, "pictures/retrieval.png", str(tmp_path))
     assert Path(local).read_bytes() == (run_dir / "pictures" / "retrieval.png").read_bytes()
     with Image.open(local) as img:
         assert img.format == "PNG" and img.width > 500
-    assert json.loads(Path(client.download_artifacts(run.info.run_id, "config.json", str(tmp_path))).read_text())["name"] == "served"
+    assert (
+        json.loads(Path(client.download_artifacts(run.info.run_id, "config.json", str(tmp_path))).read_text())["name"]
+        == "served"
+    )
     # Artifacts went through the server's proxy into its artifacts destination.
     assert list((root / "artifacts").glob(f"**/{run.info.run_id}/**/attention.png"))
 
@@ -157,7 +244,18 @@ def test_server_going_away_mid_run(env, tmp_path):
     # MLflow's HTTP defaults (7 retries, exponential backoff) hold the first failed call and
     # MLflow's own end-of-process end_run for ~4 minutes each; no retries keeps the same path fast.
     fast_fail = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    proc = launch(tmp_path, shards["longer"], server.url, "gone", "name=gone", "optim.epochs=3", "checkpoint.every_epochs=0", env_extra=fast_fail, out=out, err=err)
+    proc = launch(
+        tmp_path,
+        shards["longer"],
+        server.url,
+        "gone",
+        "name=gone",
+        "optim.epochs=3",
+        "checkpoint.every_epochs=0",
+        env_extra=fast_fail,
+        out=out,
+        err=err,
+    )
     try:
         client = MlflowClient(server.url)
         deadline = time.time() + 300

@@ -14,11 +14,57 @@ from tests.helpers import free_port
 
 # (run name, objective, lambda_I, final metrics); `indi` has no super head, so no super top-k.
 RUNS = [
-    ("eff-a", "base_indi_eff", 0.5, {"super_top1": 86.5, "super_top5": 99.0, "super_recall_at_1": 80.25, "super_recall_at_8": 95.0, "fine_recall_at_1": 56.62, "fine_recall_at_8": 81.0}),
-    ("indi-a", "indi", 1.0, {"super_recall_at_1": 60.0, "super_recall_at_8": 88.5, "fine_recall_at_1": 40.125, "fine_recall_at_8": 70.0}),
-    ("base-a", "base", 1.0, {"super_top1": 85.6, "super_top5": 98.75, "super_recall_at_1": 82.0, "super_recall_at_8": 96.0, "fine_recall_at_1": 37.06, "fine_recall_at_8": 66.0}),
-    ("fine-a", "fine", 1.0, {"super_recall_at_1": 84.0, "super_recall_at_8": 97.0, "fine_recall_at_1": 71.77, "fine_recall_at_8": 90.0}),
-    ("bi-a", "base_indi", 2.0, {"super_top1": 86.27, "super_top5": 99.5, "super_recall_at_1": 81.0, "super_recall_at_8": 95.5, "fine_recall_at_1": 56.95, "fine_recall_at_8": 82.0}),
+    (
+        "eff-a",
+        "base_indi_eff",
+        0.5,
+        {
+            "super_top1": 86.5,
+            "super_top5": 99.0,
+            "super_recall_at_1": 80.25,
+            "super_recall_at_8": 95.0,
+            "fine_recall_at_1": 56.62,
+            "fine_recall_at_8": 81.0,
+        },
+    ),
+    (
+        "indi-a",
+        "indi",
+        1.0,
+        {"super_recall_at_1": 60.0, "super_recall_at_8": 88.5, "fine_recall_at_1": 40.125, "fine_recall_at_8": 70.0},
+    ),
+    (
+        "base-a",
+        "base",
+        1.0,
+        {
+            "super_top1": 85.6,
+            "super_top5": 98.75,
+            "super_recall_at_1": 82.0,
+            "super_recall_at_8": 96.0,
+            "fine_recall_at_1": 37.06,
+            "fine_recall_at_8": 66.0,
+        },
+    ),
+    (
+        "fine-a",
+        "fine",
+        1.0,
+        {"super_recall_at_1": 84.0, "super_recall_at_8": 97.0, "fine_recall_at_1": 71.77, "fine_recall_at_8": 90.0},
+    ),
+    (
+        "bi-a",
+        "base_indi",
+        2.0,
+        {
+            "super_top1": 86.27,
+            "super_top5": 99.5,
+            "super_recall_at_1": 81.0,
+            "super_recall_at_8": 95.5,
+            "fine_recall_at_1": 56.95,
+            "fine_recall_at_8": 82.0,
+        },
+    ),
 ]
 ORDER = ["base-a", "fine-a", "indi-a", "bi-a", "eff-a"]  # base, fine, indi, base_indi, base_indi_eff
 
@@ -36,7 +82,9 @@ def store(tmp_path_factory):
         ids = {}
         for i, (name, objective, lam, final) in enumerate(RUNS):
             with mlflow.start_run(run_name=name) as run:
-                mlflow.log_params({"objective.name": objective, "objective.lambda_I": str(lam), "data.shards": "data/synthetic"})
+                mlflow.log_params(
+                    {"objective.name": objective, "objective.lambda_I": str(lam), "data.shards": "data/synthetic"}
+                )
                 if i % 2 == 0:  # the others are read from the params alone
                     mlflow.set_tags({"objective": objective, "dataset": "data/synthetic", "lambda_I": str(lam)})
                 for step in range(1, 6):
@@ -65,9 +113,27 @@ def test_printed_table_holds_latest_metrics(store, tmp_path, capsys):
     assert main(["--experiment", "cmp", "--tracking-uri", uri, "--out", str(tmp_path)]) == 0
     table, order, header = parse_markdown(capsys.readouterr().out)
     assert order == ORDER
-    assert header == ["run", "objective", "data set", "lambda_I", "super top-1", "super top-5", "super R@1", "super R@8", "fine R@1", "fine R@8"]
+    assert header == [
+        "run",
+        "objective",
+        "data set",
+        "lambda_I",
+        "super top-1",
+        "super top-5",
+        "super R@1",
+        "super R@8",
+        "fine R@1",
+        "fine R@8",
+    ]
     client = MlflowClient(uri)
-    titles = {"super_top1": "super top-1", "super_top5": "super top-5", "super_recall_at_1": "super R@1", "super_recall_at_8": "super R@8", "fine_recall_at_1": "fine R@1", "fine_recall_at_8": "fine R@8"}
+    titles = {
+        "super_top1": "super top-1",
+        "super_top5": "super top-5",
+        "super_recall_at_1": "super R@1",
+        "super_recall_at_8": "super R@8",
+        "fine_recall_at_1": "fine R@1",
+        "fine_recall_at_8": "fine R@8",
+    }
     for name, objective, lam, final in RUNS:
         row = table[name]
         logged = client.get_run(ids[name]).data.metrics
@@ -90,7 +156,14 @@ def test_csv_and_plots(store, tmp_path):
     assert [r["run"] for r in rows] == ORDER
     by_name = {r["run"]: r for r in rows}
     for name, _, _, final in RUNS:
-        for key in ("super_top1", "super_top5", "super_recall_at_1", "super_recall_at_8", "fine_recall_at_1", "fine_recall_at_8"):
+        for key in (
+            "super_top1",
+            "super_top5",
+            "super_recall_at_1",
+            "super_recall_at_8",
+            "fine_recall_at_1",
+            "fine_recall_at_8",
+        ):
             assert by_name[name][key] == (repr(final[key]) if key in final else ""), (name, key)
     for png in ("recall_at_k.png", "training_curves.png"):
         with Image.open(tmp_path / png) as img:
@@ -103,7 +176,22 @@ def test_csv_and_plots(store, tmp_path):
 
 def test_selected_runs_and_library_table(store, tmp_path, capsys):
     uri, ids = store
-    assert main(["--experiment", "cmp", "--tracking-uri", uri, "--out", str(tmp_path), "--runs", ids["eff-a"], ids["base-a"]]) == 0
+    assert (
+        main(
+            [
+                "--experiment",
+                "cmp",
+                "--tracking-uri",
+                uri,
+                "--out",
+                str(tmp_path),
+                "--runs",
+                ids["eff-a"],
+                ids["base-a"],
+            ]
+        )
+        == 0
+    )
     _, order, _ = parse_markdown(capsys.readouterr().out)
     assert order == ["base-a", "eff-a"]
     columns, rows = comparison_table(load_runs(MlflowClient(uri), "cmp"))

@@ -16,15 +16,18 @@ def write(tmp_path, raw):
     return path
 
 
-@pytest.mark.parametrize("raw, key", [
-    ({"optim": {"lrr": 0.1}}, "optim.lrr"),
-    ({"optim": {"lr": "0.1"}}, "optim.lr"),
-    ({"data": {"batch_size": 1.5}}, "data.batch_size"),
-    ({"data": {"routing": "random"}}, "data.routing"),
-    ({"objective": {"name": "indi_eff"}}, "objective.name"),
-    ({"bogus": 1}, "bogus"),
-    ({"head": {"kernel": "cuda"}}, "head.kernel"),
-])
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"optim": {"lrr": 0.1}}, "optim.lrr"),
+        ({"optim": {"lr": "0.1"}}, "optim.lr"),
+        ({"data": {"batch_size": 1.5}}, "data.batch_size"),
+        ({"data": {"routing": "random"}}, "data.routing"),
+        ({"objective": {"name": "indi_eff"}}, "objective.name"),
+        ({"bogus": 1}, "bogus"),
+        ({"head": {"kernel": "cuda"}}, "head.kernel"),
+    ],
+)
 def test_bad_key_or_type_is_an_error_naming_the_key(tmp_path, raw, key):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, raw))
@@ -58,7 +61,9 @@ def test_shipped_configs_validate(path):
 
 def test_sop_8gpu_is_the_paper_recipe():
     cfg = load_config(CONFIGS / "sop_8gpu.json")
-    assert cfg.optim.epochs == 90 and cfg.optim.lr == 0.1 and cfg.optim.milestones == [30, 60] and cfg.optim.gamma == 0.1
+    assert (
+        cfg.optim.epochs == 90 and cfg.optim.lr == 0.1 and cfg.optim.milestones == [30, 60] and cfg.optim.gamma == 0.1
+    )
     assert cfg.data.augment == "resized_crop_flip" and cfg.data.image_size == 224 and cfg.model.stem == "imagenet"
     assert cfg.deepspeed["bf16"]["enabled"] is True
     assert cfg.objective.name == "base_indi_eff"

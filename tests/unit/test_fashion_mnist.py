@@ -31,7 +31,12 @@ def test_limit_train_keeps_the_whole_test_split():
 
 
 def test_truncated_idx_file_names_the_file(tmp_path):
-    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+    for name in (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ):
         data = gzip.open(Path(DEFAULT_ROOT) / name).read()
         if name == "train-images-idx3-ubyte.gz":
             data = data[:5000]

@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fgdist.kernels import grouped_lse
-from fgdist.kernels import reference
+from fgdist.kernels import grouped_lse, reference
 
 
 def random_problem(seed, rows=37, d=45, sizes=(1, 60, 17, 120, 3), dtype=torch.float64):

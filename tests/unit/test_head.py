@@ -27,7 +27,9 @@ def heads(world, optim=None, lr_mult=1.0, steps_per_epoch=4):
 
 def line(hs, what="weight"):
     """The concatenation of the heads' columns, in rank order."""
-    return torch.cat([h.weight.detach() if what == "weight" else h.optimizer.state[h.weight]["momentum_buffer"] for h in hs])
+    return torch.cat(
+        [h.weight.detach() if what == "weight" else h.optimizer.state[h.weight]["momentum_buffer"] for h in hs]
+    )
 
 
 @pytest.fixture
@@ -60,7 +62,9 @@ def test_head_columns_are_the_same_on_1_2_and_3_ranks(small_init_block):
 
 def test_default_init_block_cut_inside_a_block():
     # The real INIT_BLOCK (65536) with a cut that falls inside its first block.
-    assert torch.equal(torch.cat([init_columns(0, 1000, 4, 2), init_columns(1000, 2500, 4, 2)]), init_columns(0, 2500, 4, 2))
+    assert torch.equal(
+        torch.cat([init_columns(0, 1000, 4, 2), init_columns(1000, 2500, 4, 2)]), init_columns(0, 2500, 4, 2)
+    )
 
 
 OPTIM = OptimConfig(lr=0.1, momentum=0.9, weight_decay=5e-4, milestones=[1, 2], gamma=0.5)

@@ -65,8 +65,12 @@ def test_pretrained_needs_the_standard_width(tmp_path):
 
 def _spatial_sizes(net, x):
     sizes = {}
-    hooks = [getattr(net, name).register_forward_hook(lambda m, i, o, name=name: sizes.__setitem__(name, tuple(o.shape[-2:])))
-             for name in ("layer1", "layer2", "layer3", "layer4")]
+    hooks = [
+        getattr(net, name).register_forward_hook(
+            lambda m, i, o, name=name: sizes.__setitem__(name, tuple(o.shape[-2:]))
+        )
+        for name in ("layer1", "layer2", "layer3", "layer4")
+    ]
     out = net(x)
     for h in hooks:
         h.remove()

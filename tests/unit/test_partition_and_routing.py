@@ -41,14 +41,35 @@ def test_world_size_larger_than_instances_is_an_error():
 def uneven(tmp_path_factory):
     """6 super-classes of 6 images, shards of at most 4: boundaries fall inside shards."""
     out = tmp_path_factory.mktemp("routing") / "syn"
-    build_shards(open_synthetic(num_super=6, fine_per_super=2, train_per_fine=3, test_per_fine=1, image_size=16, big_patch=6, small_patch=3), out, shard_size=4, progress=False)
+    build_shards(
+        open_synthetic(
+            num_super=6, fine_per_super=2, train_per_fine=3, test_per_fine=1, image_size=16, big_patch=6, small_patch=3
+        ),
+        out,
+        shard_size=4,
+        progress=False,
+    )
     return open_split(out, "train")
 
 
 def epoch_ids(split, world, routing, workers, batch=4):
-    cfg = validate({"data": {"routing": routing, "batch_size": batch, "num_workers": workers, "shuffle_buffer": 5, "image_size": 16}}, "test").data
+    cfg = validate(
+        {
+            "data": {
+                "routing": routing,
+                "batch_size": batch,
+                "num_workers": workers,
+                "shuffle_buffer": 5,
+                "image_size": 16,
+            }
+        },
+        "test",
+    ).data
     plan = make_plan(split.manifest, world)
-    per_rank = [[i for b in train_batches(split, plan, cfg, r, epoch=0, seed=0) for i in b["instance"].tolist()] for r in range(world)]
+    per_rank = [
+        [i for b in train_batches(split, plan, cfg, r, epoch=0, seed=0) for i in b["instance"].tolist()]
+        for r in range(world)
+    ]
     return plan, per_rank
 
 
@@ -76,7 +97,10 @@ def test_tars_read_through_a_pipe_url_give_the_same_stream(uneven):
     """data.shards_url: tars come from any URL WebDataset opens (here `pipe:cat`), manifests
     from the local copy."""
     local = validate({"data": {"batch_size": 4, "num_workers": 0, "image_size": 16}}, "t").data
-    piped = validate({"data": {"batch_size": 4, "num_workers": 0, "image_size": 16, "shards_url": f"pipe:cat {uneven.path.parent}"}}, "t").data
+    piped = validate(
+        {"data": {"batch_size": 4, "num_workers": 0, "image_size": 16, "shards_url": f"pipe:cat {uneven.path.parent}"}},
+        "t",
+    ).data
     plan = make_plan(uneven.manifest, 2)
     a = [b["instance"].tolist() for b in train_batches(uneven, plan, local, 1, epoch=0, seed=0)]
     b = [b["instance"].tolist() for b in train_batches(uneven, plan, piped, 1, epoch=0, seed=0)]

@@ -12,7 +12,16 @@ from PIL import Image
 
 from fgdist.config import validate
 from fgdist.model import EmbeddingNet
-from fgdist.pictures import CORRECT, WRONG, attention_maps, embed_split, log_pictures, nearest, pick_queries, read_images
+from fgdist.pictures import (
+    CORRECT,
+    WRONG,
+    attention_maps,
+    embed_split,
+    log_pictures,
+    nearest,
+    pick_queries,
+    read_images,
+)
 from fgdist.shardset import open_split
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,8 +31,29 @@ REPO = Path(__file__).resolve().parents[2]
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("pictures")
     shards = root / "shards"
-    subprocess.run([sys.executable, "-m", "shards", "build", "--source", "synthetic", "--out", str(shards), "--quiet",
-                    "--opt", "num_super=4", "--opt", "fine_per_super=2", "--opt", "train_per_fine=2", "--opt", "test_per_fine=3"], check=True, cwd=REPO)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shards",
+            "build",
+            "--source",
+            "synthetic",
+            "--out",
+            str(shards),
+            "--quiet",
+            "--opt",
+            "num_super=4",
+            "--opt",
+            "fine_per_super=2",
+            "--opt",
+            "train_per_fine=2",
+            "--opt",
+            "test_per_fine=3",
+        ],
+        check=True,
+        cwd=REPO,
+    )
     cfg = validate({"model": {"width": 8}, "data": {"shards": str(shards), "num_workers": 1}}, "test")
     split = open_split(shards, "test")
     torch.manual_seed(0)
@@ -45,7 +75,10 @@ def test_log_pictures_writes_both_grids(setup, tmp_path):
             pixels = np.asarray(img.convert("RGB"))
         assert pixels.std() > 20  # images and heat maps, not an empty canvas
         if p.name == "retrieval.png":
-            outline = {tuple(int(CORRECT[i : i + 2], 16) for i in (1, 3, 5)), tuple(int(WRONG[i : i + 2], 16) for i in (1, 3, 5))}
+            outline = {
+                tuple(int(CORRECT[i : i + 2], 16) for i in (1, 3, 5)),
+                tuple(int(WRONG[i : i + 2], 16) for i in (1, 3, 5)),
+            }
             flat = pixels.reshape(-1, 3)
             assert sum(int((flat == c).all(axis=1).sum()) for c in outline) > 5 * 5 * 4 * 20  # 25 outlined neighbours
     # 5 rows; attention has 3 columns, retrieval 1 query + 5 neighbours.
@@ -70,7 +103,9 @@ def test_neighbours_are_exact_cosine_top5(setup):
     _, cfg, split, model = setup
     queries = pick_queries(split, 4)
     assert len(queries) == 4 and queries == sorted(set(queries))
-    supers = {next(s.id for s in split.manifest.super_classes if s.instance_begin <= q < s.instance_end) for q in queries}
+    supers = {
+        next(s.id for s in split.manifest.super_classes if s.instance_begin <= q < s.instance_end) for q in queries
+    }
     assert len(supers) == 4  # spread over the super-classes
     found = nearest(model, split, cfg.data, queries, k=5, batch_size=5)
     feats, ids = embed_split(model, split, cfg.data, batch_size=9)

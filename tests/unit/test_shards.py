@@ -47,7 +47,26 @@ def test_layout_grouped_by_superclass_with_contiguous_ids(synthetic):
 def test_refuses_existing_output_without_overwrite(synthetic, capsys):
     assert shards_main(["build", "--source", "synthetic", "--out", str(synthetic), "--quiet"]) == 2
     assert "exists" in capsys.readouterr().err
-    assert shards_main(["build", "--source", "synthetic", "--out", str(synthetic), "--quiet", "--overwrite", "--opt", "num_super=2", "--opt", "train_per_fine=1", "--opt", "test_per_fine=1"]) == 0
+    assert (
+        shards_main(
+            [
+                "build",
+                "--source",
+                "synthetic",
+                "--out",
+                str(synthetic),
+                "--quiet",
+                "--overwrite",
+                "--opt",
+                "num_super=2",
+                "--opt",
+                "train_per_fine=1",
+                "--opt",
+                "test_per_fine=1",
+            ]
+        )
+        == 0
+    )
     assert open_split(synthetic, "train").manifest.num_super == 2
 
 
@@ -88,7 +107,10 @@ def test_manifest_source_and_its_errors(tmp_path):
 
 
 def test_folder_source(tmp_path):
-    write_images(tmp_path / "photos", ["train/kettle/red/1.jpg", "train/kettle/blue/2.jpg", "train/mug/white/3.png", "test/mug/white/4.png"])
+    write_images(
+        tmp_path / "photos",
+        ["train/kettle/red/1.jpg", "train/kettle/blue/2.jpg", "train/mug/white/3.png", "test/mug/white/4.png"],
+    )
     c = open_folder(str(tmp_path / "photos"))
     assert c.super_names == ["kettle", "mug"] and c.fine_names == ["kettle/blue", "kettle/red", "mug/white"]
     assert c.fine_to_super == [0, 0, 1] and len(c.splits["test"]) == 1

@@ -37,7 +37,8 @@ CIFAR_FINE_NAMES = [
     "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
     "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
     "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
-    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
+    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger",
+    "tractor",
     "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
 ]  # fmt: skip
 CIFAR_COARSE_NAMES = [
@@ -128,7 +129,14 @@ def _write_cifar_split(path: Path, images: np.ndarray, fine, coarse, filenames=N
 
 def _write_cifar_meta(path: Path, fine_names, coarse_names):
     with open(path, "wb") as f:
-        pickle.dump({b"fine_label_names": [n.encode() for n in fine_names], b"coarse_label_names": [n.encode() for n in coarse_names]}, f, protocol=2)
+        pickle.dump(
+            {
+                b"fine_label_names": [n.encode() for n in fine_names],
+                b"coarse_label_names": [n.encode() for n in coarse_names],
+            },
+            f,
+            protocol=2,
+        )
 
 
 FAKE_FINE = [f"fine{i:02d}" for i in range(100)]
@@ -181,7 +189,14 @@ def test_cifar100_without_coarse_labels_names_the_file(cifar_tree):
         open_cifar100(str(root))
 
 
-@pytest.mark.parametrize("which, value, message", [("fine", 100, "fine label 100 out of range 0..99"), ("coarse", 20, "coarse label 20 out of range 0..19"), ("fine", -1, "fine label -1")])
+@pytest.mark.parametrize(
+    "which, value, message",
+    [
+        ("fine", 100, "fine label 100 out of range 0..99"),
+        ("coarse", 20, "coarse label 20 out of range 0..19"),
+        ("fine", -1, "fine label -1"),
+    ],
+)
 def test_cifar100_label_out_of_range_names_file_and_item(cifar_tree, which, value, message):
     root, arrays = cifar_tree
     images, fine = arrays["train"]
@@ -196,12 +211,16 @@ def test_cifar100_other_bad_inputs(cifar_tree):
     root, arrays = cifar_tree
     images, fine = arrays["test"]
     _write_cifar_split(root / "test", images, fine[:-1], fine % 20)
-    with pytest.raises(SourceError, match=rf"{re.escape(str(root / 'test'))}: 99 entries in b'fine_labels' for 100 rows"):
+    with pytest.raises(
+        SourceError, match=rf"{re.escape(str(root / 'test'))}: 99 entries in b'fine_labels' for 100 rows"
+    ):
         open_cifar100(str(root))
     coarse = fine % 20
     coarse[5] = (coarse[5] + 1) % 20  # fine class with a second coarse label
     _write_cifar_split(root / "test", images, fine, coarse)
-    with pytest.raises(SourceError, match=rf"{re.escape(str(root / 'test'))}: item 5: fine class {fine[5]} .* at .*train item"):
+    with pytest.raises(
+        SourceError, match=rf"{re.escape(str(root / 'test'))}: item 5: fine class {fine[5]} .* at .*train item"
+    ):
         open_cifar100(str(root))
     (root / "test").unlink()
     with pytest.raises(SourceError, match=rf"{re.escape(str(root / 'test'))}: file not found"):
@@ -251,7 +270,9 @@ def test_cifar100_real_test_images(tmp_path):
 
     collection = open_cifar100(str(root))
     # 17 fine classes come from the data, the other 83 from the standard table: all 100 right.
-    assert [CIFAR_COARSE_NAMES[c] for c in collection.fine_to_super] == [cifar_module.STANDARD_COARSE_OF_FINE[n] for n in CIFAR_FINE_NAMES]
+    assert [CIFAR_COARSE_NAMES[c] for c in collection.fine_to_super] == [
+        cifar_module.STANDARD_COARSE_OF_FINE[n] for n in CIFAR_FINE_NAMES
+    ]
     out = tmp_path / "shards"
     build_shards(collection, out, progress=False)
     samples = _read_split(out, "test")
@@ -311,7 +332,7 @@ def _write_pets(root: Path, rows=PETS, extra_lines=()):
     (root / "annotations").mkdir(parents=True)
     (root / "images").mkdir()
     originals = {}
-    for i, (name, class_id, species, breed, _, size, kind) in enumerate(rows):
+    for i, (name, _, _, _, _, size, kind) in enumerate(rows):
         image, data = _pets_image(size, kind, i)
         (root / "images" / f"{name}.jpg").write_bytes(data)
         originals[name] = (image, data)
@@ -333,7 +354,10 @@ def test_pets_builds_species_and_breeds_with_resized_rgb_jpegs(tmp_path):
     out = tmp_path / "shards"
     manifests = build_shards(collection, out, shard_size=2, progress=False)
     assert manifests["train"].num_instances == 5 and manifests["test"].num_instances == 4
-    assert [(c.name, c.instance_end - c.instance_begin) for c in manifests["train"].super_classes] == [("cat", 3), ("dog", 2)]
+    assert [(c.name, c.instance_end - c.instance_begin) for c in manifests["train"].super_classes] == [
+        ("cat", 3),
+        ("dog", 2),
+    ]
     assert manifests["train"].fine_names == manifests["test"].fine_names == collection.fine_names
     fine_of = {1: 0, 2: 1, 5: 2, 6: 3}
     for split in ("train", "test"):
@@ -349,14 +373,19 @@ def test_pets_builds_species_and_breeds_with_resized_rgb_jpegs(tmp_path):
             original, data = originals[name]
             if row[6] == "RGB" and min(row[5]) <= PETS_SHORTER:
                 assert s["bytes"] == data  # an RGB JPEG needing no resize is stored untouched
-            expected = np.asarray(original.convert("RGB").resize(decoded.size, Image.Resampling.BICUBIC), dtype=np.float32)
+            expected = np.asarray(
+                original.convert("RGB").resize(decoded.size, Image.Resampling.BICUBIC), dtype=np.float32
+            )
             assert np.abs(np.asarray(decoded, dtype=np.float32) - expected).mean() < 4
 
 
 def test_pets_list_line_naming_a_missing_image(tmp_path):
     root = tmp_path / "pets"
     _write_pets(root, extra_lines=[("test", "Bengal_99 6 1 2\n")])
-    with pytest.raises(SourceError, match=rf"{re.escape(str(root / 'annotations' / 'test.txt'))}:5: image .*Bengal_99\.jpg does not exist"):
+    with pytest.raises(
+        SourceError,
+        match=rf"{re.escape(str(root / 'annotations' / 'test.txt'))}:5: image .*Bengal_99\.jpg does not exist",
+    ):
         open_pets(str(root))
 
 
@@ -382,7 +411,10 @@ def test_pets_breed_under_two_species_and_missing_list(tmp_path):
     root = tmp_path / "pets"
     rows = PETS + [("Bengal_50", 6, 2, 2, "trainval", (20, 20), "RGB")]
     _write_pets(root, rows=rows)
-    with pytest.raises(SourceError, match=r"list.txt:16: CLASS-ID 6 is breed 'Bengal' of species 2, but 'Bengal' of species 1 at .*list.txt:14"):
+    with pytest.raises(
+        SourceError,
+        match=r"list.txt:16: CLASS-ID 6 is breed 'Bengal' of species 2, but 'Bengal' of species 1 at .*list.txt:14",
+    ):
         open_pets(str(root))
     (root / "annotations" / "list.txt").unlink()
     with pytest.raises(SourceError, match=r"list.txt: file not found"):
@@ -410,7 +442,9 @@ def _write_sop(root: Path, train=SOP_TRAIN, test=SOP_TEST, header=SOP_HEADER, ex
                 rel = f"{folder}/{product}_{k}.JPG"
                 size = tuple(int(v) for v in rng.integers(20, 90, size=2))
                 (root / folder).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)).save(root / rel, format="JPEG")
+                Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)).save(
+                    root / rel, format="JPEG"
+                )
                 sizes[rel] = size
                 lines.append(f"{image_id} {class_id} {super_id} {rel}")
         lines += [t for f, t in extra if f == file]
@@ -428,10 +462,23 @@ def test_sop_paper_split_sizes_determinism_and_shards(tmp_path):
     pool = 24
     collection = open_sop(str(root), split="paper", seed=3, train_size=15, shorter_side=SOP_SHORTER)
     assert collection.super_names == ["bicycle", "chair", "mug"]
-    assert collection.fine_names == ["bicycle/1", "bicycle/2", "chair/3", "mug/4", "bicycle/11319", "chair/11320", "mug/11321"]
+    assert collection.fine_names == [
+        "bicycle/1",
+        "bicycle/2",
+        "chair/3",
+        "mug/4",
+        "bicycle/11319",
+        "chair/11320",
+        "mug/11321",
+    ]
     assert collection.fine_to_super == [0, 0, 1, 2, 0, 1, 2]
     train, test = _sources(collection, "train"), _sources(collection, "test")
-    assert len(train) == 15 and len(test) == pool - 15 and set(train) | set(test) == set(sizes) and not set(train) & set(test)
+    assert (
+        len(train) == 15
+        and len(test) == pool - 15
+        and set(train) | set(test) == set(sizes)
+        and not set(train) & set(test)
+    )
     # A random draw over the pooled files, not the train file first.
     assert set(train) & set(_sources(open_sop(str(root), split="standard"), "test"))
     again = open_sop(str(root), split="paper", seed=3, train_size=15, shorter_side=SOP_SHORTER)
@@ -463,7 +510,11 @@ def test_sop_standard_split_keeps_the_files(tmp_path):
     assert {r.fine_id for r in collection.splits["test"]} == {4, 5, 6}
     out = tmp_path / "shards"
     manifests = build_shards(collection, out, progress=False)
-    assert [(c.name, c.instance_end - c.instance_begin) for c in manifests["test"].super_classes] == [("bicycle", 4), ("chair", 3), ("mug", 5)]
+    assert [(c.name, c.instance_end - c.instance_begin) for c in manifests["test"].super_classes] == [
+        ("bicycle", 4),
+        ("chair", 3),
+        ("mug", 5),
+    ]
     assert manifests["train"].fine_names == manifests["test"].fine_names
     for split in ("train", "test"):
         _read_split(out, split)
@@ -476,8 +527,14 @@ def test_sop_standard_split_keeps_the_files(tmp_path):
         ("99 x 1 bicycle_final/111085122872_0.JPG", "class_id 'x' is not an integer"),
         ("99 1 13 bicycle_final/111085122872_0.JPG", "super_class_id 13 out of range 1..12"),
         ("99 1 1 bicycle_final/missing_0.JPG", "image .*missing_0.JPG does not exist"),
-        ("99 4 1 bicycle_final/111085122872_0.JPG", "class_id 4 under super_class_id 1, but under 8 at .*Ebay_train.txt:11"),
-        ("99 1 3 bicycle_final/111085122872_0.JPG", "super_class_id 3 is folder 'bicycle', but 'chair' at .*Ebay_train.txt:7"),
+        (
+            "99 4 1 bicycle_final/111085122872_0.JPG",
+            "class_id 4 under super_class_id 1, but under 8 at .*Ebay_train.txt:11",
+        ),
+        (
+            "99 1 3 bicycle_final/111085122872_0.JPG",
+            "super_class_id 3 is folder 'bicycle', but 'chair' at .*Ebay_train.txt:7",
+        ),
         ("99 1 1 bicycle_final/111085122872_0.JPG extra", "expected 'image_id class_id super_class_id path'"),
     ],
 )
@@ -491,7 +548,9 @@ def test_sop_bad_rows_name_file_and_line(tmp_path, extra, message):
 def test_sop_wrong_header_and_train_size(tmp_path):
     root = tmp_path / "sop"
     _write_sop(root, header="id class super path")
-    with pytest.raises(SourceError, match=rf"{re.escape(str(root / 'Ebay_train.txt'))}:1: header 'id class super path'"):
+    with pytest.raises(
+        SourceError, match=rf"{re.escape(str(root / 'Ebay_train.txt'))}:1: header 'id class super path'"
+    ):
         open_sop(str(root))
     root = tmp_path / "sop2"
     _write_sop(root)

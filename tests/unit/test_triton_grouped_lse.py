@@ -34,8 +34,17 @@ kernel_test = pytest.mark.skipif(
 @pytest.mark.skipif(RUN_KERNEL_HERE, reason="the kernel tests run in this process")
 def test_kernel_suite_in_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore::RuntimeWarning")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W",
-           "ignore::RuntimeWarning", str(Path(__file__).resolve())]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-W",
+        "ignore::RuntimeWarning",
+        str(Path(__file__).resolve()),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     summary = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
     print("interpreter subprocess:", *summary)
@@ -49,7 +58,8 @@ def test_kernels_compile_for_hopper():
         pytest.skip("under TRITON_INTERPRET=1 the kernels are not compiled")
     try:
         from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource, compile as triton_compile
+        from triton.compiler import ASTSource
+        from triton.compiler import compile as triton_compile
     except ImportError as err:  # internal API, may move between Triton releases
         pytest.skip(f"Triton compile API not available: {err}")
     from fgdist.kernels import triton_grouped_lse as K
@@ -130,8 +140,7 @@ def make_problem(seed, n_groups, rows=37, d=45, n_cols=301, sizes=None):
     target = torch.where(hi > lo, lo + torch.randint(0, 10**6, (rows,), generator=gen) % span, -1)
     grad_lse = torch.randn(rows, generator=gen, dtype=torch.float64)
     grad_tgt = torch.randn(rows, generator=gen, dtype=torch.float64)
-    return dict(x=x, w=w, row_group=row_group, offsets=offsets, target=target,
-                grad_lse=grad_lse, grad_tgt=grad_tgt)
+    return dict(x=x, w=w, row_group=row_group, offsets=offsets, target=target, grad_lse=grad_lse, grad_tgt=grad_tgt)
 
 
 def rounded_to(p, dtype):
@@ -153,8 +162,9 @@ def dense_grouped_lse(x, w, row_group, offsets, target):
     logits = x @ w.T
     mask = group_mask(row_group, offsets, w.shape[0])
     lse = torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=1)
-    tgt = torch.where(target >= 0, logits.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1),
-                      torch.zeros((), dtype=logits.dtype))
+    tgt = torch.where(
+        target >= 0, logits.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1), torch.zeros((), dtype=logits.dtype)
+    )
     return lse, tgt
 
 
@@ -323,8 +333,9 @@ def test_tiles_visit_only_the_columns_and_rows_of_their_groups():
             # No row outside the overlap except rows of empty groups inside the band.
             assert ((hi[a:b] > c0) & (lo[a:b] < c1) | (hi[a:b] == lo[a:b])).all()
     # With several groups, far fewer (row tile, column tile) pairs than dense are visited.
-    visited = sum(max(0, -(-b // SMALL.block_n) - a // SMALL.block_n)
-                  for a, b in zip(col_lo.tolist(), col_hi.tolist()) if b > a)
+    visited = sum(
+        max(0, -(-b // SMALL.block_n) - a // SMALL.block_n) for a, b in zip(col_lo.tolist(), col_hi.tolist()) if b > a
+    )
     assert visited < len(col_lo) * -(-n_cols // SMALL.block_n)
 
 
@@ -344,8 +355,9 @@ def test_backward_is_bitwise_deterministic(dtype):
 def test_mixed_input_dtypes_return_gradients_in_each_dtype():
     p = make_problem(12, 3)
     x, w = leaf(p["x"], DEVICE, torch.bfloat16), leaf(p["w"], DEVICE, torch.float32)
-    lse, tgt = grouped_lse_triton(x, w, p["row_group"].to(DEVICE), p["offsets"].to(DEVICE),
-                                  p["target"].to(DEVICE), tiles=SMALL)
+    lse, tgt = grouped_lse_triton(
+        x, w, p["row_group"].to(DEVICE), p["offsets"].to(DEVICE), p["target"].to(DEVICE), tiles=SMALL
+    )
     (lse.sum() - tgt.sum()).backward()
     assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
 
