@@ -1,5 +1,5 @@
 """Helpers the bench scripts share: resident-memory probes, the run's description (command line,
-commit, date) and the `deepspeed` command that starts a script's ranks.
+commit, date), the `deepspeed` command that starts a script's ranks, and Markdown table rows.
 
 The scripts run as `python bench/NAME.py` from the repository root; each puts the root on
 sys.path and imports this module as `bench.common`.
