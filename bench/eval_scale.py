@@ -15,13 +15,14 @@ and fine labels. This script runs the product's own code on random data of that 
 
 Measured per rank: the wall time of recall_at_k plus the all_reduce (the table shows the slowest
 rank), the CPU seconds of recall_at_k (process time: on a shared machine the wall time also
-counts the waits for a core, the CPU time only the work), the resident set after the embeddings and labels are in place, and the peak resident set
-while recall_at_k runs. The peak is the kernel's VmHWM after resetting it through
-/proc/self/clear_refs just before the call (Linux); where that is not allowed, a thread samples
-psutil's RSS every 2 ms instead (it can miss a shorter peak). "extra" = that peak minus the
-resident set just before the call: the evaluation's working memory beyond the embeddings. The
-table sets it beside one c x N fp32 similarity block (c queries per chunk, N rows) plus the
-top-k values/indices and label comparisons of a chunk, c * (4 N + 25 k_max) bytes, k_max = 1000.
+counts the waits for a core, the CPU time only the work), the resident set after the embeddings
+and labels are in place, and the peak resident set while recall_at_k runs. The peak is the
+kernel's VmHWM after resetting it through /proc/self/clear_refs just before the call (Linux);
+where that is not allowed, a thread samples psutil's RSS every 2 ms instead (it can miss a
+shorter peak). "extra" = that peak minus the resident set just before the call: the evaluation's
+working memory beyond the embeddings. The table sets it beside one c x N fp32 similarity block
+(c queries per chunk, N rows) plus the top-k values/indices and label comparisons of a chunk,
+c * (4 N + 25 k_max) bytes, k_max = 1000.
 
 Exactness: recall_at_k is compared against a brute-force computation (float64 full similarity
 matrix, rank of the best same-label neighbour, no top-k) on a subset of about 2,000 rows that
@@ -34,21 +35,16 @@ and every full-size run (any rank count, any chunk) must report the same hit cou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import platform
-import resource
-import shlex
-import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -57,11 +53,22 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import (  # noqa: E402
+    RssPeak,
+    hwm_bytes,
+    max_rss_bytes,
+    md_head,
+    md_row,
+    mib,
+    reset_hwm,
+    rss_bytes,
+    run_meta,
+)
 from fgdist.collectives import gather_counts, gather_rows  # noqa: E402
 from fgdist.evaluation import recall_at_k  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 
 KS = [1, 10, 100, 1000]
-MIB = 2**20
 BLOCK = 4096  # rows are generated in global blocks, so the data does not depend on the rank count
 
 
@@ -93,52 +100,13 @@ def split(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if r < n % parts else 0) for r in range(parts)]
 
 
-# --------------------------------------------------------------------------- memory
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-def _vm_hwm() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-class _Sampler:
-    """Fallback peak RSS: a thread polling psutil every 2 ms."""
-
-    def __init__(self):
-        self.proc, self.peak, self.stop = psutil.Process(), 0, threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self.stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.002)
-
-    def __enter__(self):
-        self.peak = self.proc.memory_info().rss
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-
-
 # --------------------------------------------------------------------------- one run, one rank
 def _worker(rank: int, world: int, port: int, spec: dict, outdir: str) -> None:
     torch.set_num_threads(spec["threads"])
     if world > 1:
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
         dist.init_process_group("gloo", rank=rank, world_size=world)
-    proc = psutil.Process()
-    rss_start = proc.memory_info().rss
+    rss_start = rss_bytes()
 
     # This rank's slice of the test split (as if it had embedded it), then gathered to all ranks.
     counts_plan = split(spec["n"], world)
@@ -160,20 +128,18 @@ def _worker(rank: int, world: int, port: int, spec: dict, outdir: str) -> None:
     q_rank = split(spec["queries"], world)[rank]
     if world > 1:
         dist.barrier()
-    rss_before = proc.memory_info().rss
-    hwm_reset = _reset_peak()
-    sampler = None if hwm_reset else _Sampler().__enter__()
-    load = os.getloadavg()[0]
-    t0, c0 = time.perf_counter(), time.process_time()
-    hits = recall_at_k(embeddings, labels, begin, begin + q_rank, KS, spec["chunk"])
-    t_local, cpu = time.perf_counter() - t0, time.process_time() - c0
-    totals = torch.cat(list(hits.values()))
-    if world > 1:
-        dist.all_reduce(totals)
-    t_total = time.perf_counter() - t0
-    if sampler:
-        sampler.__exit__()
-    peak = _vm_hwm() if hwm_reset else sampler.peak
+    rss_before = rss_bytes()
+    hwm_reset = reset_hwm()
+    with contextlib.nullcontext() if hwm_reset else RssPeak() as sampler:
+        load = os.getloadavg()[0]
+        t0, c0 = time.perf_counter(), time.process_time()
+        hits = recall_at_k(embeddings, labels, begin, begin + q_rank, KS, spec["chunk"])
+        t_local, cpu = time.perf_counter() - t0, time.process_time() - c0
+        totals = torch.cat(list(hits.values()))
+        if world > 1:
+            dist.all_reduce(totals)
+        t_total = time.perf_counter() - t0
+    peak = hwm_bytes() if hwm_reset else sampler.peak
     record = {
         "rank": rank,
         "queries": q_rank,
@@ -186,7 +152,7 @@ def _worker(rank: int, world: int, port: int, spec: dict, outdir: str) -> None:
         "rss_before": rss_before,
         "peak_during": peak,
         "peak_method": "VmHWM" if hwm_reset else "psutil-2ms",
-        "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "ru_maxrss": max_rss_bytes(),
         "hits": {name: totals[i * len(KS) : (i + 1) * len(KS)].tolist() for i, name in enumerate(hits)},
     }
     Path(outdir, f"rank{rank}.json").write_text(json.dumps(record))
@@ -195,16 +161,10 @@ def _worker(rank: int, world: int, port: int, spec: dict, outdir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(world: int, spec: dict) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        mp.spawn(_worker, args=(world, _free_port(), spec, tmp), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), spec, tmp), nprocs=world, join=True)
         wall = time.perf_counter() - started
         ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
     for r in ranks:
@@ -255,14 +215,15 @@ def exactness(spec: dict, rows: int) -> list[str]:
                 b += s
             same = got == want
             ok &= same
-            lines.append(f"| {chunk} | {parts} | {got['super']} | {got['fine']} | {'equal' if same else 'DIFFERENT'} |")
+            lines.append(
+                md_row([str(chunk), str(parts), str(got["super"]), str(got["fine"]), "equal" if same else "DIFFERENT"])
+            )
     head = [
         f"Subset: {m} rows holding whole fine classes 0..{cut} ({len(torch.unique(labels['fine']))} fine classes, "
         f"{len(torch.unique(labels['super']))} super-classes), k = {ks}.",
         f"Brute force (float64, full matrix, no top-k): super hits {want['super']}, fine hits {want['fine']}.",
         "",
-        "| query_chunk | query slices | super hits | fine hits | vs brute force |",
-        "|---|---|---|---|---|",
+        *md_head(["query_chunk", "query slices", "super hits", "fine hits", "vs brute force"]),
     ]
     if not ok:
         print("EXACTNESS CHECK FAILED", file=sys.stderr)
@@ -270,10 +231,6 @@ def exactness(spec: dict, rows: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------- report
-def mib(x: float) -> str:
-    return f"{x / MIB:,.0f}"
-
-
 def summarize(world: int, spec: dict, ranks: list[dict]) -> dict:
     n, d, c = spec["n"], spec["dim"], spec["chunk"]
     k_max = min(max(KS), n - 1)
@@ -298,17 +255,26 @@ def summarize(world: int, spec: dict, ranks: list[dict]) -> dict:
 
 
 def table(rows: list[dict], n: int) -> list[str]:
-    out = [
-        "| ranks | query_chunk | queries (per rank) | eval wall s (slowest rank) | queries/s | CPU s per rank | load avg at start | embeddings+labels expected MiB | RSS growth for them MiB (max rank) | extra peak during recall_at_k MiB (per rank) | one c x N block MiB | one block + top-k MiB | peak RSS (ru_maxrss) MiB per rank |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    out = md_head(
+        [
+            *("ranks", "query_chunk", "queries (per rank)", "eval wall s (slowest rank)", "queries/s"),
+            *(
+                "CPU s per rank",
+                "load avg at start",
+                "embeddings+labels expected MiB",
+                "RSS growth for them MiB (max rank)",
+            ),
+            *("extra peak during recall_at_k MiB (per rank)", "one c x N block MiB", "one block + top-k MiB"),
+            "peak RSS (ru_maxrss) MiB per rank",
+        ]
+    )
     for s in rows:
-        out.append(
-            f"| {s['ranks']} | {s['chunk']} | {s['queries']:,} ({' + '.join(f'{q:,}' for q in s['queries_per_rank'])}) | {s['seconds']:.1f} | "
-            f"{s['queries'] / s['seconds']:,.0f} | {' / '.join(f'{x:.1f}' for x in s['cpu'])} | {s['load']:.1f} | {mib(s['emb_bytes'])} | "
-            f"{mib(s['rss_before'])} | {' / '.join(mib(x) for x in s['extra'])} | {mib(s['block'])} | "
-            f"{mib(s['predicted'])} | {' / '.join(mib(x) for x in s['ru_maxrss'])} |"
-        )
+        per_rank = " + ".join(f"{q:,}" for q in s["queries_per_rank"])
+        cells = [str(s["ranks"]), str(s["chunk"]), f"{s['queries']:,} ({per_rank})", f"{s['seconds']:.1f}"]
+        cells += [f"{s['queries'] / s['seconds']:,.0f}", " / ".join(f"{x:.1f}" for x in s["cpu"]), f"{s['load']:.1f}"]
+        cells += [mib(s["emb_bytes"]), mib(s["rss_before"]), " / ".join(mib(x) for x in s["extra"])]
+        cells += [mib(s["block"]), mib(s["predicted"]), " / ".join(mib(x) for x in s["ru_maxrss"])]
+        out.append(md_row(cells))
     return out
 
 
@@ -317,9 +283,10 @@ def notes(sweep: list[dict], scaling: list[dict]) -> list[str]:
     ratios = [f"{x / s['block']:.2f}" for s in sweep for x in s["extra"]]
     if ratios:
         out.append(
-            f"- Extra memory / one c x N block, every rank of every run above: {', '.join(ratios)}. recall_at_k computes a chunk's "
-            "similarity block while the previous chunk's block is still bound to `sims` (the name is rebound only after the matmul), "
-            "so its peak can hold two blocks; releasing the block after the top-k would leave one."
+            f"- Extra memory / one c x N block, every rank of every run above: {', '.join(ratios)}. recall_at_k "
+            "computes a chunk's similarity block while the previous chunk's block is still bound to `sims` (the name "
+            "is rebound only after the matmul), so its peak can hold two blocks; releasing the block after the top-k "
+            "would leave one."
         )
     if len(scaling) > 1:
         ex = [max(s["extra"]) for s in sorted(scaling, key=lambda s: s["queries"])]
@@ -327,8 +294,8 @@ def notes(sweep: list[dict], scaling: list[dict]) -> list[str]:
         cpu = [s["cpu"][0] / s["queries"] * 1000 for s in sorted(scaling, key=lambda s: s["queries"])]
         flat = max(ex) / min(ex) < 1.25
         out.append(
-            f"- At a fixed chunk the extra memory for {', '.join(f'{q:,}' for q in qs)} queries is {', '.join(mib(x) for x in ex)} MiB "
-            f"(max/min {max(ex) / min(ex):.2f}): "
+            f"- At a fixed chunk the extra memory for {', '.join(f'{q:,}' for q in qs)} queries is "
+            f"{', '.join(mib(x) for x in ex)} MiB (max/min {max(ex) / min(ex):.2f}): "
             + (
                 "flat, set by the chunk and the gallery size N, not by the number of queries. "
                 if flat
@@ -342,13 +309,14 @@ def notes(sweep: list[dict], scaling: list[dict]) -> list[str]:
         if s["chunk"] in one:
             o = one[s["chunk"]]
             out.append(
-                f"- chunk {s['chunk']}: CPU seconds per rank {' / '.join(f'{x:.1f}' for x in s['cpu'])} on 2 ranks against "
-                f"{o['cpu'][0]:.1f} on 1 rank; wall {s['seconds']:.1f} s against {o['seconds']:.1f} s (speed-up {o['seconds'] / s['seconds']:.2f}x)."
+                f"- chunk {s['chunk']}: CPU seconds per rank {' / '.join(f'{x:.1f}' for x in s['cpu'])} on 2 ranks "
+                f"against {o['cpu'][0]:.1f} on 1 rank; wall {s['seconds']:.1f} s against {o['seconds']:.1f} s "
+                f"(speed-up {o['seconds'] / s['seconds']:.2f}x)."
             )
     if two:
         out.append(
-            "- With 2 ranks each rank ranks half the queries against all N rows; the wall time halves only when two cores are free "
-            "for them (compare the load averages)."
+            "- With 2 ranks each rank ranks half the queries against all N rows; the wall time halves only when two "
+            "cores are free for them (compare the load averages)."
         )
     return out
 
@@ -390,19 +358,15 @@ def main() -> None:
             spec = {**base, "chunk": chunk, "queries": args.n}
             s = summarize(world, spec, run(world, spec))
             sweep.append(s)
-            print(
-                f"ranks {world} chunk {chunk}: {s['seconds']:.1f} s, extra {[mib(x) for x in s['extra']]} MiB, hits {s['hits']}",
-                flush=True,
-            )
+            extra = [mib(x) for x in s["extra"]]
+            print(f"ranks {world} chunk {chunk}: {s['seconds']:.1f} s, extra {extra} MiB, hits {s['hits']}", flush=True)
     scaling = []
     for q in [int(x) for x in args.scaling_queries.split(",") if x]:
         spec = {**base, "chunk": args.scaling_chunk, "queries": q}
         s = summarize(1, spec, run(1, spec))
         scaling.append(s)
-        print(
-            f"scaling: queries {q} chunk {args.scaling_chunk}: {s['seconds']:.1f} s, extra {[mib(x) for x in s['extra']]} MiB",
-            flush=True,
-        )
+        extra = [mib(x) for x in s["extra"]]
+        print(f"scaling: queries {q} chunk {args.scaling_chunk}: {s['seconds']:.1f} s, extra {extra} MiB", flush=True)
     scaling += [s for s in sweep if s["ranks"] == 1 and s["chunk"] == args.scaling_chunk]
     total = time.perf_counter() - started
 
@@ -410,43 +374,41 @@ def main() -> None:
     full = sweep[0]["hits"] if sweep else {}
     n = args.n
     recall = {name: [f"{100 * h / n:.2f}" for h in v] for name, v in full.items()}
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--", "bench/eval_scale.py", "fgdist"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    meta = run_meta("bench/eval_scale.py", "bench/common.py", "fgdist")
+    load_at_end = ", ".join(f"{x:.1f}" for x in meta["loadavg"])
     lines = [
         "# Distributed chunked evaluation at SOP scale (CPU)",
         "",
-        f"Command: `{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}`",
+        f"Command: `{meta['command']}`",
         "",
-        f"- Machine: 2-core x86_64 CPU, no GPU, shared with other jobs (load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}); "
-        f"{platform.platform()}, Python {platform.python_version()}, torch {torch.__version__}",
-        f"- Date: {subprocess.run(['date'], capture_output=True, text=True).stdout.strip()}",
-        f"- Git commit: {commit}" + (" (with uncommitted changes to the benchmark or fgdist)" if dirty else ""),
-        f"- Data: {n:,} rows x {args.dim}-d fp32, L2-normalized, {args.fine_classes:,} fine classes in {args.super_classes} super-classes "
-        f"(random labels, features clustered by fine class, signal {args.signal}); every row a query against the rest; Recall@{KS}",
-        f"- {args.threads} torch thread(s) per rank; each configuration in fresh spawned processes (gloo for 2 ranks); code under test: "
-        "`fgdist.evaluation.recall_at_k` after `fgdist.collectives.gather_rows`",
-        f"- Peak memory method: {sweep[0]['peak_method'] if sweep else '-'} (see the script's docstring); total benchmark time {total:.0f} s",
+        f"- Machine: 2-core x86_64 CPU, no GPU, shared with other jobs (load average at the end: {load_at_end}); "
+        f"{platform.platform()}, Python {meta['python']}, torch {meta['torch']}",
+        f"- Date: {meta['date']}",
+        f"- Git commit: {meta['commit']}"
+        + (" (with uncommitted changes to the benchmark or fgdist)" if meta["dirty"] else ""),
+        f"- Data: {n:,} rows x {args.dim}-d fp32, L2-normalized, {args.fine_classes:,} fine classes in "
+        f"{args.super_classes} super-classes (random labels, features clustered by fine class, signal {args.signal}); "
+        f"every row a query against the rest; Recall@{KS}",
+        f"- {args.threads} torch thread(s) per rank; each configuration in fresh spawned processes (gloo for 2 ranks); "
+        "code under test: `fgdist.evaluation.recall_at_k` after `fgdist.collectives.gather_rows`",
+        f"- Peak memory method: {sweep[0]['peak_method'] if sweep else '-'} (see the script's docstring); total "
+        f"benchmark time {total:.0f} s",
         "",
         "## Exactness",
         "",
         *check,
         "",
-        f"Full size: the {len(sweep)} runs below (1 and 2 ranks, every chunk) report {'identical' if len(hits) == 1 else 'DIFFERENT'} hit counts: "
-        f"super R@{KS} = {recall.get('super')} %, fine R@{KS} = {recall.get('fine')} %.",
+        f"Full size: the {len(sweep)} runs below (1 and 2 ranks, every chunk) report "
+        f"{'identical' if len(hits) == 1 else 'DIFFERENT'} hit counts: super R@{KS} = {recall.get('super')} %, fine "
+        f"R@{KS} = {recall.get('fine')} %.",
         "",
         "## Chunk size and rank count (all queries)",
         "",
-        '"embeddings+labels expected" is N x d x 4 bytes plus two int64 label vectors; "RSS growth for them" is the resident set just before '
-        "recall_at_k minus the one at process start (it includes the data generation's leftovers and the gather's buffers); \"extra peak\" "
-        'is the peak during recall_at_k minus the resident set just before it; "one block + top-k" is c x (4N + 25 k_max) bytes. '
-        '"CPU s" is the process time of recall_at_k: on this shared machine the wall time also counts the waits for a core.',
+        '"embeddings+labels expected" is N x d x 4 bytes plus two int64 label vectors; "RSS growth for them" is the '
+        "resident set just before recall_at_k minus the one at process start (it includes the data generation's "
+        'leftovers and the gather\'s buffers); "extra peak" is the peak during recall_at_k minus the resident set just '
+        'before it; "one block + top-k" is c x (4N + 25 k_max) bytes. "CPU s" is the process time of recall_at_k: on '
+        "this shared machine the wall time also counts the waits for a core.",
         "",
         *table(sweep, n),
         "",

@@ -39,10 +39,7 @@ import json
 import os
 import platform
 import random
-import resource
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -56,6 +53,17 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import (  # noqa: E402
+    MIB,
+    hwm_bytes,
+    max_rss_bytes,
+    md_head,
+    md_row,
+    mib,
+    reset_hwm,
+    rss_bytes,
+    run_meta,
+)
 from fgdist.config import ModelConfig, OptimConfig  # noqa: E402
 from fgdist.head import InstanceHead  # noqa: E402
 from fgdist.model import EmbeddingNet  # noqa: E402
@@ -63,7 +71,6 @@ from fgdist.objectives import InstanceLoss  # noqa: E402
 from fgdist.partition import make_plan  # noqa: E402
 from tests.helpers import free_port, init_gloo, manifest_with_sizes  # noqa: E402
 
-MIB = 2**20
 MODES = {
     # name: (kind, dense, routing, logit, batch multiplier)
     "grouped/by_superclass": ("head", False, "by_superclass", "dot", 1),
@@ -89,32 +96,6 @@ def super_sizes(n: int, supers: int, seed: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 class Phase:
     """Wall time of a phase and its peak RSS above the RSS at its start.
 
@@ -129,7 +110,7 @@ class Phase:
 
     @classmethod
     def observe(cls) -> int:
-        cls.peak = max(cls.peak, hwm_bytes(), peak_rss_bytes())
+        cls.peak = max(cls.peak, hwm_bytes(), max_rss_bytes())
         return cls.peak
 
     def __enter__(self):
@@ -317,7 +298,7 @@ def run_backbone(rank, world, args, mode):
         "median_cpu_s": {"step": statistics.median(cpu_steps)},
         "cpu_share": cpu_s / sum(times["step"]),
         "baseline": baseline,
-        "peak": peak_rss_bytes(),
+        "peak": max_rss_bytes(),
     }
 
 
@@ -361,10 +342,6 @@ def run_mode(args, mode) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def mib(b) -> str:
-    return f"{b / MIB:,.0f}"
-
-
 def head_seconds(r) -> float:
     """Median over the measured steps of the head's part of a step: loss fwd + bwd + head.step."""
     a = r["all_s"]
@@ -395,12 +372,13 @@ def report(args, results: dict[str, list[dict]], meta: dict) -> str:
         "",
     ]
     share_cols = [f"head / (head + {m} step)" for m in bb]
-    lines.append(
-        "| mode | batch/rank | steps | rows exchanged/step (global) | columns with a nonzero gradient | loss fwd s | bwd s | head.step s | head s | step s | head share of bench step | CPU time / wall | "
-        + " | ".join(share_cols)
-        + " |"
+    lines += md_head(
+        [
+            *("mode", "batch/rank", "steps", "rows exchanged/step (global)", "columns with a nonzero gradient"),
+            *("loss fwd s", "bwd s", "head.step s", "head s", "step s", "head share of bench step", "CPU time / wall"),
+            *share_cols,
+        ]
     )
-    lines.append("|" + "---|" * (12 + len(share_cols)))
     for m in head_modes:
         rs = results[m]
         r = slower_rank(rs)
@@ -410,10 +388,9 @@ def report(args, results: dict[str, list[dict]], meta: dict) -> str:
         touched = sum(x["touched_columns"] * (x["columns"][1] - x["columns"][0]) for x in rs) / sum(
             x["columns"][1] - x["columns"][0] for x in rs
         )
-        lines.append(
-            f"| {m} | {r['batch']} | {r['steps']} | {r['rows_exchanged_per_step']:.0f} | {touched:.1%} | {fwd:.3f} | {bwd:.3f} | {opt:.3f} | {headt:.3f} | {step:.3f} | "
-            f"{bench_share(r):.0%} | {r['cpu_share']:.0%} | " + " | ".join(shares) + " |"
-        )
+        cells = [m, str(r["batch"]), str(r["steps"]), f"{r['rows_exchanged_per_step']:.0f}", f"{touched:.1%}"]
+        cells += [f"{t:.3f}" for t in (fwd, bwd, opt, headt, step)]
+        lines.append(md_row([*cells, f"{bench_share(r):.0%}", f"{r['cpu_share']:.0%}", *shares]))
     lines.append("")
     lines += [
         "CPU seconds of the rank process per phase (median over the measured steps; the same rank). The other jobs on "
@@ -422,45 +399,52 @@ def report(args, results: dict[str, list[dict]], meta: dict) -> str:
     ]
     bb_cpu = {m: slower_rank(rs)["median_cpu_s"]["step"] for m, rs in bb.items()}
     cpu_cols = [f"head / (head + {m} step)" for m in bb]
-    lines.append("| mode | loss fwd CPU s | bwd CPU s | head.step CPU s | head CPU s | " + " | ".join(cpu_cols) + " |")
-    lines.append("|" + "---|" * (5 + len(cpu_cols)))
+    lines += md_head(["mode", "loss fwd CPU s", "bwd CPU s", "head.step CPU s", "head CPU s", *cpu_cols])
     for m in head_modes:
         c = slower_rank(results[m])["median_cpu_s"]
         shares = [f"{c['head'] / (c['head'] + s):.0%}" for s in bb_cpu.values()]
-        lines.append(
-            f"| {m} | {c['forward']:.3f} | {c['backward']:.3f} | {c['head_step']:.3f} | {c['head']:.3f} | "
-            + " | ".join(shares)
-            + " |"
-        )
+        lines.append(md_row([m, *(f"{c[k]:.3f}" for k in ("forward", "backward", "head_step", "head")), *shares]))
     lines.append("")
     if bb:
         lines += [
             "Backbone steps (ResNet-18, CIFAR stem, 32x32, same batch per rank, both ranks at once, fp32):",
             "",
-            "| backbone | d | params | fwd+bwd s | grad all-reduce s | SGD s | step s | step CPU s | CPU time / wall | peak RSS MiB |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            *md_head(
+                [
+                    *("backbone", "d", "params", "fwd+bwd s", "grad all-reduce s", "SGD s", "step s", "step CPU s"),
+                    *("CPU time / wall", "peak RSS MiB"),
+                ]
+            ),
         ]
         for m, rs in bb.items():
             r = slower_rank(rs)
             t = r["median_s"]
-            lines.append(
-                f"| {m} | {r['dim']} | {r['params'] / 1e6:.2f} M | {t['fwd_bwd']:.2f} | {t['allreduce']:.3f} | {t['opt']:.3f} | {t['step']:.2f} | {r['median_cpu_s']['step']:.2f} | {r['cpu_share']:.0%} | {mib(max(x['peak'] for x in rs))} |"
-            )
+            cells = [m, str(r["dim"]), f"{r['params'] / 1e6:.2f} M", f"{t['fwd_bwd']:.2f}", f"{t['allreduce']:.3f}"]
+            cells += [
+                f"{t['opt']:.3f}",
+                f"{t['step']:.2f}",
+                f"{r['median_cpu_s']['step']:.2f}",
+                f"{r['cpu_share']:.0%}",
+            ]
+            lines.append(md_row([*cells, mib(max(x["peak"] for x in rs))]))
         lines.append("")
     lines += [
         "## Memory per rank (MiB; the larger of the 2 ranks)",
         "",
-        "| mode | peak RSS | baseline (torch + gloo) | weights | momentum | gradient | rest = peak - baseline - W - M - G | peak above start: loss fwd | bwd | head.step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *md_head(
+            [
+                *("mode", "peak RSS", "baseline (torch + gloo)", "weights", "momentum", "gradient"),
+                *("rest = peak - baseline - W - M - G", "peak above start: loss fwd", "bwd", "head.step"),
+            ]
+        ),
     ]
     for m in head_modes:
         r = max(results[m], key=lambda x: x["peak"])
         rest = r["peak"] - r["baseline"] - r["weights"] - r["momentum"] - r["gradient"]
         ex = r["phase_extra"] or {}
+        cells = [m, *(mib(r[k]) for k in ("peak", "baseline", "weights", "momentum", "gradient")), mib(rest)]
         lines.append(
-            f"| {m} | {mib(r['peak'])} | {mib(r['baseline'])} | {mib(r['weights'])} | {mib(r['momentum'])} | {mib(r['gradient'])} | {mib(rest)} | "
-            + " | ".join(mib(ex[k]) if k in ex else "n/a" for k in ("forward", "backward", "head_step"))
-            + " |"
+            md_row([*cells, *(mib(ex[k]) if k in ex else "n/a" for k in ("forward", "backward", "head_step"))])
         )
     lines.append("")
     r0 = results[head_modes[0]][0] if head_modes else None
@@ -477,21 +461,10 @@ def report(args, results: dict[str, list[dict]], meta: dict) -> str:
 
 
 def machine_meta() -> dict:
-    def sh(cmd):
-        try:
-            return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return "unknown"
-
     return {
-        "date": sh(["date"]),
-        "commit": sh(["git", "rev-parse", "--short", "HEAD"]),
-        "dirty": bool(sh(["git", "status", "--porcelain", "--untracked-files=no"])),
+        **run_meta(),
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "loadavg": os.getloadavg(),
     }
 
 
@@ -501,17 +474,19 @@ def render_md(meta: dict, args: dict, results: dict[str, list[dict]]) -> str:
         "# Instance head at scale on CPU (2 gloo ranks)",
         "",
         f"- Command: `{meta['command']}` (from the repository root; {meta['total_s']:.0f} s in all)",
-        "- Machine: 2-core x86_64 CPU, no GPU, shared with other jobs "
-        f"(`{meta['cpu']}`, {meta['cores']} cores, 1-minute load average {meta['loadavg'][0]:.1f} before and {meta['loadavg_after'][0]:.1f} after the run); "
+        f"- Machine: 2-core x86_64 CPU, no GPU, shared with other jobs (`{meta['cpu']}`, {meta['cores']} cores, "
+        f"1-minute load average {meta['loadavg'][0]:.1f} before and {meta['loadavg_after'][0]:.1f} after the run); "
         f"torch {meta['torch']}, Python {meta['python']}, {a.threads} torch thread(s) per rank",
         f"- Date: {meta['date']}",
         f"- Commit: {meta['commit']}"
         + (" (the working tree had uncommitted changes to other tracked files)" if meta["dirty"] else ""),
-        f"- Problem: n = {a.n:,} instances, d = {a.dim}, {a.supers:,} super-classes with random sizes (random cut points, seed {a.seed}), "
-        f"{a.world} ranks of n/{a.world} = {a.n // a.world:,} columns, fp32, kernel = PyTorch reference (column chunks, logits recomputed in backward), "
-        f"head SGD lr 0.1, momentum 0.9, weight decay 5e-4; per-rank batch {a.batch} random feature rows (requires_grad)",
-        f"- Steps (warm-up + measured): grouped {a.warmup} + {a.steps}; grouped-cosine {a.cosine_warmup} + {a.cosine_steps}; dense {a.dense_warmup} + {a.dense_steps}; "
-        f"backbone {a.backbone_warmup} + {a.backbone_steps} (fewer where a step is long, to keep the run near 10 minutes)",
+        f"- Problem: n = {a.n:,} instances, d = {a.dim}, {a.supers:,} super-classes with random sizes (random cut "
+        f"points, seed {a.seed}), {a.world} ranks of n/{a.world} = {a.n // a.world:,} columns, fp32, kernel = PyTorch "
+        "reference (column chunks, logits recomputed in backward), head SGD lr 0.1, momentum 0.9, weight decay 5e-4; "
+        f"per-rank batch {a.batch} random feature rows (requires_grad)",
+        f"- Steps (warm-up + measured): grouped {a.warmup} + {a.steps}; grouped-cosine {a.cosine_warmup} + "
+        f"{a.cosine_steps}; dense {a.dense_warmup} + {a.dense_steps}; backbone {a.backbone_warmup} + "
+        f"{a.backbone_steps} (fewer where a step is long, to keep the run near 10 minutes)",
         "",
     ]
     return "\n".join(head) + "\n" + report(a, results, meta) + "\n" + notes(a, results)
@@ -550,7 +525,6 @@ def main(argv=None):
         return
 
     meta = machine_meta()
-    meta["command"] = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
     t0 = time.perf_counter()
     results = {}
     for mode in args.modes:
@@ -589,37 +563,42 @@ def notes(a, results) -> str:
         other = r["peak"] - r["baseline"] - W - M - G - extra(g, "head_step")
         touched = statistics.mean(x["touched_columns"] for x in results[g])
         out += [
-            f"**Memory is the head's state plus one more copy, nothing per row x column.** Per rank the weights are "
-            f"n_local x d x 4 B = {n_local:,} x {a.dim} x 4 B = {mib(W)} MiB and the momentum as much. The gradient is a dense "
-            f"fp32 n_local x d tensor ({mib(G)} MiB): the reference kernel's backward returns a dense `dw` "
-            f"(`fgdist/kernels/reference.py`, `dw = torch.zeros(w.shape, ...)`) and autograd keeps it as `weight.grad` until "
-            f"`head.step`. Only {touched:.1%} of the columns have a nonzero gradient in a grouped step (the columns of the "
-            f"super-classes present in the batch), but a sparse gradient would not make the update sparse: SGD with momentum and "
-            f"weight decay changes every row every step (the momentum decays, `wd * w` enters it), so `head.step` reads and writes "
-            f"all n_local x d values anyway. So weights + momentum + gradient = 3x the weights.",
+            "**Memory is the head's state plus one more copy, nothing per row x column.** Per rank the weights are "
+            f"n_local x d x 4 B = {n_local:,} x {a.dim} x 4 B = {mib(W)} MiB and the momentum as much. The gradient is "
+            f"a dense fp32 n_local x d tensor ({mib(G)} MiB): the reference kernel's backward returns a dense `dw` "
+            "(`fgdist/kernels/reference.py`, `dw = torch.zeros(w.shape, ...)`) and autograd keeps it as `weight.grad` "
+            f"until `head.step`. Only {touched:.1%} of the columns have a nonzero gradient in a grouped step (the "
+            "columns of the super-classes present in the batch), but a sparse gradient would not make the update "
+            "sparse: SGD with momentum and weight decay changes every row every step (the momentum decays, `wd * w` "
+            "enters it), so `head.step` reads and writes all n_local x d values anyway. So weights + momentum + "
+            "gradient = 3x the weights.",
             "",
             f"The measured peak is one array more: {mib(r['peak'])} MiB = baseline {mib(r['baseline'])} + W + M + G + "
-            f"{mib(extra(g, 'head_step'))} MiB (the head.step phase peaks that far above its start, in steady state) + {mib(other)} MiB. "
-            f"`torch.optim.SGD` with `weight_decay` computes `grad + weight_decay * w` into a new tensor before the momentum update "
-            f"(`_single_tensor_sgd`: `grad = grad.add(param, alpha=weight_decay)`; the foreach path used on CUDA allocates the same), "
-            f"so the head peaks at 4x its weights, not 3x. The backward phase peaks {mib(extra(g, 'backward'))} MiB above its start "
-            f"(the dense `dw`), the loss forward {mib(extra(g, 'forward'))} MiB. The last {mib(other)} MiB do not change with the mode "
-            f"or the batch (process and allocator state).",
+            f"{mib(extra(g, 'head_step'))} MiB (the head.step phase peaks that far above its start, in steady state) + "
+            f"{mib(other)} MiB. `torch.optim.SGD` with `weight_decay` computes `grad + weight_decay * w` into a new "
+            "tensor before the momentum update (`_single_tensor_sgd`: `grad = grad.add(param, alpha=weight_decay)`; "
+            "the foreach path used on CUDA allocates the same), so the head peaks at 4x its weights, not 3x. The "
+            f"backward phase peaks {mib(extra(g, 'backward'))} MiB above its start (the dense `dw`), the loss forward "
+            f"{mib(extra(g, 'forward'))} MiB. The last {mib(other)} MiB do not change with the mode or the batch "
+            "(process and allocator state).",
             "",
         ]
         checks = []
         g4 = "grouped/by_superclass@4x"
         if g4 in results:
             checks.append(
-                f"a 4x batch ({results[g4][0]['batch']} rows per rank) moves the peak by {(rank_max(g4, 'peak') - rank_max(g, 'peak')) / MIB:+,.0f} MiB"
+                f"a 4x batch ({results[g4][0]['batch']} rows per rank) moves the peak by "
+                f"{(rank_max(g4, 'peak') - rank_max(g, 'peak')) / MIB:+,.0f} MiB"
             )
         d = "dense/shuffled"
         if d in results:
             checks.append(
-                f"dense mode, where every one of the {2 * a.batch if a.world == 2 else a.world * a.batch} gathered rows meets all {n_local:,} local columns, "
-                f"peaks {(rank_max(d, 'peak') - rank_max(g, 'peak')) / MIB:+,.0f} MiB from grouped, its loss forward {mib(extra(d, 'forward'))} MiB above its start "
-                f"(rows x 8,192-column logit chunks) and its backward {mib(extra(d, 'backward'))} MiB (the dense `dw` plus "
-                f"{mib(extra(d, 'backward') - G)} MiB of chunk temporaries)"
+                f"dense mode, where every one of the {2 * a.batch if a.world == 2 else a.world * a.batch} gathered "
+                f"rows meets all {n_local:,} local columns, peaks "
+                f"{(rank_max(d, 'peak') - rank_max(g, 'peak')) / MIB:+,.0f} MiB from grouped, its loss forward "
+                f"{mib(extra(d, 'forward'))} MiB above its start (rows x 8,192-column logit chunks) and its backward "
+                f"{mib(extra(d, 'backward'))} MiB (the dense `dw` plus {mib(extra(d, 'backward') - G)} MiB of chunk "
+                "temporaries)"
             )
         if checks:
             out += [
@@ -632,9 +611,9 @@ def notes(a, results) -> str:
         c = "grouped-cosine/by_superclass"
         if c in results:
             out += [
-                f"`head.logit = cosine` is the exception in size, though not rows x n_local: `F.normalize(w, dim=1)` "
-                f"(`fgdist/objectives.py`, `_logit_inputs`) materializes a normalized copy of the whole slice every step "
-                f"(+{mib(extra(c, 'forward'))} MiB in the forward, saved for backward) and its backward allocates "
+                "`head.logit = cosine` is the exception in size, though not rows x n_local: `F.normalize(w, dim=1)` "
+                "(`fgdist/objectives.py`, `_logit_inputs`) materializes a normalized copy of the whole slice every "
+                f"step (+{mib(extra(c, 'forward'))} MiB in the forward, saved for backward) and its backward allocates "
                 f"+{mib(extra(c, 'backward'))} MiB of n_local x d temporaries; the step takes "
                 f"{slower_rank(results[c])['median_cpu_s']['head']:.1f} CPU s instead of "
                 f"{slower_rank(results[g])['median_cpu_s']['head']:.1f}. Every shipped config uses `dot`.",
@@ -647,20 +626,22 @@ def notes(a, results) -> str:
 
         load = f"{statistics.mean(x['cpu_share'] for x in results[g]):.0%}"
         out += [
-            f"**Time.** The machine was shared: in grouped/by_superclass each rank's timed phases got {load} of a core (CPU time / "
-            f"wall; the other modes: see that column), so wall times are inflated and drift with the other jobs; head.step does the same "
-            f"work in every grouped mode, and its wall-time spread across those rows shows the drift. CPU seconds are steadier and "
-            f"are used here. The grouped step ({cpu_of(g, 'head'):.2f} CPU s) is dominated by passes over n_local x d arrays that do "
-            f"not depend on the batch: head.step {cpu_of(g, 'head_step'):.2f} s (`grad /= world_size`, `grad + wd * w` into a new array, "
-            f"the momentum update, the weight update, each over {n_local * a.dim / 1e6:,.0f} M floats) and the backward "
+            f"**Time.** The machine was shared: in grouped/by_superclass each rank's timed phases got {load} of a core "
+            "(CPU time / wall; the other modes: see that column), so wall times are inflated and drift with the other "
+            "jobs; head.step does the same work in every grouped mode, and its wall-time spread across those rows "
+            f"shows the drift. CPU seconds are steadier and are used here. The grouped step ({cpu_of(g, 'head'):.2f} "
+            "CPU s) is dominated by passes over n_local x d arrays that do not depend on the batch: head.step "
+            f"{cpu_of(g, 'head_step'):.2f} s (`grad /= world_size`, `grad + wd * w` into a new array, the momentum "
+            f"update, the weight update, each over {n_local * a.dim / 1e6:,.0f} M floats) and the backward "
             f"{cpu_of(g, 'backward'):.2f} s, of which zero-filling the fresh {mib(G)} MiB `dw` is about "
-            f"{slower_rank(results[g])['zeros_cpu_s']:.2f} s (`torch.zeros` of that shape timed alone in the same process; every "
-            f"step maps and faults in new pages for `dw` and for the weight-decay temporary).",
+            f"{slower_rank(results[g])['zeros_cpu_s']:.2f} s (`torch.zeros` of that shape timed alone in the same "
+            "process; every step maps and faults in new pages for `dw` and for the weight-decay temporary).",
         ]
         if g4 in results:
             out[-1] += (
-                f" The grouped loss itself is cheap: the 4x batch adds {cpu_of(g4, 'forward') - cpu_of(g, 'forward'):.2f} CPU s to "
-                f"the forward and {cpu_of(g4, 'backward') - cpu_of(g, 'backward'):.2f} to the backward, head.step "
+                " The grouped loss itself is cheap: the 4x batch adds "
+                f"{cpu_of(g4, 'forward') - cpu_of(g, 'forward'):.2f} CPU s to the forward and "
+                f"{cpu_of(g4, 'backward') - cpu_of(g, 'backward'):.2f} to the backward, head.step "
                 f"{cpu_of(g4, 'head_step') - cpu_of(g, 'head_step'):+.2f}."
             )
         if d in results:
@@ -668,48 +649,49 @@ def notes(a, results) -> str:
             flop = 4 * 2 * a.dim * rows * n_local
             loss_cpu = cpu_of(d, "forward") + cpu_of(d, "backward")
             out[-1] += (
-                f" Dense mode takes {cpu_of(d, 'forward'):.1f} + {cpu_of(d, 'backward'):.1f} CPU s in the loss: {rows} rows x "
-                f"{n_local:,} columns x 2d = {2 * a.dim * rows * n_local / 1e9:,.0f} GFLOP forward and about "
-                f"3x that in the backward (logits recomputed, dx, dw), {flop / 1e9 / loss_cpu:.1f} GFLOP/s per CPU second: "
-                f"{cpu_of(d, 'head') / cpu_of(g, 'head'):.0f}x the grouped step."
+                f" Dense mode takes {cpu_of(d, 'forward'):.1f} + {cpu_of(d, 'backward'):.1f} CPU s in the loss: {rows} "
+                f"rows x {n_local:,} columns x 2d = {2 * a.dim * rows * n_local / 1e9:,.0f} GFLOP forward and about 3x "
+                f"that in the backward (logits recomputed, dx, dw), {flop / 1e9 / loss_cpu:.1f} GFLOP/s per CPU "
+                f"second: {cpu_of(d, 'head') / cpu_of(g, 'head'):.0f}x the grouped step."
             )
         out.append("")
         if bb:
             parts = []
             headc = cpu_of(g, "head")
+            head_wall = head_seconds(slower_rank(results[g]))
             for m, rs in bb.items():
                 r = slower_rank(rs)
                 step = r["median_cpu_s"]["step"]
                 line = (
                     f"{m} (d = {r['dim']}): {step:.2f} CPU s per step at batch {r['batch']}, so the grouped head "
                     f"({headc:.2f} CPU s) is {headc / (headc + step):.0%} of head + backbone "
-                    f"({head_seconds(slower_rank(results[g])) / (head_seconds(slower_rank(results[g])) + r['median_s']['step']):.0%} in wall time)"
+                    f"({head_wall / (head_wall + r['median_s']['step']):.0%} in wall time)"
                 )
                 if r["dim"] != a.dim:
                     k = r["dim"] / a.dim
                     line += (
-                        f"; this backbone's d is {r['dim']} while the head's is {a.dim}, and the head's work (its arrays and "
-                        f"its FLOPs) is linear in d, so a head of d = {r['dim']} on the same columns would be about "
-                        f"{k * headc / (k * headc + step):.0%}"
+                        f"; this backbone's d is {r['dim']} while the head's is {a.dim}, and the head's work (its "
+                        f"arrays and its FLOPs) is linear in d, so a head of d = {r['dim']} on the same columns would "
+                        f"be about {k * headc / (k * headc + step):.0%}"
                     )
                 parts.append(line)
             out += [
-                "**Share of a real step.** This bench has no backbone, so the head is nearly all of its own step (the rest is "
-                "drawing the batch). Against a ResNet-18 step (fgdist.model.EmbeddingNet, CIFAR stem, 32x32 images, fp32, "
-                "forward + backward + gradient all-reduce + SGD, both ranks at once on the same machine): "
-                + "; ".join(parts)
-                + ".",
+                "**Share of a real step.** This bench has no backbone, so the head is nearly all of its own step (the "
+                "rest is drawing the batch). Against a ResNet-18 step (fgdist.model.EmbeddingNet, CIFAR stem, 32x32 "
+                "images, fp32, forward + backward + gradient all-reduce + SGD, both ranks at once on the same "
+                "machine): " + "; ".join(parts) + ".",
                 "",
             ]
         rs = results.get("grouped/shuffled")
         split = results[g][0]["split_supers"]
         sizes = ", ".join(f"super-class {s} with {e - b:,} columns" for s, b, e in split) or "none"
         out += [
-            f"**Rows crossing ranks.** Split super-classes: {sizes}. Under by_superclass only rows of split super-classes "
-            f"are exchanged (median {results[g][0]['rows_exchanged_per_step']:.0f} of {a.world * a.batch} rows per step here)"
+            f"**Rows crossing ranks.** Split super-classes: {sizes}. Under by_superclass only rows of split "
+            f"super-classes are exchanged (median {results[g][0]['rows_exchanged_per_step']:.0f} of "
+            f"{a.world * a.batch} rows per step here)"
             + (
-                f"; under shuffled {rs[0]['rows_exchanged_per_step']:.0f} of {a.world * a.batch} rows per step (every row whose "
-                f"super-class is not wholly on its own rank)"
+                f"; under shuffled {rs[0]['rows_exchanged_per_step']:.0f} of {a.world * a.batch} rows per step (every "
+                "row whose super-class is not wholly on its own rank)"
                 if rs
                 else ""
             )

@@ -37,16 +37,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import gc
 import json
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -57,12 +54,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import MIB, RssPeak, command_line, git_commit, md_head, md_row, shell_date  # noqa: E402
 from fgdist.kernels.reference import grouped_lse_torch  # noqa: E402
 
 GPU_SIZES = dict(rows=4096, d=512, n_local=[125_000, 1_250_000], groups=[1, 12, 100])
 CPU_SIZES = dict(rows=512, d=128, n_local=[12_500, 125_000], groups=[1, 12, 100])
 IMPLS = ["triton", "torch_reference", "masked_dense", "torch_linear_ce", "cut_cross_entropy"]
-MIB = 2**20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,34 +175,6 @@ def estimated_bytes(impl, rows, d, n_local, dtype):
 # ---------------------------------------------------------------------------------------------
 # Measurement
 # ---------------------------------------------------------------------------------------------
-
-
-class RssPeak:
-    """Peak resident set size of this process while the block runs, sampled by a thread."""
-
-    def __init__(self, period_s=0.002):
-        self.period_s, self.proc = period_s, psutil.Process()
-
-    def __enter__(self):
-        self.base = self.peak = self.proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(self.period_s)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    @property
-    def delta(self):
-        return self.peak - self.base
 
 
 def fwd_bwd(loss_fn, case):
@@ -334,23 +303,6 @@ def machine_description(device):
     return f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU"
 
 
-def _command_output(cmd):
-    try:
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-        return done.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def git_commit():
-    return _command_output(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
-
-
-def shell_date():
-    """The output of `date`, as a person would note it; ISO time where there is no `date`."""
-    return _command_output(["date"]) or datetime.datetime.now().astimezone().isoformat()
-
-
 def _fmt(result, key, spec):
     return spec.format(result[key]) if key in result else ""
 
@@ -359,7 +311,7 @@ def markdown_table(results, cuda):
     head = ["n_local", "groups", "matched pairs", "implementation", "fwd+bwd ms", "runs", "peak MiB"]
     if cuda:
         head += ["matched TFLOP/s", "of bf16 matmul", "vs masked_dense"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = md_head(head)
     for r in results:
         cells = [f"{r['n_local']:,}", str(r["groups"]), f"{r['pairs']:,}", r["impl"]]
         if "skipped" in r:
@@ -372,7 +324,7 @@ def markdown_table(results, cuda):
                     _fmt(r, "fraction_of_matmul", "{:.0%}"),
                     _fmt(r, "speedup_vs_masked_dense", "{:.1f}x"),
                 ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(md_row(cells))
     return "\n".join(lines)
 
 
@@ -441,9 +393,8 @@ def main(argv=None):
     args.dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
 
-    script = os.path.relpath(__file__, ROOT)
     meta = dict(
-        command=" ".join(shlex.quote(a) for a in ["python", script, *argv]),
+        command=command_line(argv),
         machine=machine_description(device),
         date=shell_date(),
         load_average_at_start=os.getloadavg(),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import deepspeed_command, md_head, md_row  # noqa: E402
 from fgdist.comparison import main as compare  # noqa: E402
 from fgdist.config import load_config  # noqa: E402
 
@@ -55,20 +55,10 @@ def main(argv=None) -> int:
             f"tracking.run_name={name}",
         ]
         cfg = load_config(args.config, overrides)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [
-            "deepspeed",
-            "--num_gpus",
-            str(args.ranks),
-            "--master_port",
-            str(port),
-            str(ROOT / "launcher" / "train.py"),
-            "--config",
-            args.config,
-            *sum((["--set", o] for o in overrides), []),
-        ]
+        train = ROOT / "launcher" / "train.py"
+        cmd = deepspeed_command(
+            args.ranks, train, ["--config", args.config, *sum((["--set", o] for o in overrides), [])]
+        )
         print(f"[quality] {name}: {' '.join(sets)}", flush=True)
         started = time.time()
         with open(out / f"{name}.log", "w") as log:
@@ -76,12 +66,7 @@ def main(argv=None) -> int:
         timings.append((name, time.time() - started))
         run_ids.append(json.loads((cfg.run_dir / "results.json").read_text())["mlflow_run_id"])
     code = compare(["--experiment", args.experiment, "--runs", *run_ids, "--out", str(out), "--curves"])
-    lines = [
-        "",
-        "| variant | wall time (s), launch to exit |",
-        "|---|---|",
-        *[f"| {n} | {t:.0f} |" for n, t in timings],
-    ]
+    lines = ["", *md_head(["variant", "wall time (s), launch to exit"]), *[md_row([n, f"{t:.0f}"]) for n, t in timings]]
     print("\n".join(lines))
     with open(out / "comparison.md", "a") as f:
         f.write("\n".join(lines) + "\n")

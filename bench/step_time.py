@@ -13,7 +13,6 @@ import argparse
 import itertools
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.common import command_line, deepspeed_command, git_commit, md_head, md_row  # noqa: E402
 
 
 def measure(args) -> None:
@@ -77,36 +78,31 @@ def drive(args) -> None:
     rows = []
     for objective in args.objectives:
         result = Path(f"/tmp/step_time_{os.getpid()}_{objective}.json")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [
-            "deepspeed",
-            "--num_gpus",
-            str(args.ranks),
-            "--master_port",
-            str(port),
+        cmd = deepspeed_command(
+            args.ranks,
             __file__,
-            "--measure",
-            "--result",
-            str(result),
-            "--config",
-            args.config,
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-            "--loader" if args.loader else "--no-loader",
-            "--set",
-            f"objective.name={objective}",
-            "--set",
-            f"name=bench_{objective}",
-            "--set",
-            "tracking.system_metrics=false",
-            "--set",
-            "tracking.experiment=bench",
-            *sum((["--set", o] for o in args.overrides), []),
-        ]
+            [
+                "--measure",
+                "--result",
+                str(result),
+                "--config",
+                args.config,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--loader" if args.loader else "--no-loader",
+                "--set",
+                f"objective.name={objective}",
+                "--set",
+                f"name=bench_{objective}",
+                "--set",
+                "tracking.system_metrics=false",
+                "--set",
+                "tracking.experiment=bench",
+                *sum((["--set", o] for o in args.overrides), []),
+            ],
+        )
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         ranks = json.loads(result.read_text())
         loader = min(r["loader_images_per_s_per_rank"] for r in ranks) if args.loader else None
@@ -117,16 +113,20 @@ def drive(args) -> None:
     lines = [
         f"# Step time: {args.config} {' '.join(args.overrides)}",
         "",
-        f"Command: `python bench/step_time.py {' '.join(sys.argv[1:])}`  ",
-        f"Machine: {args.machine}; date {time.strftime('%Y-%m-%d')}; commit {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout.strip()}  ",
+        f"Command: `{command_line()}`  ",
+        f"Machine: {args.machine}; date {time.strftime('%Y-%m-%d')}; commit {git_commit()}  ",
         f"{args.ranks} DeepSpeed ranks; median of {args.steps} steps after {args.warmup} warm-up; slowest rank.",
         "",
-        f"| objective | step (s) | step / {rows[0][0]} step | training consumes (img/s/rank) | loader alone (img/s/rank) | loader / training |",
-        "|---|---|---|---|---|---|",
+        *md_head(
+            [
+                *("objective", "step (s)", f"step / {rows[0][0]} step", "training consumes (img/s/rank)"),
+                *("loader alone (img/s/rank)", "loader / training"),
+            ]
+        ),
     ]
     for objective, step, loader, train in rows:
-        loader_cells = f"{loader:.1f} | {loader / train:.2f}x" if loader is not None else "not measured | -"
-        lines.append(f"| {objective} | {step:.4f} | {step / base:.3f} | {train:.1f} | {loader_cells} |")
+        loader_cells = [f"{loader:.1f}", f"{loader / train:.2f}x"] if loader is not None else ["not measured", "-"]
+        lines.append(md_row([objective, f"{step:.4f}", f"{step / base:.3f}", f"{train:.1f}", *loader_cells]))
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
