@@ -10,12 +10,17 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from PIL import Image
 
 
 class SourceError(ValueError):
     """Bad input in a source; the message names the file and the row or line."""
+
+
+class CorruptImageError(SourceError):
+    """An image that does not decode: the build fails on it, or skips it with on_corrupt=skip."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,14 @@ def parse_int(text: str, what: str, where: str) -> int:
         return int(text)
     except ValueError:
         raise SourceError(f"{where}: {what} {text!r} is not an integer") from None
+
+
+def require_image_file(path: Path, where: str) -> None:
+    """A listed image must be a regular file; says which of missing / directory / other it is."""
+    if path.is_file():
+        return
+    problem = "is a directory" if path.is_dir() else "does not exist" if not path.exists() else "is not a regular file"
+    raise SourceError(f"{where}: image {path} {problem}")
 
 
 def class_ids(names) -> dict[str, int]:
@@ -92,8 +105,9 @@ def jpeg_loader(path, shorter_side: int = 256, quality: int = 90) -> Callable[[]
                     rgb = image.convert("RGB")
         except FileNotFoundError:
             raise SourceError(f"{path}: image file not found") from None
-        except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-            raise SourceError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            # PIL's UnidentifiedImageError is an OSError.
+            raise CorruptImageError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from None
         buf = io.BytesIO()
         rgb.save(buf, format="JPEG", quality=quality)
         return buf.getvalue()
