@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fgdist.config import DataConfig
 from fgdist.partition import Plan
-from fgdist.shardset import ShardInfo, SplitDir, image_problem
+from fgdist.shardset import DECODE_ERRORS, ShardInfo, SplitDir, image_problem
 
 # ImageNet statistics: right for pretrained ResNets and harmless for the small data sets.
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -146,7 +146,7 @@ def _decode(sample, meta, transform, rng, on_corrupt):
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             return transform(img, rng)
-    except (OSError, SyntaxError, ValueError) as err:
+    except DECODE_ERRORS as err:
         if on_corrupt == "fail":
             raise CorruptSampleError(
                 f"{sample.get('__url__')}: sample {sample['__key__']}: cannot decode image ({err}); set "

@@ -21,6 +21,8 @@ FORMAT = "fgdist-shards/1"
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 IMAGE_EXTS = ("png", "jpg")
+# What Pillow raises for bytes that are not a whole image (UnidentifiedImageError is an OSError).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 INDEX_COLUMNS = ("key", "instance_id", "super_id", "fine_id", "shard", "member", "source")
 
 
@@ -192,7 +194,7 @@ def image_problem(data: bytes) -> str | None:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
         return None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except DECODE_ERRORS as err:
         return f"{type(err).__name__}: {err}"
 
 

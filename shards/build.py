@@ -157,6 +157,8 @@ def with_test_split(collection: Collection, test_fraction: float | None, split_s
         raise ValueError(
             f"{collection.name}: test_fraction={test_fraction} given, but the source has {len(test)} test rows already"
         )
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int):
+        raise ValueError(f"split_seed must be an integer, got {split_seed!r}")
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, int | float) or not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be a number with 0 < F < 1, got {test_fraction!r}")
     count = round(test_fraction * len(train))
