@@ -1,6 +1,6 @@
 """Per-rank WebDataset streams.
 
-Routing (DESIGN "Routing"):
+Routing (docs/DESIGN.md, "Routing"):
 - by_superclass: rank r streams exactly the samples whose instance ids it owns: the shards
   overlapping its column range, filtered at the two boundaries.
 - shuffled: ordinary data parallel; the shard list is dealt out over all ranks.
@@ -9,11 +9,13 @@ Every rank takes the same number of steps per epoch, ceil(n / (world * batch)): 
 is endless (pass after pass, each reshuffled) and the loader takes exactly that many batches, so
 a rank with fewer samples resamples some and collectives never wait on a rank that stopped.
 Each epoch's stream is a pure function of (seed, epoch, rank, worker): a resume replays it, and
-skips the batches already trained before decoding them.
+passes the batches already trained without augmenting them (with data.on_corrupt=skip it decodes
+them, to count the undecodable samples that took no place in a batch).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -28,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fgdist.config import DataConfig
 from fgdist.partition import Plan
-from fgdist.shardset import ShardInfo, SplitDir
+from fgdist.shardset import DECODE_ERRORS, ShardInfo, SplitDir, image_problem
 
 # ImageNet statistics: right for pretrained ResNets and harmless for the small data sets.
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -111,7 +113,10 @@ def deal(urls: list[str], slot: int, slots: int, instance_range=None) -> StreamS
 
 
 def _seed(*parts: int) -> int:
-    return hash(parts) & 0x7FFFFFFF
+    """A seed for one stream or sample, the same in every process, run and Python version
+    (Python's `hash` promises none of that)."""
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little")
 
 
 def _read(spec: StreamSpec, shard_order_seed: int | None):
@@ -129,21 +134,30 @@ def _read(spec: StreamSpec, shard_order_seed: int | None):
         yield sample, meta
 
 
+def _image_bytes(sample) -> bytes | None:
+    return sample.get("png", sample.get("jpg"))
+
+
 def _decode(sample, meta, transform, rng, on_corrupt):
-    data = sample.get("png", sample.get("jpg"))
+    data = _image_bytes(sample)
     try:
         if data is None:
             raise OSError("no png or jpg member")
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             return transform(img, rng)
-    except (OSError, SyntaxError, ValueError) as err:
+    except DECODE_ERRORS as err:
         if on_corrupt == "fail":
             raise CorruptSampleError(
                 f"{sample.get('__url__')}: sample {sample['__key__']}: cannot decode image ({err}); set "
                 "data.on_corrupt='skip' to skip such samples"
             ) from None
         return None
+
+
+def _is_corrupt(sample) -> bool:
+    data = _image_bytes(sample)
+    return data is None or image_problem(data) is not None
 
 
 class TrainStream(IterableDataset):
@@ -168,9 +182,15 @@ class TrainStream(IterableDataset):
         # worker 0, so worker 0 plays stream s % workers, and skips that stream's trained batches.
         worker = (physical + self.skip_batches) % workers
         skip = len(range(worker, self.skip_batches, workers)) * self.cfg.batch_size
+        trained = 0  # images of this stream already trained (a resume passes them by)
         skipped_corrupt = 0
         for position, (sample, meta) in enumerate(self._endless(self.specs[worker], worker)):
-            if position < skip:
+            if trained < skip:
+                # Trained batches held images, not samples: with on_corrupt=skip, an undecodable
+                # sample among them took no place, so find it again (decode, no augmentation).
+                # With "fail" none can have been passed, and nothing is decoded.
+                if self.cfg.on_corrupt == "fail" or not _is_corrupt(sample):
+                    trained += 1
                 continue
             # One generator per sample position: augmentations do not depend on what was skipped.
             rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, position))
@@ -225,16 +245,36 @@ def steps_per_epoch(num_instances: int, world_size: int, batch_size: int) -> int
     return math.ceil(num_instances / (world_size * batch_size))
 
 
+def fill_slots(shards: list[tuple[str, int]], capacities: list[int], instance_range=None) -> list[StreamSpec]:
+    """Shards (url, samples it holds for these slots) over slots, each holding at most the samples
+    its stream delivers in an epoch (`capacities`) where they fit: largest shard first, into the
+    slot with the most room left (a slot without a shard first), so an epoch reads every sample
+    rather than leaving some in an overfull slot while another repeats its own."""
+    if len(shards) < len(capacities):
+        return [deal([url for url, _ in shards], k, len(capacities), instance_range) for k in range(len(capacities))]
+    room, dealt = list(capacities), [[] for _ in capacities]
+    for url, count in sorted(shards, key=lambda shard: -shard[1]):  # stable: equal sizes keep their order
+        k = max(range(len(dealt)), key=lambda i: (not dealt[i], room[i], -i))
+        dealt[k].append(url)
+        room[k] -= count
+    return [StreamSpec(tuple(urls), instance_range, None) for urls in dealt]
+
+
 def rank_specs(
     split: SplitDir, plan: Plan, cfg: DataConfig, rank: int, epoch: int, seed: int, workers: int
 ) -> list[StreamSpec]:
-    """One StreamSpec per DataLoader worker of `rank`."""
+    """One StreamSpec per DataLoader worker of `rank`. Worker w's stream fills the batches
+    j = w, w + workers, ... of the epoch's steps: that many batches' samples is its capacity."""
+    steps = steps_per_epoch(split.manifest.num_instances, plan.world_size, cfg.batch_size)
+    capacities = [len(range(w, steps, workers)) * cfg.batch_size for w in range(workers)]
     if cfg.routing == "by_superclass":
-        urls = shard_urls(split, plan.shards_for_rank(split.manifest, rank), cfg)
-        return [deal(urls, w, workers, plan.column_range(rank)) for w in range(workers)]
-    urls = shard_urls(split, split.manifest.shards, cfg)
-    random.Random(_seed(seed, epoch)).shuffle(urls)  # the same deal on every rank
-    return [deal(urls, rank * workers + w, plan.world_size * workers) for w in range(workers)]
+        lo, hi = plan.column_range(rank)
+        shards = plan.shards_for_rank(split.manifest, rank)
+        held = [min(s.instance_end, hi) - max(s.instance_begin, lo) for s in shards]
+        return fill_slots(list(zip(shard_urls(split, shards, cfg), held)), capacities, (lo, hi))
+    shards = list(zip(shard_urls(split, split.manifest.shards, cfg), [s.count for s in split.manifest.shards]))
+    random.Random(_seed(seed, epoch)).shuffle(shards)  # the same deal on every rank
+    return fill_slots(shards, capacities * plan.world_size)[rank * workers : (rank + 1) * workers]
 
 
 def train_batches(split: SplitDir, plan: Plan, cfg: DataConfig, rank: int, epoch: int, seed: int, start_step: int = 0):
@@ -250,7 +290,8 @@ def train_batches(split: SplitDir, plan: Plan, cfg: DataConfig, rank: int, epoch
 
 
 class EvalStream(IterableDataset):
-    """A rank's slice of a split, decoded once, for embedding."""
+    """A rank's slice of a split, decoded once, for embedding. DataLoader workers split the
+    rank's shards between them (never more workers than shards): each sample is read once."""
 
     def __init__(self, spec: StreamSpec, cfg: DataConfig):
         self.spec, self.cfg = spec, cfg
@@ -259,14 +300,14 @@ class EvalStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for i, (sample, meta) in enumerate(_read(self.spec, None)):
-            if i % workers != worker:
-                continue
+        spec = StreamSpec(self.spec.urls[worker::workers], self.spec.instance_range, self.spec.modulo)
+        for sample, meta in _read(spec, None):
             image = _decode(sample, meta, self.transform, None, "fail")
             yield image, meta["super"], meta["fine"], meta["instance"], 0
 
 
 def eval_batches(split: SplitDir, cfg: DataConfig, batch_size: int, rank: int, world_size: int):
     urls = shard_urls(split, split.manifest.shards, cfg)
-    stream = EvalStream(deal(urls, rank, world_size), cfg)
-    return DataLoader(stream, batch_size=batch_size, num_workers=min(cfg.num_workers, 1), collate_fn=collate)
+    spec = deal(urls, rank, world_size)
+    workers = min(cfg.num_workers, len(spec.urls))
+    return DataLoader(EvalStream(spec, cfg), batch_size=batch_size, num_workers=workers, collate_fn=collate)

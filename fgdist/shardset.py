@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 import tarfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -21,6 +21,8 @@ FORMAT = "fgdist-shards/1"
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 IMAGE_EXTS = ("png", "jpg")
+# What Pillow raises for bytes that are not a whole image (UnidentifiedImageError is an OSError).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 INDEX_COLUMNS = ("key", "instance_id", "super_id", "fine_id", "shard", "member", "source")
 
 
@@ -54,6 +56,8 @@ class Manifest:
     fine_names: list[str]
     fine_to_super: list[int]
     shards: list[ShardInfo]
+    # Origins of the images the build skipped as undecodable (`--opt on_corrupt=skip`).
+    skipped_corrupt: list[str] = field(default_factory=list)
     format: str = FORMAT
 
     @property
@@ -80,6 +84,7 @@ class Manifest:
                 fine_names=list(raw["fine_names"]),
                 fine_to_super=[int(v) for v in raw["fine_to_super"]],
                 shards=[ShardInfo(**s) for s in raw["shards"]],
+                skipped_corrupt=[str(v) for v in raw.get("skipped_corrupt", [])],
             )
         except (KeyError, TypeError, json.JSONDecodeError) as err:
             raise ShardSetError(f"{where}: malformed manifest ({type(err).__name__}: {err})") from None
@@ -167,8 +172,9 @@ def verify_split(split: SplitDir) -> list[str]:
                         continue
                     key, ext = member.name.split(".", 1)
                     keys.append(key)
-                    if ext in IMAGE_EXTS and not _decodes(tar.extractfile(member).read()):
-                        problems.append(f"{path}: member {member.name}: corrupt image")
+                    problem = image_problem(tar.extractfile(member).read()) if ext in IMAGE_EXTS else None
+                    if problem:
+                        problems.append(f"{path}: member {member.name}: corrupt image ({problem})")
         except (tarfile.TarError, EOFError, OSError) as err:
             problems.append(f"{path}: unreadable or truncated tar ({err})")
             continue
@@ -181,13 +187,15 @@ def verify_split(split: SplitDir) -> list[str]:
     return problems
 
 
-def _decodes(data: bytes) -> bool:
+def image_problem(data: bytes) -> str | None:
+    """Why encoded image bytes do not decode (fully, every pixel), or None when they do. The one
+    test of a good image: the builder, `verify` and a resumed stream all apply it."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-        return True
-    except (OSError, SyntaxError, ValueError):
-        return False
+        return None
+    except DECODE_ERRORS as err:
+        return f"{type(err).__name__}: {err}"
 
 
 def sample_key(instance_id: int) -> str:

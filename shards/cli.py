@@ -1,22 +1,25 @@
-"""python -m shards build | inspect | verify
+"""Build, inspect and verify fgdist shard sets (docs/DESIGN.md, "Shards").
 
-python -m shards build --source synthetic --out data/synthetic
-python -m shards build --source fashion-mnist --out data/fmnist
-python -m shards build --source manifest --path images.csv --out data/mine
-python -m shards build --source folder --path photos/ --out data/mine --opt shorter_side=256
-python -m shards inspect data/fmnist
-python -m shards verify data/fmnist
+examples:
+  python -m shards build --source synthetic --out data/synthetic
+  python -m shards build --source fashion-mnist --out data/fmnist
+  python -m shards build --source manifest --path images.csv --out data/mine --opt test_fraction=0.2
+  python -m shards build --source pets --path oxford-iiit-pet --out data/pets --opt shorter_side=256
+  python -m shards inspect data/fmnist
+  python -m shards verify data/fmnist
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import inspect
 import json
 import sys
 
+import fgdist
 from fgdist.shardset import ShardSetError, open_split, verify_split
-from shards.build import build_shards
+from shards.build import BUILD_OPTIONS, build_shards
 from shards.sources import SourceError
 from shards.sources.cifar100 import open_cifar100
 from shards.sources.fashion_mnist import open_fashion_mnist
@@ -25,7 +28,8 @@ from shards.sources.pets import open_pets
 from shards.sources.sop import open_sop
 from shards.sources.synthetic import open_synthetic
 
-# name -> function(**options) returning a Collection; `--path` fills its first parameter.
+# name -> function(**options) returning a Collection. Its keyword parameters are its `--opt`
+# options (help and checks read the signature); `--path` fills a first parameter in PATH_PARAMS.
 SOURCES = {
     "synthetic": open_synthetic,
     "fashion-mnist": open_fashion_mnist,
@@ -35,6 +39,7 @@ SOURCES = {
     "pets": open_pets,
     "sop": open_sop,
 }
+PATH_PARAMS = ("root", "path")
 
 
 def _parse_opt(text: str):
@@ -47,29 +52,92 @@ def _parse_opt(text: str):
         return key, value
 
 
+def _source_params(opener) -> tuple[str | None, dict[str, inspect.Parameter]]:
+    """(the parameter --path fills or None, the parameters --opt may set)."""
+    params = dict(inspect.signature(opener).parameters)
+    first = next(iter(params))
+    return (first if first in PATH_PARAMS else None), params
+
+
+def _build_defaults() -> dict[str, object]:
+    params = inspect.signature(build_shards).parameters
+    return {name: params[name].default for name in BUILD_OPTIONS}
+
+
 def _open_source(args):
+    """The collection, and the build options taken from `--opt`."""
     opener = SOURCES[args.source]
-    options = dict(args.opt)
-    params = list(inspect.signature(opener).parameters)
+    path_param, params = _source_params(opener)
+    options, build_options = {}, {}
+    for key, value in args.opt:
+        if key in BUILD_OPTIONS:
+            build_options[key] = value
+        elif key in params:
+            options[key] = value
+        else:
+            raise SourceError(
+                f"source {args.source!r}: unknown option {key!r}; its options: {', '.join(params)}; every source's: "
+                f"{', '.join(BUILD_OPTIONS)} (python -m shards build --help lists them with their defaults)"
+            )
     if args.path is not None:
-        options[params[0]] = args.path
-    unknown = sorted(set(options) - set(params))
-    if unknown:
-        raise SourceError(f"source {args.source!r}: unknown option(s) {unknown}; it takes {params}")
-    return opener(**options)
+        if path_param is None:
+            raise SourceError(f"source {args.source!r} takes no --path")
+        options[path_param] = args.path
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in options]
+    if missing:
+        raise SourceError(
+            f"source {args.source!r} needs " + ", ".join("--path" if n == path_param else n for n in missing)
+        )
+    return opener(**options), build_options
+
+
+def _shown(value) -> str:
+    return "(unset)" if value is None else str(value)
+
+
+def options_table() -> str:
+    """Every source with its options and defaults, read from the openers' signatures, and the
+    build's own options (each with its line of explanation): the build subcommand's help."""
+    rows = [("source", "option", "default", None)]
+    for name, opener in SOURCES.items():
+        path_param, params = _source_params(opener)
+        for i, (key, param) in enumerate(params.items()):
+            default = "(required)" if param.default is inspect.Parameter.empty else _shown(param.default)
+            rows.append((name if i == 0 else "", f"--path ({key})" if key == path_param else key, default, None))
+    for i, (key, default) in enumerate(_build_defaults().items()):
+        rows.append(("every source" if i == 0 else "", key, _shown(default), BUILD_OPTIONS[key]))
+    widths = [max(len(row[c]) for row in rows) for c in range(3)]
+    lines = ["source options (--opt key=value, repeatable; the value is parsed as JSON, else kept as a string):"]
+    for *cells, note in rows:
+        lines.append(("  " + "  ".join(cell.ljust(w) for cell, w in zip(cells, widths))).rstrip())
+        if note:
+            lines.append(" " * (6 + widths[0]) + note)  # under the option, indented
+    return "\n".join(lines)
 
 
 def cmd_build(args) -> int:
-    collection = _open_source(args)
+    collection, build_options = _open_source(args)
     manifests = build_shards(
-        collection, args.out, shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.quiet
+        collection,
+        args.out,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        **build_options,
     )
     for split, m in manifests.items():
         print(
             f"{args.out}/{split}: {m.num_instances} samples, {len(m.shards)} shards, {m.num_super} super-classes, "
-            f"{m.num_fine} fine classes"
+            f"{m.num_fine} fine classes" + _skipped_note(m)
         )
     return 0
+
+
+def _skipped_note(manifest) -> str:
+    skipped = manifest.skipped_corrupt
+    if not skipped:
+        return ""
+    return f"; {len(skipped)} undecodable image(s) skipped (first: {skipped[0]}; all listed in manifest.json)"
 
 
 def cmd_inspect(args) -> int:
@@ -78,7 +146,7 @@ def cmd_inspect(args) -> int:
         m = s.manifest
         print(
             f"{s.path}: {m.num_instances} samples in {len(m.shards)} shards, {m.num_super} super-classes, "
-            f"{m.num_fine} fine classes"
+            f"{m.num_fine} fine classes" + _skipped_note(m)
         )
         for c in m.super_classes:
             shards = [sh for sh in m.shards if sh.super_id == c.id]
@@ -104,24 +172,43 @@ def cmd_verify(args) -> int:
     return 1 if bad else 0
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fgdist")
+    except importlib.metadata.PackageNotFoundError:  # running from a checkout that is not installed
+        return fgdist.__version__
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="build a shard set from a source")
-    b.add_argument("--source", required=True, choices=sorted(SOURCES))
-    b.add_argument("--path", help="the source's root folder or file (manifest, folder, data set roots)")
-    b.add_argument("--out", required=True)
-    b.add_argument("--shard-size", type=int, default=1000, help="max samples per shard")
-    b.add_argument("--opt", type=_parse_opt, action="append", default=[], help="source option key=value (repeatable)")
-    b.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--version", action="version", version=f"%(prog)s (fgdist) {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,inspect,verify}")
+    b = sub.add_parser(
+        "build",
+        help="build a shard set from a source (build --help lists every source's options)",
+        description="Build a shard set (train/ and test/) from a source.",
+        epilog=options_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument("--source", required=True, choices=list(SOURCES), help="where the images come from")
+    b.add_argument("--path", help="the source's root folder or file (the --path row of the table below)")
+    b.add_argument("--out", required=True, help="the shard set's folder (written atomically)")
+    b.add_argument("--shard-size", type=int, default=1000, help="max samples per shard (default: %(default)s)")
+    b.add_argument(
+        "--opt", type=_parse_opt, action="append", default=[], help="source or build option key=value (repeatable)"
+    )
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(run=cmd_build)
-    for name, run in (("inspect", cmd_inspect), ("verify", cmd_verify)):
-        p = sub.add_parser(name)
-        p.add_argument("dir")
-        p.add_argument("--splits", nargs="+", default=["train", "test"])
+    for name, run, summary in (
+        ("inspect", cmd_inspect, "print a shard set's splits, super-classes and shard counts"),
+        ("verify", cmd_verify, "check every shard: checksums, truncated tars, undecodable images, instance ids"),
+    ):
+        p = sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+        p.add_argument("dir", help="the shard set's folder")
+        p.add_argument("--splits", nargs="+", default=["train", "test"], help="the splits to " + name)
         p.set_defaults(run=run)
     args = parser.parse_args(argv)
     try:

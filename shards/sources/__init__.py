@@ -10,12 +10,19 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from PIL import Image
+
+from fgdist.shardset import DECODE_ERRORS
 
 
 class SourceError(ValueError):
     """Bad input in a source; the message names the file and the row or line."""
+
+
+class CorruptImageError(SourceError):
+    """An image that does not decode: the build fails on it, or skips it with on_corrupt=skip."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,14 @@ def parse_int(text: str, what: str, where: str) -> int:
         raise SourceError(f"{where}: {what} {text!r} is not an integer") from None
 
 
+def require_image_file(path: Path, where: str) -> None:
+    """A listed image must be a regular file; says which of missing / directory / other it is."""
+    if path.is_file():
+        return
+    problem = "is a directory" if path.is_dir() else "does not exist" if not path.exists() else "is not a regular file"
+    raise SourceError(f"{where}: image {path} {problem}")
+
+
 def class_ids(names) -> dict[str, int]:
     """Ids in sorted-name order: stable across runs and across the train and test splits."""
     return {name: i for i, name in enumerate(sorted(set(names)))}
@@ -62,7 +77,8 @@ def jpeg_loader(path, shorter_side: int = 256, quality: int = 90) -> Callable[[]
 
     Real collections hold CMYK, grayscale and PNG files named `.jpg` (Oxford-IIIT Pet has all
     three): everything is decoded and re-encoded as RGB JPEG, except a file that already is an RGB
-    JPEG small enough, whose bytes are kept as they are (no second lossy pass)."""
+    JPEG small enough, whose bytes are kept as they are (no second lossy pass; the builder decodes
+    them, as it does every image it writes)."""
     if isinstance(shorter_side, bool) or not isinstance(shorter_side, int) or shorter_side < 1:
         raise ValueError(f"shorter_side must be a positive integer, got {shorter_side!r}")
     if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 95:
@@ -72,6 +88,11 @@ def jpeg_loader(path, shorter_side: int = 256, quality: int = 90) -> Callable[[]
         try:
             with open(path, "rb") as f:
                 data = f.read()
+        except FileNotFoundError:
+            raise SourceError(f"{path}: image file not found") from None
+        except OSError as err:  # unreadable is not undecodable: never skipped as corrupt
+            raise SourceError(f"{path}: cannot read image file ({type(err).__name__}: {err})") from None
+        try:
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
                 short = min(width, height)
@@ -90,10 +111,8 @@ def jpeg_loader(path, shorter_side: int = 256, quality: int = 90) -> Callable[[]
                     rgb = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
                 else:
                     rgb = image.convert("RGB")
-        except FileNotFoundError:
-            raise SourceError(f"{path}: image file not found") from None
-        except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-            raise SourceError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from None
+        except DECODE_ERRORS as err:
+            raise CorruptImageError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from None
         buf = io.BytesIO()
         rgb.save(buf, format="JPEG", quality=quality)
         return buf.getvalue()

@@ -25,7 +25,9 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
         with opener(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise SourceError(f"{path}: file not found (apt-get install dataset-fashion-mnist, or pass --root)") from None
+        raise SourceError(
+            f"{path}: file not found (apt-get install dataset-fashion-mnist, or pass --path FOLDER)"
+        ) from None
     (got,) = struct.unpack(">I", data[:4])
     if got != magic:
         raise SourceError(f"{path}: not an IDX file of the expected kind (magic {got:#x}, expected {magic:#x})")

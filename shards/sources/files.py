@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from shards.sources import Collection, Record, SourceError, class_ids
+from shards.sources import Collection, Record, SourceError, class_ids, require_image_file
 
 IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 
@@ -65,6 +65,7 @@ def open_manifest(path: str) -> Collection:
             raise SourceError(f"{manifest}: missing column {column!r} (columns: {table.column_names})")
     columns = {c: table.column(c).to_pylist() for c in table.column_names}
     rows = []
+    first_row_of: dict[Path, str] = {}  # resolved image path -> the row that listed it first
     for i in range(table.num_rows):
         # Row numbers as a person counts them in the file: the CSV header is line 1.
         where = f"{manifest} row {i + 2 if manifest.suffix != '.parquet' else i}"
@@ -73,10 +74,14 @@ def open_manifest(path: str) -> Collection:
             if not values[column]:
                 raise SourceError(f"{where}: empty {column!r}")
         image = (manifest.parent / values["path"]).resolve()
-        if not image.is_file():
-            raise SourceError(f"{where}: image file {values['path']!r} does not exist ({image})")
+        require_image_file(image, where)
+        # The same image twice would be two instances with identical pixels (or one image in
+        # both splits): a mistake in the list, never what a user means.
+        if image in first_row_of:
+            raise SourceError(f"{where}: image {image} is already listed at {first_row_of[image]}")
+        first_row_of[image] = where
         split = values.get("split") or "train"
-        rows.append((split, values["super"], values.get("fine") or None, image, where))
+        rows.append((split, values["super"], values.get("fine") or None, image, f"{where} {values['path']}"))
     if not rows:
         raise SourceError(f"{manifest}: no rows")
     return _collect(f"manifest:{manifest.name}", rows)
@@ -91,7 +96,8 @@ def open_folder(root: str) -> Collection:
     rows = []
     for split, split_root in split_roots.items():
         for image in sorted(split_root.glob("*/*/*")):
-            if image.is_file() and image.suffix.lower() in IMAGE_EXTS:
+            if image.suffix.lower() in IMAGE_EXTS:
+                require_image_file(image, str(base))
                 fine_dir, super_dir = image.parent, image.parent.parent
                 rows.append((split, super_dir.name, f"{super_dir.name}/{fine_dir.name}", image, str(image)))
     if not rows:

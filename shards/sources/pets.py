@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shards.sources import Collection, Record, SourceError, jpeg_loader, parse_int
+from shards.sources import Collection, Record, SourceError, jpeg_loader, parse_int, require_image_file
 
 SUPER_NAMES = ["cat", "dog"]  # SPECIES 1, 2
 NUM_BREEDS = 37
@@ -42,8 +42,7 @@ def _parse(path: Path, images: Path):
         breed, sep, number = name.rpartition("_")
         if not sep or not breed or not number.isdigit():
             raise SourceError(f"{where}: image name {name!r} is not '<breed>_<number>'")
-        if not (images / f"{name}.jpg").is_file():
-            raise SourceError(f"{where}: image {images / (name + '.jpg')} does not exist")
+        require_image_file(images / f"{name}.jpg", where)
         yield where, name, breed, class_id, species
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.sources import Collection, Record, SourceError, jpeg_loader, parse_int
+from shards.sources import Collection, Record, SourceError, jpeg_loader, parse_int, require_image_file
 
 FILES = {"train": "Ebay_train.txt", "test": "Ebay_test.txt"}
 HEADER = ["image_id", "class_id", "super_class_id", "path"]
@@ -47,8 +47,7 @@ def _parse(path: Path, root: Path):
         folder, sep, _ = image.partition("/")
         if not sep or not folder:
             raise SourceError(f"{where}: path {image!r} has no super-class folder (like bicycle_final/...)")
-        if not (root / image).is_file():
-            raise SourceError(f"{where}: image {root / image} does not exist")
+        require_image_file(root / image, where)
         yield where, class_id, super_id, folder.removesuffix("_final"), image
 
 

@@ -1,5 +1,5 @@
 """The Fashion-MNIST source on the real IDX files (Debian package dataset-fashion-mnist, which
-.ci/run installs) and a truncated copy."""
+.ci/run installs), a truncated copy, and a folder without them."""
 
 import gzip
 from pathlib import Path
@@ -11,9 +11,16 @@ from shards.build import build_shards
 from shards.sources import SourceError
 from shards.sources.fashion_mnist import DEFAULT_ROOT, FINE_TO_SUPER, open_fashion_mnist
 
-pytestmark = pytest.mark.skipif(not Path(DEFAULT_ROOT).is_dir(), reason="apt-get install dataset-fashion-mnist")
+needs_dataset = pytest.mark.skipif(not Path(DEFAULT_ROOT).is_dir(), reason="apt-get install dataset-fashion-mnist")
 
 
+def test_missing_files_point_at_the_path_flag(tmp_path):
+    """The CLI flag that sets the folder is --path (there is no --root)."""
+    with pytest.raises(SourceError, match=r"train-images-idx3-ubyte.gz: file not found \(.*or pass --path FOLDER\)$"):
+        open_fashion_mnist(root=str(tmp_path))
+
+
+@needs_dataset
 def test_real_files_grouped_as_designed(tmp_path):
     collection = open_fashion_mnist(limit_per_split=300)
     assert collection.super_names == ["tops", "trouser", "dress", "footwear", "bag"]
@@ -25,11 +32,13 @@ def test_real_files_grouped_as_designed(tmp_path):
     assert verify_split(split) == [] and split.manifest.num_fine == 10
 
 
+@needs_dataset
 def test_limit_train_keeps_the_whole_test_split():
     collection = open_fashion_mnist(limit_train=200)
     assert len(collection.splits["train"]) == 200 and len(collection.splits["test"]) == 10000
 
 
+@needs_dataset
 def test_truncated_idx_file_names_the_file(tmp_path):
     for name in (
         "train-images-idx3-ubyte.gz",

@@ -3,7 +3,7 @@
 import pytest
 
 from fgdist.config import validate
-from fgdist.data import steps_per_epoch, train_batches
+from fgdist.data import fill_slots, steps_per_epoch, train_batches
 from fgdist.partition import PlanError, group_lookup, make_plan
 from fgdist.shardset import open_split
 from shards.build import build_shards
@@ -52,7 +52,7 @@ def uneven(tmp_path_factory):
     return open_split(out, "train")
 
 
-def epoch_ids(split, world, routing, workers, batch=4):
+def epoch_ids(split, world, routing, workers, batch=4, seed=0):
     cfg = validate(
         {
             "data": {
@@ -67,7 +67,7 @@ def epoch_ids(split, world, routing, workers, batch=4):
     ).data
     plan = make_plan(split.manifest, world)
     per_rank = [
-        [i for b in train_batches(split, plan, cfg, r, epoch=0, seed=0) for i in b["instance"].tolist()]
+        [i for b in train_batches(split, plan, cfg, r, epoch=0, seed=seed) for i in b["instance"].tolist()]
         for r in range(world)
     ]
     return plan, per_rank
@@ -83,9 +83,22 @@ def test_by_superclass_rank_streams_exactly_its_columns(uneven, world, workers):
         assert set(ids) == set(range(lo, hi))  # all of its instances, none of another rank's
 
 
-@pytest.mark.parametrize("world, workers", [(2, 2), (3, 0)])
-def test_shuffled_routing_covers_every_instance_once_per_rank_set(uneven, world, workers):
-    _, per_rank = epoch_ids(uneven, world, "shuffled", workers)
+def test_slots_filled_up_to_what_their_streams_deliver():
+    """Shards of 4 and 2 samples: each stream gets what it delivers in an epoch, so no sample is
+    left unread while another stream repeats its own."""
+    sizes = {"a": 4, "b": 2, "c": 4, "d": 2, "e": 4, "f": 2}
+    specs = fill_slots(list(sizes.items()), [12, 6])
+    assert sorted(url for spec in specs for url in spec.urls) == sorted(sizes)
+    assert [sum(sizes[url] for url in spec.urls) for spec in specs] == [12, 6]
+    specs = fill_slots([("a", 4), ("b", 4), ("c", 2), ("d", 2)], [6, 6], instance_range=(0, 12))
+    assert sorted(spec.urls for spec in specs) == [("a", "c"), ("b", "d")] and specs[0].instance_range == (0, 12)
+    specs = fill_slots([("a", 4)], [4, 4])  # fewer shards than slots: both read it, ids split by parity
+    assert [(spec.urls, spec.modulo) for spec in specs] == [(("a",), (2, 0)), (("a",), (2, 1))]
+
+
+@pytest.mark.parametrize("world, workers, seed", [(2, 2, 0), (3, 0, 0), (3, 0, 1), (3, 0, 2), (2, 2, 3)])
+def test_shuffled_routing_covers_every_instance_once_per_rank_set(uneven, world, workers, seed):
+    _, per_rank = epoch_ids(uneven, world, "shuffled", workers, seed=seed)
     steps = steps_per_epoch(36, world, 4)
     assert all(len(ids) == steps * 4 for ids in per_rank)
     assert set().union(*map(set, per_rank)) == set(range(36))

@@ -98,7 +98,7 @@ def test_manifest_source_and_its_errors(tmp_path):
     assert c.super_names == ["kettle", "mug"] and len(c.splits["train"]) == 2 and len(c.splits["test"]) == 1
     missing = tmp_path / "missing.csv"
     missing.write_text("path,super\na.png,kettle\nnope.png,mug\n")
-    with pytest.raises(SourceError, match=r"missing.csv row 3: image file 'nope.png' does not exist"):
+    with pytest.raises(SourceError, match=r"missing.csv row 3: image .*nope.png does not exist"):
         open_manifest(str(missing))
     empty = tmp_path / "empty.csv"
     empty.write_text("path,super\na.png,kettle\nb.png,\n")
