@@ -1,5 +1,5 @@
 """Atomic checkpoints: DeepSpeed engine state + per-rank head slice + plan + data position +
-RNG states, and restart from the newest complete one.
+RNG states, and restart from the newest complete one (docs/DESIGN.md, "The checkpoint layout").
 
 Layout under <run_dir>/checkpoints:
     <tag>/engine/...          deepspeed save_checkpoint (tag "state")
@@ -34,11 +34,32 @@ LATEST = "latest"
 
 @dataclass
 class Position:
+    """Where a run is: what meta.json holds."""
+
     epoch: int  # the epoch to run next
     step: int  # the step within that epoch to run next
     global_step: int
-    world_size: int
+    world_size: int  # the world size that reached this position
     mlflow_run_id: str | None
+
+    @property
+    def tag(self) -> str:
+        """The checkpoint folder's name, e.g. epoch0003-step000000."""
+        return f"epoch{self.epoch:04d}-step{self.step:06d}"
+
+    def continue_on(self, world_size: int) -> bool:
+        """Carry a restored position over to `world_size` ranks; True when the epoch restarts.
+
+        A mid-epoch position counts the batches of one cut of the data: each rank's stream
+        depends on the world size (docs/DESIGN.md, "The data path"), so on another world size
+        the batches already trained cannot be skipped exactly, and the epoch is redone from
+        step 0 (its steps are taken off the global step too, so MLflow steps stay one per step)."""
+        restart = world_size != self.world_size and self.step > 0
+        if restart:
+            self.global_step -= self.step
+            self.step = 0
+        self.world_size = world_size
+        return restart
 
 
 def _barrier():
@@ -73,7 +94,7 @@ def save(
     directory: Path, engine, head: InstanceHead | None, plan_json: str, position: Position, rank: int, keep: int
 ) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder."""
-    tag = f"epoch{position.epoch:04d}-step{position.step:06d}"
+    tag = position.tag
     partial = directory / f".{tag}.partial"
     final = directory / tag
     if rank == 0:

@@ -3,13 +3,11 @@
 Gradient convention: every rank backpropagates its own loss; a tensor gathered from all ranks
 sends each rank back the SUM over ranks of the gradients of its own rows. So the gradient that
 reaches a rank's inputs is that of the sum of all ranks' losses (the same convention as
-SyncBatchNorm). With one process (or no process group) every function is the identity.
+SyncBatchNorm; docs/DESIGN.md, "The gradient-scale rule"). With one process (or no process group)
+every function is the identity.
 """
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -20,24 +18,6 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def unlink_deepspeed_shm_buffer() -> None:
-    """Remove the name of this rank's DeepSpeed shared-memory all-reduce buffer. Collective.
-
-    DeepSpeed's CPU backend maps a 66 MB buffer per rank as
-    /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> and never
-    unlinks it, so every run left 132 MB (2 ranks) behind until /dev/shm filled the RAM (seen
-    here: 311 buffers, 21 GB, the machine thrashing). Once every rank has mapped every buffer
-    (init_distributed returns after this rank mapped them all; the barrier waits for the others)
-    the name is no longer needed: the memory stays mapped while the ranks live and is returned
-    when they exit, crashes included."""
-    rank, size = world()
-    if size > 1:
-        dist.barrier()
-    master = f"{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}"
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{master}_{rank}"
-    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def gather_counts(count: int, device) -> list[int]:

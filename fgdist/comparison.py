@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from fgdist.config import OBJECTIVES
+from fgdist.figures import new_figure
+from fgdist.objective_table import OBJECTIVE_NAMES, OBJECTIVES
 from fgdist.tracking import resolve_uri
 
+DPI = 120  # plots: text-heavy, read on screen
 RECALL = re.compile(r"^(super|fine)_recall_at_(\d+)$")
 META_COLUMNS = ["run", "objective", "dataset", "lambda_I"]
-# lambda_I weighs the instance term only where it is added to the base loss (Eqn 4, 5).
-USES_LAMBDA = {"base_indi", "base_indi_eff"}
 # Step metrics the trainer logs (fgdist.trainer.Trainer.train_epoch); one panel each, the head's
 # learning rate shares the panel of the backbone's.
 CURVE_PANELS = [
@@ -156,7 +156,9 @@ def run_info(run) -> RunInfo:
 
 # -- the table ---------------------------------------------------------------------------------
 def _order(objective: str) -> tuple:
-    return (OBJECTIVES.index(objective), "") if objective in OBJECTIVES else (len(OBJECTIVES), objective)
+    if objective in OBJECTIVES:
+        return (OBJECTIVE_NAMES.index(objective), "")
+    return (len(OBJECTIVE_NAMES), objective)
 
 
 def _lambda_sort(value: str) -> float:
@@ -199,7 +201,9 @@ def comparison_table(runs: list[RunInfo]) -> tuple[list[str], list[list]]:
         name = r.name if counts[r.name] == 1 else f"{r.name} ({r.run_id[:8]})"  # runs sharing a name
         if r.status != "FINISHED":
             name += f" [{r.status.lower()}]"  # its metrics may be interim or missing
-        lam = r.lambda_I if r.objective in USES_LAMBDA and r.lambda_I else "-"
+        # lambda_I means something only where it weighs the instance term (Eqn 4, 5).
+        uses_lambda = r.objective in OBJECTIVES and OBJECTIVES[r.objective].lambda_weighted
+        lam = r.lambda_I if uses_lambda and r.lambda_I else "-"
         rows.append([name, r.objective, r.dataset, lam] + [r.metrics.get(k) for k in metrics])
     return META_COLUMNS + metrics, rows
 
@@ -236,16 +240,6 @@ def write_csv(path: Path, columns: list[str], rows: list[list]) -> None:
 
 
 # -- plots -------------------------------------------------------------------------------------
-def _figure(width: float, height: float):
-    """A figure without pyplot: no global backend state, safe in a library and headless."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=120)
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def _colors(n: int):
     from matplotlib import colormaps
 
@@ -271,7 +265,7 @@ def plot_recall(path: Path, columns: list[str], rows: list[list]) -> bool:
         return False
     names = list(dict.fromkeys(s[0] for s in series))
     color = dict(zip(names, _colors(len(names))))
-    fig = _figure(7.5, 4.5)
+    fig = new_figure(7.5, 4.5, DPI)
     ax = fig.add_subplot()
     for name, label, style, points in series:
         ks, vs = zip(*points)
@@ -310,7 +304,7 @@ def plot_curves(path: Path, client, runs: list[RunInfo]) -> bool:
     names = [r.name for r in runs]
     cols = min(3, len(panels))
     nrows = math.ceil(len(panels) / cols)
-    fig = _figure(4.2 * cols, 3.2 * nrows)
+    fig = new_figure(4.2 * cols, 3.2 * nrows, DPI)
     axes = fig.subplots(nrows, cols, squeeze=False)
     for ax, (title, keys) in zip(axes.flat, panels):
         for r in runs:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-OBJECTIVES = ("base", "fine", "indi", "base_indi", "base_indi_eff")
+from fgdist.objective_table import OBJECTIVE_NAMES
 
 
 class ConfigError(ValueError):
@@ -54,12 +54,12 @@ class ModelConfig(Section):
 
 
 class ObjectiveConfig(Section):
-    name: Literal["base", "fine", "indi", "base_indi", "base_indi_eff"] = "base_indi_eff"
-    lambda_I: float = Field(1.0, ge=0.0)
+    name: Literal[OBJECTIVE_NAMES] = "base_indi_eff"  # fgdist/objective_table.py
+    lambda_I: float = Field(1.0, ge=0.0)  # weight of the instance term where it is added (base_indi, base_indi_eff)
 
 
 class HeadConfig(Section):
-    """The instance head (indi, base_indi, base_indi_eff)."""
+    """The instance head (the objectives with an instance term)."""
 
     lr_mult: float = Field(1.0, gt=0.0)  # each column sees about one positive per epoch
     logit: Literal["dot", "cosine"] = "dot"  # dot: the paper's x.w; cosine: cos(x, w) / temperature

@@ -35,7 +35,8 @@ def recall_at_k(
     chunk: int,
 ) -> dict[str, torch.Tensor]:
     """Hit counts of queries [query_begin, query_end) against all rows, per label and k."""
-    k_max = min(max(ks), embeddings.shape[0] - 1)
+    k_max = min(max(ks), embeddings.shape[0] - 1)  # there are only n - 1 other rows
+    miss = max(ks)  # a query with no same-label neighbour: beyond every k, never a hit
     hits = {name: torch.zeros(len(ks), dtype=torch.long) for name in labels}
     for start in range(query_begin, query_end, chunk):
         stop = min(start + chunk, query_end)
@@ -45,7 +46,7 @@ def recall_at_k(
         del sims  # otherwise the next block is computed while this one is still held (2x peak)
         for name, y in labels.items():
             match = y[neighbours] == y[start:stop, None]
-            first_hit = torch.where(match.any(dim=1), match.float().argmax(dim=1), torch.full((stop - start,), k_max))
+            first_hit = torch.where(match.any(dim=1), match.float().argmax(dim=1), torch.full((stop - start,), miss))
             for i, k in enumerate(ks):
                 hits[name][i] += int((first_hit < k).sum())
     return hits
@@ -57,6 +58,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Metrics of `model` on a test split; `batches` is this rank's slice of it."""
     rank, size = world()
+    was_training = model.training
     model.eval()
     feats, supers, fines, top1, top5 = [], [], [], 0, 0
     started = time.time()
@@ -71,7 +73,7 @@ def evaluate(
             top5 += int((best == batch["super"][:, None]).any(dim=1).sum())
         if progress:
             progress(sum(len(f) for f in feats))
-    model.train()
+    model.train(was_training)  # the caller's mode: the trainer goes on training, a script may not
     if not feats:
         raise RuntimeError(f"rank {rank}: no test samples in its slice of the test split")
     local = torch.cat(feats)

@@ -1,16 +1,19 @@
-"""The five objectives as one loss module. The instance term owns its collectives.
+"""The five objectives as one loss module (what each one trains: fgdist/objective_table.py).
+The instance term owns its collectives.
 
 Instance loss of row i (Eqn 3 dense, Eqn 5 grouped):
     loss_i = logsumexp_{j in cols(i)} x_i . w_j  -  x_i . w_{y_I(i)}
-where cols(i) is every column (indi, base_indi) or the columns of row i's super-class
-(base_indi_eff). The columns are cut over ranks, so each rank computes a partial logsumexp over
-its own columns and the partials are combined with a logsumexp over ranks.
+where cols(i) is every column (a "dense" instance term: indi, base_indi) or the columns of row
+i's super-class ("grouped": base_indi_eff). The columns are cut over ranks, so each rank
+computes a partial logsumexp over its own columns and the partials are combined with a
+logsumexp over ranks.
 
 One mechanism crosses ranks: rows whose columns are not all local (rows of split super-classes,
 every row under `shuffled` routing or in dense mode) are gathered to every rank, each rank
 computes their partial statistics on its columns in the same kernel call as its local rows, and
 the partials are gathered back and combined. Autograd through that combination gives each rank
 the right gradient. Under by_superclass routing with no split super-class nothing is exchanged.
+docs/DESIGN.md, "How a step runs" and "The gradient-scale rule", has the whole path.
 """
 
 from __future__ import annotations
@@ -23,15 +26,8 @@ from fgdist.collectives import gather_counts, gather_rows
 from fgdist.config import RunConfig
 from fgdist.head import InstanceHead
 from fgdist.kernels import grouped_lse
+from fgdist.objective_table import OBJECTIVES
 from fgdist.partition import Plan, group_lookup
-
-# Which heads each objective trains; `indi` and `base_indi` use every column (dense mode).
-OBJECTIVE_HEADS = {
-    "super": {"base", "base_indi", "base_indi_eff"},
-    "fine": {"fine"},
-    "instance": {"indi", "base_indi", "base_indi_eff"},
-}
-DENSE_INSTANCE = {"indi", "base_indi"}
 
 
 class InstanceLoss(nn.Module):
@@ -115,19 +111,22 @@ class InstanceLoss(nn.Module):
 
 class Objective(nn.Module):
     """Loss parts of one step. `outputs` come from the engine's model (features and head
-    logits), labels from the batch."""
+    logits), labels from the batch; `head` is this rank's instance-head slice, or None for an
+    objective without an instance term."""
 
     def __init__(self, cfg: RunConfig, plan: Plan, rank: int, head: InstanceHead | None):
         super().__init__()
-        self.name = cfg.objective.name
-        self.lambda_I = cfg.objective.lambda_I
+        self.spec = OBJECTIVES[cfg.objective.name]
+        self.weights = self.spec.loss_weights(cfg.objective.lambda_I)
         self.instance = None
-        if self.name in OBJECTIVE_HEADS["instance"]:
+        if self.spec.instance is not None:
+            if head is None:
+                raise ValueError(f"objective {self.spec.name!r} has an instance term and needs the instance head")
             self.instance = InstanceLoss(
                 plan,
                 rank,
                 head,
-                self.name in DENSE_INSTANCE,
+                self.spec.dense,
                 cfg.data.routing,
                 cfg.head.logit,
                 cfg.head.temperature,
@@ -136,12 +135,11 @@ class Objective(nn.Module):
 
     def forward(self, outputs: dict, super_ids, fine_ids, instance_ids) -> dict[str, torch.Tensor]:
         parts = {}
-        if self.name in OBJECTIVE_HEADS["super"]:
+        if self.spec.super_head:
             parts["super_ce"] = F.cross_entropy(outputs["super_logits"].float(), super_ids)
-        if self.name in OBJECTIVE_HEADS["fine"]:
+        if self.spec.fine_head:
             parts["fine_ce"] = F.cross_entropy(outputs["fine_logits"].float(), fine_ids)
         if self.instance is not None:
             parts["instance_ce"] = self.instance(outputs["features"], super_ids, instance_ids).mean()
-        weights = {"super_ce": 1.0, "fine_ce": 1.0, "instance_ce": self.lambda_I if self.name != "indi" else 1.0}
-        parts["loss"] = sum(weights[k] * v for k, v in parts.items())
+        parts["loss"] = sum(self.weights[k] * v for k, v in parts.items())
         return parts

@@ -1,4 +1,4 @@
-"""The column line (DESIGN "Partition"): instance columns laid out in instance-id order, so
+"""The column line (docs/DESIGN.md, "The column line"): instance columns laid out in instance-id order, so
 super-classes are contiguous, and cut into `world_size` equal pieces. Rank r owns columns
 [r*C, min((r+1)*C, n)), C = ceil(n / world_size). A pure function of the manifest and the world
 size: a resume on another world size simply re-cuts the line."""

@@ -12,7 +12,8 @@
 instance ids, which are sorted by super-class, so the queries cover the super-classes); the
 trainer calls it on rank 0 after the final evaluation and logs the files as MLflow artifacts.
 
-    python -m fgdist.pictures --checkpoint runs/synthetic [--shards DIR] [--out DIR] [--queries 8]
+    fgdist-pictures --checkpoint runs/synthetic [--shards DIR] [--out DIR] [--queries 8]
+    (or python -m fgdist.pictures ...)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,13 +33,15 @@ import webdataset as wds
 from PIL import Image
 from torch import nn
 
-from fgdist.config import DataConfig
+from fgdist.config import DataConfig, RunConfig
 from fgdist.data import MEAN, STD, eval_batches, make_transform
+from fgdist.figures import new_figure
 from fgdist.shardset import SplitDir, open_split
 
 ATTENTION_LAYERS = ("layer3", "layer4")
 TOP_K = 5
 CORRECT, WRONG, QUERY = "#1a9850", "#d73027", "#222222"  # green, red, dark grey outlines
+DPI = 100  # with the cell sizes below: a 32x32 image shows at about 128 pixels
 DISPLAY = 128  # pixels per grid cell side at least: 32x32 images are shown enlarged
 
 
@@ -140,16 +144,6 @@ def overlay(rgb: np.ndarray, amap: torch.Tensor, size: int, alpha: float = 0.5) 
 
 
 # -- drawing -----------------------------------------------------------------------------------
-def _figure(width: float, height: float):
-    """A figure without pyplot: no global backend state, safe inside the trainer."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def _show(ax, pixels: np.ndarray, title: str | None = None, outline: str | None = None, fontsize: int = 7) -> None:
     ax.imshow(pixels, interpolation="nearest")
     ax.set_xticks([])
@@ -170,7 +164,7 @@ def attention_grid(model: nn.Module, images: list[TestImage], path: str | Path, 
     names = names or Names()
     maps = attention_maps(model, torch.stack([t.image for t in images]))
     size = _display_size(images[0].image)
-    fig = _figure(3 * 1.6, len(images) * 1.75)
+    fig = new_figure(3 * 1.6, len(images) * 1.75, DPI)
     axes = fig.subplots(len(images), 3, squeeze=False)
     for row, t in enumerate(images):
         rgb = to_rgb(t.image)
@@ -200,7 +194,7 @@ def retrieval_grid(
     by_fine = all(q.fine >= 0 for q in queries)
     k = max(len(n) for n in neighbours)
     size = _display_size(queries[0].image)
-    fig = _figure((k + 1) * 1.45, len(queries) * 1.65)
+    fig = new_figure((k + 1) * 1.45, len(queries) * 1.65, DPI)
     axes = fig.subplots(len(queries), k + 1, squeeze=False)
     for row, (q, found) in enumerate(zip(queries, neighbours)):
         _show(
@@ -333,9 +327,16 @@ def log_pictures(
 
 
 # -- command line: pictures from a saved checkpoint --------------------------------------------
-def load_checkpoint_model(path: str | Path):
-    """(EmbeddingNet with the checkpoint's weights, RunConfig) from a run folder (its newest
-    checkpoint) or one checkpoint folder (runs/NAME/checkpoints/TAG)."""
+class LoadedCheckpoint(NamedTuple):
+    model: nn.Module  # an EmbeddingNet with the checkpoint's weights, on the CPU, fp32
+    config: RunConfig  # the run's config (config.json in the run folder)
+    folder: Path  # the checkpoint folder read
+
+
+def load_checkpoint_model(path: str | Path) -> LoadedCheckpoint:
+    """The model, config and folder of a checkpoint, from a run folder (its newest checkpoint)
+    or one checkpoint folder (runs/NAME/checkpoints/TAG); layout in docs/DESIGN.md, "The
+    checkpoint layout"."""
     from fgdist import checkpoint
     from fgdist.config import validate
     from fgdist.model import EmbeddingNet
@@ -367,12 +368,12 @@ def load_checkpoint_model(path: str | Path):
     num_fine = state["fine_head.weight"].shape[0] if "fine_head.weight" in state else None
     model = EmbeddingNet(cfg.model.model_copy(update={"pretrained": None}), num_super, num_fine)
     model.load_state_dict(state)  # CrossRankBatchNorm2d has BatchNorm2d's keys
-    return model, cfg, folder
+    return LoadedCheckpoint(model, cfg, folder)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m fgdist.pictures", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="fgdist-pictures", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--checkpoint", required=True, help="a run folder (newest checkpoint) or a checkpoint folder")
     p.add_argument("--shards", help="shard set root (default: the run config's data.shards)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
+from collections.abc import Callable
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 HTTP_DEFAULTS = {
@@ -59,7 +59,7 @@ class Tracker:
         import mlflow
 
         self._mlflow = mlflow
-        self._guard("start the run", self._start, experiment, run_name, system_metrics)
+        self._guard("start the run", lambda: self._start(experiment, run_name, system_metrics))
 
     def _start(self, experiment, run_name, system_metrics):
         mlflow = self._mlflow
@@ -70,35 +70,38 @@ class Tracker:
         )
         self.run_id = run.info.run_id
 
-    def _guard(self, what, fn, *args, **kwargs):
-        """Run an MLflow call; on failure, warn once and stop tracking (training goes on)."""
+    def _guard(self, what: str, call: Callable[[], object]) -> None:
+        """Run one MLflow call; on failure, warn once and stop tracking (training goes on).
+        `call` is a closure, so where tracking is off (ranks other than 0, or after a failure)
+        not even the mlflow attribute is looked up."""
         if not self.enabled:
-            return None
+            return
         try:
-            return fn(*args, **kwargs)
+            call()
         except Exception as err:  # any transport or store error: tracking is best effort
             self.enabled = False
-            print(
-                f"[fgdist] WARNING: MLflow at {self.uri} failed to {what} ({type(err).__name__}: {str(err)[:200]}); "
-                "tracking is off for the rest of this run, training continues and results are written locally",
-                file=sys.stderr,
-                flush=True,
+            log.warning(
+                "MLflow at %s failed to %s (%s: %s); tracking is off for the rest of this run, training continues "
+                "and results are written locally",
+                self.uri,
+                what,
+                type(err).__name__,
+                str(err)[:200],
             )
-            return None
 
     def log_params(self, params: dict[str, str]) -> None:
         items = list(params.items())
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self._guard("log params", self._mlflow.log_params, dict(items[i : i + 100]) if self._mlflow else None)
+            self._guard("log params", lambda batch=dict(items[i : i + 100]): self._mlflow.log_params(batch))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._guard("log metrics", self._mlflow.log_metrics if self._mlflow else None, metrics, step=step)
+        self._guard("log metrics", lambda: self._mlflow.log_metrics(metrics, step=step))
 
     def log_artifact(self, path: str, folder: str | None = None) -> None:
-        self._guard(f"log artifact {path}", self._mlflow.log_artifact if self._mlflow else None, path, folder)
+        self._guard(f"log artifact {path}", lambda: self._mlflow.log_artifact(path, folder))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._guard("set tags", self._mlflow.set_tags if self._mlflow else None, tags)
+        self._guard("set tags", lambda: self._mlflow.set_tags(tags))
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._guard("end the run", self._mlflow.end_run if self._mlflow else None, status)
+        self._guard("end the run", lambda: self._mlflow.end_run(status))

@@ -2,16 +2,19 @@
 instance head, one objective module, per-rank WebDataset streams, atomic checkpoints, chunked
 distributed evaluation, MLflow from rank 0.
 
-Read `Trainer.train_step` top to bottom for what one step does.
+`Trainer.__init__` runs four named steps (start the processes, build, restore, start
+tracking); `Trainer.train` is the epoch loop and `Trainer.train_step` one step, top to bottom
+(docs/DESIGN.md, "How a step runs"). When to save, evaluate and log are the functions below the
+imports.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -20,21 +23,59 @@ import torch
 import torch.distributed as dist
 
 from fgdist import checkpoint
-from fgdist.collectives import mean_over_ranks, unlink_deepspeed_shm_buffer, world
+from fgdist.collectives import mean_over_ranks, world
 from fgdist.config import RunConfig
 from fgdist.data import eval_batches, steps_per_epoch, train_batches
+from fgdist.deepspeed_shm import unlink_deepspeed_shm_buffer
 from fgdist.evaluation import evaluate
 from fgdist.faults import kill_point
 from fgdist.head import InstanceHead
+from fgdist.log import setup as setup_logging
 from fgdist.model import EmbeddingNet, convert_batchnorm, feature_dim, reestimate_batchnorm
-from fgdist.objectives import OBJECTIVE_HEADS, Objective
+from fgdist.objective_table import OBJECTIVES
+from fgdist.objectives import Objective
 from fgdist.partition import make_plan
 from fgdist.shardset import open_split
 from fgdist.tracking import Tracker, flatten, resolve_uri
 
+log = logging.getLogger("fgdist.trainer")
+
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+# -- when to save, evaluate and log (epoch: epochs done; step: steps done in the epoch) ----------
+def evaluates_after_epoch(cfg: RunConfig, epoch: int) -> bool:
+    """After the last epoch, and every eval.every_epochs epochs (0: only after the last)."""
+    every = cfg.eval.every_epochs
+    return epoch == cfg.optim.epochs or (every > 0 and epoch % every == 0)
+
+
+def saves_after_epoch(cfg: RunConfig, epoch: int) -> bool:
+    """Every checkpoint.every_epochs epochs (0: never)."""
+    every = cfg.checkpoint.every_epochs
+    return every > 0 and epoch % every == 0
+
+
+def saves_after_step(cfg: RunConfig, global_step: int, step: int, steps_per_epoch: int) -> bool:
+    """Every checkpoint.every_steps global steps (0: never), except at an epoch's last step:
+    the position there is the next epoch's start, which the epoch checkpoint covers."""
+    every = cfg.checkpoint.every_steps
+    return every > 0 and global_step % every == 0 and step < steps_per_epoch
+
+
+def logs_after_step(cfg: RunConfig, step: int, steps_per_epoch: int) -> bool:
+    """Every tracking.log_every_steps steps of an epoch, and at its last step."""
+    return step % cfg.tracking.log_every_steps == 0 or step == steps_per_epoch
+
+
+def batchnorm_mode(cfg: RunConfig, world_size: int) -> str:
+    """model.norm, with `auto` resolved: statistics over all ranks where a rank's batch holds
+    only its own super-classes (by_superclass routing on more than one rank)."""
+    if cfg.model.norm != "auto":
+        return cfg.model.norm
+    return "global" if cfg.data.routing == "by_superclass" and world_size > 1 else "local"
 
 
 def seed_everything(seed: int) -> None:
@@ -56,21 +97,31 @@ def deepspeed_config(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict:
     return ds
 
 
-def log0(*args) -> None:
-    if world()[0] == 0:
-        print("[fgdist]", *args, flush=True)
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: bool | str = False):
         """resume: False, True (the newest complete checkpoint) or a checkpoint folder."""
+        self.cfg = cfg
+        self.spec = OBJECTIVES[cfg.objective.name]
+        self._start_processes()
+        self._build()
+        self._restore(resume)
+        self._start_tracking(resumed=bool(resume))
+        log.info(
+            f"{self.spec.name} on {self.world_size} rank(s), {self.device}, {self.num_instances} training images, "
+            f"{self.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs, batch {cfg.data.batch_size}/rank, "
+            f"routing {cfg.data.routing}, norm {batchnorm_mode(cfg, self.world_size)}"
+        )
+
+    # -- setting up ---------------------------------------------------------------------
+    def _start_processes(self) -> None:
+        """The process group, this rank's logging, device, precision and threads."""
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
-        self.cfg = cfg
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
         unlink_deepspeed_shm_buffer()
         self.rank, self.world_size = world()
+        setup_logging(self.rank)
         self.device = torch.device(get_accelerator().current_device_name())
         self.on_cuda = self.device.type == "cuda"
         self.dtype = torch.bfloat16 if self.on_cuda else torch.float32
@@ -78,33 +129,32 @@ class Trainer:
             # CPU ranks share the machine's cores: oversubscribed threads slow every rank down.
             local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
-        seed_everything(cfg.seed)
+        seed_everything(self.cfg.seed)
 
-        # Data and the column line.
+    def _build(self) -> None:
+        """Data and the column line, then the model: the engine gets backbone + super/fine heads;
+        the instance head stays outside it (docs/DESIGN.md, "The column line")."""
+        import deepspeed
+
+        cfg, spec = self.cfg, self.spec
         self.train_split = open_split(cfg.data.shards, "train")
         self.test_split = open_split(cfg.data.shards, "test")
         manifest = self.train_split.manifest
+        self.num_instances = manifest.num_instances
         self.plan = make_plan(manifest, self.world_size, where=str(self.train_split.path))
         self.steps_per_epoch = steps_per_epoch(manifest.num_instances, self.world_size, cfg.data.batch_size)
 
-        # Model: the engine gets backbone + super/fine heads; the instance head stays outside.
-        name = cfg.objective.name
-        if name == "fine" and manifest.num_fine == 0:
-            raise ValueError(f"objective 'fine' needs fine labels; {self.train_split.path} has none")
+        if spec.fine_head and manifest.num_fine == 0:
+            raise ValueError(f"objective {spec.name!r} needs fine labels; {self.train_split.path} has none")
         model = EmbeddingNet(
             cfg.model,
-            manifest.num_super if name in OBJECTIVE_HEADS["super"] else None,
-            manifest.num_fine if name in OBJECTIVE_HEADS["fine"] else None,
+            manifest.num_super if spec.super_head else None,
+            manifest.num_fine if spec.fine_head else None,
         )
-        norm = (
-            cfg.model.norm
-            if cfg.model.norm != "auto"
-            else ("global" if cfg.data.routing == "by_superclass" and self.world_size > 1 else "local")
-        )
-        if norm == "global":
+        if batchnorm_mode(cfg, self.world_size) == "global":
             model = convert_batchnorm(model)
         self.head = None
-        if name in OBJECTIVE_HEADS["instance"]:
+        if spec.instance is not None:
             self.head = InstanceHead(self.plan, self.rank, feature_dim(cfg.model), cfg.seed).to(self.device)
             self.head.build_optimizer(cfg.optim, cfg.head.lr_mult, self.steps_per_epoch)
         self.objective = Objective(cfg, self.plan, self.rank, self.head).to(self.device)
@@ -122,26 +172,28 @@ class Trainer:
             config=deepspeed_config(cfg, self.world_size, self.on_cuda),
         )
 
-        # Where to start.
-        self.ckpt_dir = cfg.run_dir / "checkpoints"
+    def _restore(self, resume: bool | str) -> None:
+        """Where to start: step 0, or a checkpoint's position (re-cut to this world size)."""
+        self.ckpt_dir = self.cfg.run_dir / "checkpoints"
         self.corrupt_skipped = 0  # undecodable samples skipped by this rank (data.on_corrupt=skip)
         self.position = checkpoint.Position(0, 0, 0, self.world_size, None)
-        if resume:
-            folder = checkpoint.latest(self.ckpt_dir) if resume is True else Path(resume)
-            if folder is None or not (folder / "meta.json").is_file():
-                raise FileNotFoundError(f"--resume: no checkpoint in {folder or self.ckpt_dir}")
-            self.position = checkpoint.load(folder, self.engine, self.head, self.rank)
-            log0(
-                f"resumed from {folder} at epoch {self.position.epoch} step {self.position.step} (saved on "
-                f"{self.position.world_size} rank(s), now {self.world_size})"
-            )
-            if self.position.world_size != self.world_size and self.position.step:
-                # A mid-epoch position means nothing for another cut of the data: redo the epoch.
-                log0(f"world size changed: epoch {self.position.epoch} restarts at step 0")
-                self.position.global_step -= self.position.step
-                self.position.step = 0
-            self.position.world_size = self.world_size
+        if not resume:
+            return
+        folder = checkpoint.latest(self.ckpt_dir) if resume is True else Path(resume)
+        if folder is None or not (folder / "meta.json").is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint in {folder or self.ckpt_dir}")
+        self.position = checkpoint.load(folder, self.engine, self.head, self.rank)
+        log.info(
+            f"resumed from {folder} at epoch {self.position.epoch} step {self.position.step} (saved on "
+            f"{self.position.world_size} rank(s), now {self.world_size})"
+        )
+        if self.position.continue_on(self.world_size):
+            log.info(f"world size changed: epoch {self.position.epoch} restarts at step 0")
 
+    def _start_tracking(self, resumed: bool) -> None:
+        """MLflow from rank 0 (a resumed run continues its MLflow run); the run folder's config
+        and plan. Params and tags are logged once, by the run's first start."""
+        cfg = self.cfg
         self.tracker = Tracker(
             self.rank == 0,
             resolve_uri(cfg.tracking.uri),
@@ -151,28 +203,25 @@ class Trainer:
             cfg.tracking.system_metrics,
         )
         self.position.mlflow_run_id = self.tracker.run_id
-        if self.rank == 0:
-            cfg.run_dir.mkdir(parents=True, exist_ok=True)
-            (cfg.run_dir / "config.json").write_text(cfg.model_dump_json(indent=1))
-            (cfg.run_dir / "plan.json").write_text(self.plan.to_json())
-            if not resume:
-                self.tracker.log_params(
-                    {
-                        **flatten(cfg.model_dump()),
-                        "world_size": str(self.world_size),
-                        "num_instances": str(manifest.num_instances),
-                    }
-                )
-                self.tracker.set_tags(
-                    {"objective": name, "dataset": str(cfg.data.shards), "lambda_I": str(cfg.objective.lambda_I)}
-                )
-                self.tracker.log_artifact(str(cfg.run_dir / "config.json"))
-                self.tracker.log_artifact(str(cfg.run_dir / "plan.json"))
-        log0(
-            f"{name} on {self.world_size} rank(s), {self.device}, {manifest.num_instances} training images, "
-            f"{self.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs, batch {cfg.data.batch_size}/rank, "
-            f"routing {cfg.data.routing}, norm {norm}"
+        if self.rank != 0:
+            return
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.json").write_text(cfg.model_dump_json(indent=1))
+        (cfg.run_dir / "plan.json").write_text(self.plan.to_json())
+        if resumed:
+            return
+        self.tracker.log_params(
+            {
+                **flatten(cfg.model_dump()),
+                "world_size": str(self.world_size),
+                "num_instances": str(self.num_instances),
+            }
         )
+        self.tracker.set_tags(
+            {"objective": self.spec.name, "dataset": str(cfg.data.shards), "lambda_I": str(cfg.objective.lambda_I)}
+        )
+        self.tracker.log_artifact(str(cfg.run_dir / "config.json"))
+        self.tracker.log_artifact(str(cfg.run_dir / "plan.json"))
 
     # -- one step -----------------------------------------------------------------------
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -207,13 +256,12 @@ class Trainer:
             while pos.epoch < cfg.optim.epochs:
                 self.train_epoch()
                 pos.epoch, pos.step = pos.epoch + 1, 0
-                last = pos.epoch == cfg.optim.epochs
-                evaluate_now = last or (cfg.eval.every_epochs and pos.epoch % cfg.eval.every_epochs == 0)
+                evaluate_now = evaluates_after_epoch(cfg, pos.epoch)
                 if evaluate_now:  # before saving, so a checkpoint holds the statistics its evaluation used
                     self.batchnorm_for_eval()
-                if cfg.checkpoint.every_epochs and pos.epoch % cfg.checkpoint.every_epochs == 0:
+                if saves_after_epoch(cfg, pos.epoch):
                     self.save()
-                if evaluate_now and not last:
+                if evaluate_now and pos.epoch < cfg.optim.epochs:  # the last evaluation follows the loop
                     self.run_eval()
             metrics = self.run_eval()
             self.write_results(metrics)
@@ -226,7 +274,7 @@ class Trainer:
 
     def train_epoch(self) -> None:
         cfg, pos = self.cfg, self.position
-        window_start, window_images = time.time(), 0
+        window_start, window_images = time.time(), 0  # images/s over the steps since the last log line
         batches = train_batches(
             self.train_split, self.plan, cfg.data, self.rank, pos.epoch, cfg.seed, start_step=pos.step
         )
@@ -237,31 +285,31 @@ class Trainer:
             kill_point("step", self.rank, pos.global_step)
             window_images += batch["images"].shape[0] * self.world_size
             self.corrupt_skipped += batch["corrupt_skipped"]
-            if (
-                cfg.checkpoint.every_steps
-                and pos.global_step % cfg.checkpoint.every_steps == 0
-                and pos.step < self.steps_per_epoch
-            ):
+            if saves_after_step(cfg, pos.global_step, pos.step, self.steps_per_epoch):
                 self.save()
-            if pos.step % cfg.tracking.log_every_steps == 0 or pos.step == self.steps_per_epoch:
-                elapsed = time.time() - window_start
-                metrics = {
-                    **{k: float(mean_over_ranks(v)) for k, v in parts.items()},
-                    "lr": self.engine.get_lr()[0],
-                    "images_per_s": window_images / max(elapsed, 1e-9),
-                }
-                if self.head is not None:
-                    metrics["head_lr"] = self.head.scheduler.get_last_lr()[0]
-                if cfg.data.on_corrupt == "skip":  # never silent: the run's total over all ranks
-                    metrics["corrupt_skipped"] = float(
-                        mean_over_ranks(torch.tensor(float(self.corrupt_skipped))) * self.world_size
-                    )
-                log0(
+            if logs_after_step(cfg, pos.step, self.steps_per_epoch):
+                metrics = self.step_metrics(parts, window_images / max(time.time() - window_start, 1e-9))
+                log.info(
                     f"epoch {pos.epoch + 1}/{cfg.optim.epochs} step {pos.step}/{self.steps_per_epoch} "
                     + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
                 )
                 self.tracker.log_metrics(metrics, step=pos.global_step)
                 window_start, window_images = time.time(), 0
+
+    def step_metrics(self, parts: dict[str, torch.Tensor], images_per_s: float) -> dict[str, float]:
+        """The loss parts averaged over ranks, the learning rates, the speed. Collective."""
+        metrics = {
+            **{k: float(mean_over_ranks(v)) for k, v in parts.items()},
+            "lr": self.engine.get_lr()[0],
+            "images_per_s": images_per_s,
+        }
+        if self.head is not None:
+            metrics["head_lr"] = self.head.scheduler.get_last_lr()[0]
+        if self.cfg.data.on_corrupt == "skip":  # never silent: the run's total over all ranks
+            metrics["corrupt_skipped"] = float(
+                mean_over_ranks(torch.tensor(float(self.corrupt_skipped))) * self.world_size
+            )
+        return metrics
 
     def save(self) -> None:
         folder = checkpoint.save(
@@ -273,7 +321,7 @@ class Trainer:
             self.rank,
             self.cfg.checkpoint.keep,
         )
-        log0(f"checkpoint {folder}")
+        log.info(f"checkpoint {folder}")
 
     def batchnorm_for_eval(self) -> None:
         """BatchNorm statistics for evaluation from eval.bn_batches training batches."""
@@ -298,9 +346,9 @@ class Trainer:
             self.dtype,
             cfg.eval.recall_ks,
             cfg.eval.query_chunk,
-            has_super_head=cfg.objective.name in OBJECTIVE_HEADS["super"],
+            has_super_head=self.spec.super_head,
         )
-        log0(f"eval after epoch {self.position.epoch}: " + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+        log.info(f"eval after epoch {self.position.epoch}: " + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
         self.tracker.log_metrics(metrics, step=self.position.global_step)
         return metrics
 
@@ -320,15 +368,11 @@ class Trainer:
                 self.cfg.eval.batch_size,
             )
         except Exception as err:
-            print(
-                f"[fgdist] WARNING: pictures failed ({type(err).__name__}: {str(err)[:300]}); results are written",
-                file=sys.stderr,
-                flush=True,
-            )
+            log.warning(f"pictures failed ({type(err).__name__}: {str(err)[:300]}); results are written")
             return
         for path in paths:
             self.tracker.log_artifact(str(path), "pictures")
-        log0("pictures " + ", ".join(str(p) for p in paths))
+        log.info("pictures " + ", ".join(str(p) for p in paths))
 
     def write_results(self, metrics: dict[str, float]) -> None:
         if self.rank != 0:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fgdist.config import load_config  # noqa: E402
+from launcher.ports import free_port  # noqa: E402
 
-OBJECTIVES = ("base", "base_indi_eff")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+OBJECTIVES = ("base", "base_indi_eff")  # the paper's baseline and its method (Eqn 1, Eqn 5)
 
 
 def run(cmd: list[str]) -> None:

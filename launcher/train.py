@@ -2,23 +2,41 @@
 
 deepspeed --num_gpus 2 launcher/train.py --config configs/synthetic_cpu.json [--objective base]
     [--set optim.epochs=3 --set data.batch_size=32] [--resume]
+
+--objective NAME sets objective.name and, unless `--set name=...` is given, appends _NAME to the
+run's name, so that the objectives of one config (configs/cifar100.json) run into separate
+folders and MLflow runs, and --resume with the same arguments finds that objective's checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
-from fgdist.config import ConfigError, load_config  # noqa: E402
+from fgdist.config import ConfigError, RunConfig, load_config, parse_override  # noqa: E402
+from fgdist.objective_table import OBJECTIVE_NAMES  # noqa: E402
+
+
+def installed_version() -> str:
+    try:
+        return version("fgdist")
+    except PackageNotFoundError:
+        return "(not installed: run from a checkout)"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"fgdist {installed_version()}")
     p.add_argument("--config", required=True, help="a JSON run config (configs/*.json)")
-    p.add_argument("--objective", help="shortcut for --set objective.name=...")
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVE_NAMES,
+        help="sets objective.name and appends _OBJECTIVE to the run's name (unless --set name=... is given)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -39,11 +57,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def run_config(args) -> RunConfig:
+    """The config file with the command line's overrides and --objective applied."""
+    if not args.objective:
+        return load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [*args.overrides, f"objective.name={args.objective}"])
+    if any(parse_override(o)[0] == "name" for o in args.overrides):
+        return cfg
+    return cfg.model_copy(update={"name": f"{cfg.name}_{args.objective}"})
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    overrides = list(args.overrides) + ([f"objective.name={args.objective}"] if args.objective else [])
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = run_config(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

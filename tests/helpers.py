@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch.distributed as dist
 
 from fgdist.shardset import Manifest, SuperClassInfo
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from launcher.ports import free_port  # noqa: F401  (the one definition; tests import it from here)
 
 
 def manifest_with_sizes(sizes: list[int], num_fine: int = 0) -> Manifest:

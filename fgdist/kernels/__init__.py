@@ -1,4 +1,4 @@
-"""The grouped logsumexp behind one dispatch (DESIGN: "the kernel contract").
+"""The grouped logsumexp behind one dispatch (docs/DESIGN.md, "The kernel contract").
 
     partial_lse, target_logit = grouped_lse(x, w, row_group, col_offsets, target_col, kernel)
 

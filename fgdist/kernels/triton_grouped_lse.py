@@ -1,4 +1,4 @@
-"""Fused Triton kernel for the grouped masked logsumexp (DESIGN: "the kernel contract").
+"""Fused Triton kernel for the grouped masked logsumexp (docs/DESIGN.md, "The kernel contract").
 
 The contract is in fgdist/kernels/__init__.py; fgdist/kernels/reference.py is the oracle.
 

@@ -11,10 +11,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from fgdist.config import load_config  # noqa: E402
 from fgdist.data import EvalStream, collate, deal, shard_urls  # noqa: E402
 from fgdist.trainer import Trainer  # noqa: E402
-from launcher.train import parse_args  # noqa: E402
+from launcher.train import parse_args, run_config  # noqa: E402
 
 
 def fixed_batch_loss(trainer: Trainer) -> float:
@@ -37,7 +36,7 @@ def fixed_batch_loss(trainer: Trainer) -> float:
 
 if __name__ == "__main__":
     args = parse_args()
-    trainer = Trainer(load_config(args.config, args.overrides), resume=args.resume)
+    trainer = Trainer(run_config(args), resume=args.resume)
     loss = fixed_batch_loss(trainer)
     if trainer.rank == 0:
         print(f"FIXED_BATCH_LOSS {loss:.10f} world_size={trainer.world_size}", flush=True)

@@ -14,15 +14,15 @@ from torch import nn
 from fgdist.config import validate
 from fgdist.head import InstanceHead
 from fgdist.model import CrossRankBatchNorm2d
-from fgdist.objectives import OBJECTIVE_HEADS, Objective
+from fgdist.objective_table import OBJECTIVE_NAMES, OBJECTIVES
+from fgdist.objectives import Objective
 from fgdist.partition import make_plan
 from tests.helpers import free_port, init_gloo, manifest_with_sizes
 
 SIZES = {"no_split": [5, 4, 9], "split": [5, 7, 6]}  # n=18, two ranks own 9 columns each
-OBJECTIVES = ["base", "fine", "indi", "base_indi", "base_indi_eff"]
 ROUTINGS = ["by_superclass", "shuffled"]
 DIM, BATCH = 16, 12
-CASES = list(itertools.product(SIZES, OBJECTIVES, ROUTINGS))
+CASES = list(itertools.product(SIZES, OBJECTIVE_NAMES, ROUTINGS))
 
 
 class TinyNet(nn.Module):
@@ -65,7 +65,7 @@ def run_case(sizes, objective, routing, rank, world):
     plan = make_plan(manifest, world)
     net = TinyNet(len(sizes), 6)
     head = InstanceHead(plan, rank, DIM, seed=3)
-    loss_fn = Objective(cfg, plan, rank, head if objective in OBJECTIVE_HEADS["instance"] else None)
+    loss_fn = Objective(cfg, plan, rank, head if OBJECTIVES[objective].instance else None)
     images, sup, fine, inst = global_batch(sizes)
     if world == 2:
         # by_superclass: rows go to the rank owning their instance column; shuffled: any split.

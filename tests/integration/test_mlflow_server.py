@@ -21,7 +21,7 @@ from PIL import Image
 from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-WARNING = "[fgdist] WARNING: MLflow at"
+WARNING = "[fgdist rank 0] WARNING: MLflow at"  # fgdist.log's format
 
 
 class Server:

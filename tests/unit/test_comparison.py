@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from fgdist.comparison import comparison_table, load_runs, main
+from fgdist.objective_table import OBJECTIVES
 from tests.helpers import free_port
 
 # (run name, objective, lambda_I, final metrics); `indi` has no super head, so no super top-k.
@@ -89,7 +90,7 @@ def store(tmp_path_factory):
                     mlflow.set_tags({"objective": objective, "dataset": "data/synthetic", "lambda_I": str(lam)})
                 for step in range(1, 6):
                     mlflow.log_metrics({"loss": 5.0 / step + i, "lr": 0.1, "images_per_s": 100.0 + step}, step=step)
-                    if objective in ("indi", "base_indi", "base_indi_eff"):
+                    if OBJECTIVES[objective].instance is not None:
                         mlflow.log_metrics({"instance_ce": 4.0 / step, "head_lr": 0.1}, step=step)
                 mlflow.log_metrics({k: v / 2 for k, v in final.items()}, step=3)  # interim evaluation
                 mlflow.log_metrics(final, step=5)
@@ -138,7 +139,7 @@ def test_printed_table_holds_latest_metrics(store, tmp_path, capsys):
         row = table[name]
         logged = client.get_run(ids[name]).data.metrics
         assert row["objective"] == objective and row["data set"] == "synthetic"
-        assert row["lambda_I"] == (str(lam) if objective in ("base_indi", "base_indi_eff") else "-")
+        assert row["lambda_I"] == (str(lam) if objective in ("base_indi", "base_indi_eff") else "-")  # Eqn 4, 5
         for key, title in titles.items():
             if key in final:
                 assert row[title] == f"{logged[key]:.2f}" == f"{final[key]:.2f}", (name, key)

@@ -164,5 +164,5 @@ def test_a_duplicated_slice_does_not_hide_a_gap(small_init_block):
     slices = [h.slice_state() for h in hs]
     (one,) = heads(1, OPTIM)
     # [0, 7) twice and [14, 20): 7 + 7 + 6 = 20 columns "covered", [7, 14) missing.
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"cover 13 of columns \[0, 20\); columns \[7, 14\) are missing"):
         one.load_slices([slices[0], slices[0], slices[2]], where="ckpt/head")

@@ -117,3 +117,23 @@ def test_neighbours_are_exact_cosine_top5(setup):
         assert q not in [i for i, _ in row]
         assert torch.allclose(torch.tensor([s for _, s in row]), expected, atol=1e-6)
         assert all(abs(float(feats[pos[i]] @ feats[pos[q]]) - s) < 1e-6 for i, s in row)
+
+
+def test_load_checkpoint_model_names_what_it_returns(setup, tmp_path):
+    """A checkpoint in the trainer's layout (docs/DESIGN.md, "The checkpoint layout"): the model
+    comes back with the saved weights, the run's config, and the checkpoint folder it read."""
+    from fgdist.pictures import load_checkpoint_model
+
+    _, cfg, _, model = setup
+    run_dir = tmp_path / "run"
+    folder = run_dir / "checkpoints" / "epoch0001-step000000"
+    (folder / "engine" / "state").mkdir(parents=True)
+    (folder / "meta.json").write_text("{}")
+    (run_dir / "checkpoints" / "latest").write_text(folder.name)
+    (run_dir / "config.json").write_text(cfg.model_dump_json())
+    torch.save({"module": model.state_dict()}, folder / "engine" / "state" / "mp_rank_00_model_states.pt")
+    for where in (run_dir, folder):  # a run folder (its newest checkpoint) or the checkpoint itself
+        loaded = load_checkpoint_model(where)
+        assert loaded.folder == folder and loaded.config == cfg
+        for key, value in model.state_dict().items():
+            assert torch.equal(loaded.model.state_dict()[key], value), key
