@@ -115,11 +115,17 @@ def shard_batches(root: str, split_name: str, embedder: ImageEmbedder, batch_siz
         yield batch
 
 
-def embed_batches(embedder: ImageEmbedder, batches, fp16: bool, progress) -> tuple:
+def embed_batches(embedder: ImageEmbedder, batches, batch_size: int, fp16: bool, progress) -> tuple:
+    """One table of this rank's rows. Every forward pass has `batch_size` images (a short batch
+    is padded with zeros): convolution kernels pick their algorithm by batch size, so a short
+    last batch would round differently, and the vectors would depend on how images were dealt
+    to ranks. Equal shapes make 1-rank and k-rank outputs bitwise identical."""
     keys, instance, supers, fines, vectors = [], [], [], [], []
     with torch.no_grad():
         for batch in batches:
-            vectors.append(embedder(batch["images"]))
+            images = batch["images"]
+            padding = images.new_zeros((batch_size - len(images), *images.shape[1:]))
+            vectors.append(embedder(torch.cat([images, padding]))[: len(images)])
             keys += batch["key"]
             instance.append(batch["instance"])
             supers.append(batch["super"])
@@ -171,7 +177,7 @@ def run(args) -> Path:
         started = time.time()
         bar = tqdm(total=total, unit="img", desc=f"embed rank {rank}/{world_size}", disable=rank != 0 or args.quiet)
         try:
-            table = embed_batches(embedder, batches, args.fp16, bar)
+            table = embed_batches(embedder, batches, args.batch_size, args.fp16, bar)
             pq.write_table(table, partial / f"part-{rank:05d}.parquet")
         except ERRORS + (FileNotFoundError, ValueError) as err:
             failure = err
