@@ -92,3 +92,14 @@ def test_equals_pytorch_metric_learning():
     assert ours["y_map_at_r"] == pytest.approx(100 * theirs["mean_average_precision_at_r"], abs=1e-4)
     assert ours["y_r_precision"] == pytest.approx(100 * theirs["r_precision"], abs=1e-4)
     assert 10 < ours["y_map_at_r"] < 90
+
+
+def test_compare_shows_map_at_r_and_r_precision_beside_recall():
+    from fgdist.comparison import RunInfo, column_title, comparison_table
+
+    metrics = {"fine_recall_at_1": 50.0, "fine_map_at_r": 20.0, "fine_r_precision": 30.0}
+    run = RunInfo("a" * 32, "r", "FINISHED", "base", "syn", "-", metrics, 0)
+    columns, rows = comparison_table([run])
+    assert columns[-3:] == ["fine_recall_at_1", "fine_map_at_r", "fine_r_precision"]
+    assert rows[0][-2:] == [20.0, 30.0]
+    assert [column_title(c) for c in columns[-2:]] == ["fine MAP@R", "fine R-prec"]
