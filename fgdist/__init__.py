@@ -14,6 +14,16 @@ Library modules (one job each):
   checkpoint  atomic checkpoints and restart
   evaluation  distributed, chunked Recall@k and super-class top-k
   tracking    MLflow from rank 0
+  export, embed, search, retrieval_metrics
+              from a trained run to visual search: model export and load_model, Parquet
+              embeddings, faiss index and queries, MAP@R and R-precision
 """
 
 __version__ = "0.1.0"
+
+
+def load_model(source):
+    """A module mapping images to L2-normalized embeddings (fgdist.export.load_model)."""
+    from fgdist.export import load_model as load
+
+    return load(source)

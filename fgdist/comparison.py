@@ -26,6 +26,8 @@ from urllib.parse import urlparse
 
 from fgdist.figures import new_figure
 from fgdist.objective_table import OBJECTIVE_NAMES, OBJECTIVES
+from fgdist.retrieval_metrics import TITLES as MAP_TITLES
+from fgdist.retrieval_metrics import metric_names
 from fgdist.tracking import resolve_uri
 
 DPI = 120  # plots: text-heavy, read on screen
@@ -72,6 +74,7 @@ def column_title(key: str) -> str:
         "lambda_I": "lambda_I",
         "super_top1": "super top-1",
         "super_top5": "super top-5",
+        **MAP_TITLES,
     }.get(key, key)
 
 
@@ -185,6 +188,7 @@ def metric_columns(runs: list[RunInfo]) -> list[str]:
     columns = [k for k in ("super_top1", "super_top5") if any(k in r.metrics for r in runs)]
     for label in ("super", "fine"):
         columns += [f"{label}_recall_at_{k}" for k in sorted(ks[label])]
+    columns += [c for label in ("super", "fine") for c in metric_names(label) if any(c in r.metrics for r in runs)]
     return columns
 
 

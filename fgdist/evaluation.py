@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from fgdist.collectives import gather_counts, gather_rows, world
+from fgdist.retrieval_metrics import map_at_r_metrics
 
 
 def metric_name(label: str, k: int) -> str:
@@ -96,6 +97,7 @@ def evaluate(
     if has_super_head:
         metrics["super_top1"] = 100.0 * int(totals[i]) / n
         metrics["super_top5"] = 100.0 * int(totals[i + 1]) / n
+    metrics.update(map_at_r_metrics(embeddings, labels, begin, begin + counts[rank], chunk))
     metrics["eval_images"] = float(n)
     metrics["eval_seconds"] = time.time() - started
     return metrics

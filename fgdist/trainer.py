@@ -28,6 +28,7 @@ from fgdist.config import RunConfig
 from fgdist.data import eval_batches, steps_per_epoch, train_batches
 from fgdist.deepspeed_shm import unlink_deepspeed_shm_buffer
 from fgdist.evaluation import evaluate
+from fgdist.export import log_trained_model
 from fgdist.faults import kill_point
 from fgdist.head import InstanceHead
 from fgdist.log import setup as setup_logging
@@ -265,6 +266,8 @@ class Trainer:
                     self.run_eval()
             metrics = self.run_eval()
             self.write_results(metrics)
+            if self.rank == 0:
+                log_trained_model(self.engine.module, cfg, self.tracker)
             if cfg.eval.pictures and self.rank == 0:
                 self.log_pictures()
             status = "FINISHED"

@@ -1,0 +1,247 @@
+"""Embed images with a trained model into a Parquet dataset (see fgdist/embeddings_io.py).
+
+    fgdist-embed --model runs/synthetic --shards data/synthetic --split test --out emb/test
+    fgdist-embed --model <mlflow run id> --images photos/ --out emb/photos --fp16
+    fgdist-embed --model exported/m --manifest images.csv --out emb/mine     # columns path[,super,fine]
+    torchrun --nproc_per_node 2 -m fgdist.embed --model ... --out ...        # or deepspeed --num_gpus 2
+
+Every rank embeds its share (shards dealt out as in evaluation, files by position) with the
+evaluation transform and writes its own `part-<rank>.parquet` into `.<out>.partial`; once all
+ranks have written, rank 0 adds `_embeddings.json` and renames the folder to `out`. A rank that
+fails (an image that does not decode) fails them all, and no output is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from fgdist.embeddings_io import FORMAT, META, to_table
+from fgdist.export import ImageEmbedder, describe, eval_transform, load_model
+from fgdist.output_folder import begin, check_free, partial_path, publish
+from fgdist.search_errors import ERRORS, ImageDecodeError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    key: str
+    instance: int
+    super: int
+    fine: int
+    path: Path
+
+
+def folder_files(root: str | Path) -> list[ImageFile]:
+    """Every image under `root`, sorted by relative path (the key); labels unknown (-1)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such image folder")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise FileNotFoundError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    return [ImageFile(p.relative_to(root).as_posix(), i, -1, -1, p) for i, p in enumerate(paths)]
+
+
+def manifest_files(path: str | Path) -> list[ImageFile]:
+    """A CSV with a `path` column (relative to the CSV's folder or absolute) and optional integer
+    `super` and `fine` columns; the key is the path as written, the instance the row number."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such manifest")
+    files = []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if "path" not in (reader.fieldnames or []):
+            raise ValueError(f"{path}: no 'path' column (columns: {reader.fieldnames})")
+        for row_number, row in enumerate(reader):
+            try:
+                labels = [int(row[c]) if row.get(c) not in (None, "") else -1 for c in ("super", "fine")]
+            except ValueError:
+                raise ValueError(f"{path}: row {row_number + 2}: super/fine must be integer ids") from None
+            image = Path(row["path"]) if Path(row["path"]).is_absolute() else path.parent / row["path"]
+            files.append(ImageFile(row["path"], row_number, *labels, image))
+    return files
+
+
+def decode(path: Path, transform) -> torch.Tensor:
+    """One image file through `transform` (export.eval_transform); a file that does not decode is named."""
+    try:
+        with Image.open(io.BytesIO(path.read_bytes())) as img:
+            img.load()
+            return transform(img, None)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageDecodeError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from None
+
+
+def file_batches(files: list[ImageFile], embedder: ImageEmbedder, batch_size: int):
+    transform = eval_transform(embedder.preprocessing)
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        yield {
+            "images": torch.stack([decode(f.path, transform) for f in chunk]),
+            "key": [f.key for f in chunk],
+            "instance": torch.tensor([f.instance for f in chunk]),
+            "super": torch.tensor([f.super for f in chunk]),
+            "fine": torch.tensor([f.fine for f in chunk]),
+        }
+
+
+def shard_batches(root: str, split_name: str, embedder: ImageEmbedder, batch_size: int, rank: int, world_size: int):
+    """This rank's share of a shard split, dealt out exactly as the evaluation deals it."""
+    from fgdist.config import DataConfig
+    from fgdist.data import eval_batches
+    from fgdist.shardset import open_split, sample_key
+
+    split = open_split(root, split_name)
+    cfg = DataConfig(shards=str(root), num_workers=1, **embedder.preprocessing)
+    for batch in eval_batches(split, cfg, batch_size, rank, world_size):
+        batch["key"] = [sample_key(int(i)) for i in batch["instance"]]
+        yield batch
+
+
+def embed_batches(embedder: ImageEmbedder, batches, batch_size: int, fp16: bool, progress) -> tuple:
+    """One table of this rank's rows. Every forward pass has `batch_size` images (a short batch
+    is padded with zeros): convolution kernels pick their algorithm by batch size, so a short
+    last batch would round differently, and the vectors would depend on how images were dealt
+    to ranks. Equal shapes make 1-rank and k-rank outputs bitwise identical."""
+    keys, instance, supers, fines, vectors = [], [], [], [], []
+    with torch.no_grad():
+        for batch in batches:
+            images = batch["images"]
+            padding = images.new_zeros((batch_size - len(images), *images.shape[1:]))
+            vectors.append(embedder(torch.cat([images, padding]))[: len(images)])
+            keys += batch["key"]
+            instance.append(batch["instance"])
+            supers.append(batch["super"])
+            fines.append(batch["fine"])
+            progress.update(len(batch["key"]))
+    if not vectors:
+        return to_table([], [], [], [], torch.zeros(0, embedder.dim).numpy(), fp16)
+    cat = [torch.cat(x).numpy() for x in (instance, supers, fines, vectors)]
+    return to_table(keys, *cat, fp16)
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment (torchrun and deepspeed set both)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _any_failed(failed: bool) -> bool:
+    if not dist.is_initialized():
+        return failed
+    flag = torch.tensor([1.0 if failed else 0.0])
+    dist.all_reduce(flag)
+    return bool(flag.item())
+
+
+def run(args) -> Path:
+    rank, world_size = _world()
+    out = Path(args.out)
+    check_free(out, args.overwrite)  # every rank, before any work
+    embedder = load_model(args.model)
+    if args.shards:
+        source = {"kind": "shards", "root": str(Path(args.shards).resolve()), "split": args.split}
+        batches = shard_batches(args.shards, args.split, embedder, args.batch_size, rank, world_size)
+        total = None
+    else:
+        files = folder_files(args.images) if args.images else manifest_files(args.manifest)
+        where = Path(args.images or args.manifest).resolve()
+        source = {"kind": "folder" if args.images else "manifest", "root": str(where)}
+        mine = files[rank::world_size]
+        batches, total = file_batches(mine, embedder, args.batch_size), len(mine)
+    if world_size > 1:
+        dist.init_process_group("gloo")
+    try:
+        if rank == 0:
+            begin(out, args.overwrite)
+        if dist.is_initialized():
+            dist.barrier()
+        partial = partial_path(out)
+        failure = None
+        started = time.time()
+        bar = tqdm(total=total, unit="img", desc=f"embed rank {rank}/{world_size}", disable=rank != 0 or args.quiet)
+        try:
+            table = embed_batches(embedder, batches, args.batch_size, args.fp16, bar)
+            pq.write_table(table, partial / f"part-{rank:05d}.parquet")
+        except ERRORS + (FileNotFoundError, ValueError) as err:
+            failure = err
+        finally:
+            bar.close()
+        if _any_failed(failure is not None):
+            if rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise failure or RuntimeError(f"rank {rank}: another rank failed; no output written")
+        count = torch.tensor([table.num_rows])
+        if dist.is_initialized():
+            dist.all_reduce(count)
+        if rank == 0:
+            meta = {
+                "format": FORMAT,
+                "count": int(count),
+                "dim": embedder.dim,
+                "dtype": "float16" if args.fp16 else "float32",
+                "world_size": world_size,
+                "model": describe(args.model),
+                "images": source,
+                "preprocessing": embedder.preprocessing,
+                "seconds": time.time() - started,
+            }
+            (partial / META).write_text(json.dumps(meta, indent=1))
+            publish(out)
+        if dist.is_initialized():
+            dist.barrier()  # no rank reports success before the output is in place
+        return out
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="fgdist-embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", required=True, help="a run, checkpoint or export folder, an MLflow run id or model URI")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--shards", help="a shard set root (with --split)")
+    what.add_argument("--images", help="a folder of images (searched recursively)")
+    what.add_argument("--manifest", help="a CSV with columns path[,super,fine]")
+    p.add_argument("--split", default="test", help="the shard split to embed (default: test)")
+    p.add_argument("--out", required=True, help="the output folder (a Parquet dataset)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--fp16", action="store_true", help="store embeddings as float16 (half the size)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # appended by the deepspeed launcher
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        out = run(args)
+    except ERRORS + (FileNotFoundError, ValueError) as err:
+        print(f"error: rank {_world()[0]}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    if _world()[0] == 0:
+        print(f"embeddings written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

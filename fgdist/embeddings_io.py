@@ -1,0 +1,83 @@
+"""The embeddings dataset `fgdist-embed` writes: a folder of Parquet files (one or more per rank)
+with columns key (string), instance (int64), super (int32), fine (int32; -1 where unknown) and
+embedding (fixed-size list of float32, or float16, L2-normalized), plus `_embeddings.json`
+(model source, dimension, dtype, where the images came from). pyarrow, pandas, DuckDB and Spark
+read the folder as one table; names starting with `_` are skipped by their dataset readers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+META = "_embeddings.json"
+FORMAT = "fgdist-embeddings/1"
+
+
+def schema(dim: int, fp16: bool = False) -> pa.Schema:
+    value = pa.float16() if fp16 else pa.float32()
+    return pa.schema(
+        [
+            ("key", pa.string()),
+            ("instance", pa.int64()),
+            ("super", pa.int32()),
+            ("fine", pa.int32()),
+            ("embedding", pa.list_(value, dim)),
+        ]
+    )
+
+
+def to_table(keys: list[str], instance, supers, fines, vectors: np.ndarray, fp16: bool = False) -> pa.Table:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float16 if fp16 else np.float32)
+    n, dim = vectors.shape
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
+    columns = [
+        pa.array(keys, pa.string()),
+        pa.array(np.asarray(instance, dtype=np.int64)),
+        pa.array(np.asarray(supers, dtype=np.int32)),
+        pa.array(np.asarray(fines, dtype=np.int32)),
+        embedding,
+    ]
+    return pa.Table.from_arrays(columns, schema=schema(dim, fp16))
+
+
+@dataclass
+class Embeddings:
+    """A whole embeddings dataset in memory, rows sorted by (instance, key)."""
+
+    keys: list[str]
+    instance: torch.Tensor
+    labels: dict[str, torch.Tensor]  # "super", "fine"
+    vectors: torch.Tensor  # N x d float32
+    meta: dict
+
+
+def read_meta(path: str | Path) -> dict:
+    path = Path(path)
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path}: not an fgdist-embed output (no {META})")
+    return json.loads(meta_path.read_text())
+
+
+def read_embeddings(path: str | Path) -> Embeddings:
+    path = Path(path)
+    meta = read_meta(path)
+    table = pq.read_table(path).sort_by([("instance", "ascending"), ("key", "ascending")])
+    if table.num_rows != meta["count"]:
+        raise ValueError(f"{path}: {table.num_rows} rows, {META} says {meta['count']}")
+    column = table.column("embedding").combine_chunks()
+    dim = column.type.list_size
+    vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
+    return Embeddings(
+        keys=table.column("key").to_pylist(),
+        instance=torch.from_numpy(table.column("instance").to_numpy().copy()),
+        labels={n: torch.from_numpy(table.column(n).to_numpy().astype(np.int64)) for n in ("super", "fine")},
+        vectors=torch.from_numpy(vectors),
+        meta=meta,
+    )

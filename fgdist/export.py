@@ -1,0 +1,233 @@
+"""A trained model outside its DeepSpeed checkpoint: the backbone as safetensors plus its config
+and evaluation preprocessing (`fgdist-export`), the same module logged to MLflow at the end of
+training, and `fgdist.load_model`, which turns any of these into a module mapping images to
+L2-normalized embeddings.
+
+    fgdist-export --model runs/synthetic --out exported/synthetic [--overwrite]
+
+An export folder holds `model.safetensors` (the backbone's state_dict, float32) and
+`fgdist_model.json` (format, embedding dimension, `model` config, `preprocessing`: the data
+config keys the evaluation transform reads, and ImageNet mean/std). Sources `load_model` takes:
+an export folder, a run folder (its newest checkpoint) or a checkpoint folder, an MLflow model
+URI (`runs:/<id>/model`, `models:/...`), or a bare MLflow run id (its `model`). See
+docs/DESIGN.md for why the heads are left out: search uses f(x) only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pickle
+import re
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from fgdist.config import DataConfig, ModelConfig
+from fgdist.data import MEAN, STD, make_transform
+from fgdist.model import build_backbone, feature_dim
+from fgdist.output_folder import atomic_folder, check_free
+from fgdist.search_errors import ERRORS, CheckpointError, UnknownRunError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "fgdist-model/1"
+WEIGHTS, CONFIG = "model.safetensors", "fgdist_model.json"
+MLFLOW_NAME = "model"  # the logged model's name inside a training run
+PREPROCESSING_KEYS = ("augment", "image_size", "resize", "padding")  # what make_transform(train=False) reads
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class ImageEmbedder(nn.Module):
+    """Normalized CHW image tensors (N x 3 x H x W, the evaluation transform's output) -> N x d
+    L2-normalized float32 embeddings. `preprocess` turns PIL images into that input."""
+
+    def __init__(self, backbone: nn.Module, model_config: dict, preprocessing: dict):
+        super().__init__()
+        self.backbone = backbone
+        self.model_config = dict(model_config)
+        self.preprocessing = dict(preprocessing)
+
+    @property
+    def dim(self) -> int:
+        return feature_dim(ModelConfig(**self.model_config))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        p = next(self.backbone.parameters())
+        return F.normalize(self.backbone(images.to(device=p.device, dtype=p.dtype)).float(), dim=1)
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        transform = eval_transform(self.preprocessing)
+        return torch.stack([transform(img, None) for img in images])
+
+
+def eval_transform(preprocessing: dict):
+    """The evaluation transform (PIL image, rng -> tensor) of a model's preprocessing keys."""
+    return make_transform(DataConfig(**preprocessing), train=False)
+
+
+def embedder_from(model: nn.Module, model_cfg: ModelConfig, data_cfg: DataConfig) -> ImageEmbedder:
+    """An ImageEmbedder on the CPU with a copy of `model`'s backbone weights (an EmbeddingNet,
+    possibly with cross-rank BatchNorm, which has BatchNorm2d's keys): plain modules only, so it
+    pickles and runs without a process group."""
+    model_cfg = model_cfg.model_copy(update={"pretrained": None})
+    backbone = build_backbone(model_cfg)
+    source = getattr(model, "backbone", model)
+    backbone.load_state_dict({k: v.detach().float().cpu() for k, v in source.state_dict().items()})
+    preprocessing = {k: getattr(data_cfg, k) for k in PREPROCESSING_KEYS}
+    return ImageEmbedder(backbone, model_cfg.model_dump(), preprocessing).eval()
+
+
+# -- loading -----------------------------------------------------------------------------------
+def _from_checkpoint(path: Path) -> ImageEmbedder:
+    from fgdist.pictures import load_checkpoint_model
+
+    try:
+        model, cfg, _ = load_checkpoint_model(path)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError) as err:  # truncated or foreign files
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {str(err)[:200]})") from None
+    return embedder_from(model, cfg.model, cfg.data)
+
+
+def _from_export(path: Path) -> ImageEmbedder:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / CONFIG).read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path / CONFIG}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if not (path / WEIGHTS).is_file():
+        raise CheckpointError(f"{path}: {WEIGHTS} is missing")
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except SafetensorError as err:
+        raise CheckpointError(f"{path / WEIGHTS}: unreadable ({err})") from None
+    backbone = build_backbone(ModelConfig(**meta["model"]))
+    backbone.load_state_dict(state)
+    return ImageEmbedder(backbone, meta["model"], meta["preprocessing"]).eval()
+
+
+def _from_mlflow(uri: str) -> ImageEmbedder:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from fgdist.tracking import resolve_uri
+
+    mlflow.set_tracking_uri(resolve_uri(None))
+    try:
+        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+    except (MlflowException, OSError) as err:
+        raise UnknownRunError(f"{uri}: no such MLflow model in {resolve_uri(None)} ({str(err)[:200]})") from None
+    return model.eval()
+
+
+def load_model(source: str | Path) -> ImageEmbedder:
+    """The ImageEmbedder of an export folder, a run or checkpoint folder, an MLflow model URI or
+    an MLflow run id (its logged `model`), in eval mode on the CPU."""
+    text = str(source)
+    path = Path(text)
+    if path.is_dir():
+        return _from_export(path) if (path / CONFIG).is_file() else _from_checkpoint(path)
+    if "://" in text or text.startswith(("runs:/", "models:/")):
+        return _from_mlflow(text)
+    if RUN_ID.match(text):
+        return _from_mlflow(f"runs:/{text}/{MLFLOW_NAME}")
+    raise CheckpointError(
+        f"{text}: no such folder, and not an MLflow URI or run id (an export folder, a run or checkpoint folder)"
+    )
+
+
+def describe(source: str | Path) -> str:
+    """How a source is recorded in the outputs made from it: folders as absolute paths."""
+    path = Path(str(source))
+    return str(path.resolve()) if path.is_dir() else str(source)
+
+
+# -- writing -----------------------------------------------------------------------------------
+def export_model(embedder: ImageEmbedder, out: str | Path, source: str = "", overwrite: bool = False) -> Path:
+    from safetensors.torch import save_file
+
+    state = {
+        k: v.detach().float().contiguous() if v.is_floating_point() else v
+        for k, v in embedder.backbone.state_dict().items()
+    }
+    meta = {
+        "format": FORMAT,
+        "embedding_dim": embedder.dim,
+        "model": embedder.model_config,
+        "preprocessing": embedder.preprocessing,
+        "normalize": {"mean": MEAN.tolist(), "std": STD.tolist()},
+        "source": source,
+    }
+    with atomic_folder(out, overwrite) as partial:
+        save_file(state, str(partial / WEIGHTS))
+        (partial / CONFIG).write_text(json.dumps(meta, indent=1))
+    return Path(out)
+
+
+def signature(embedder: ImageEmbedder):
+    """Input: float32 N x 3 x S x S (the evaluation transform's output); output: N x d float32."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    size = embedder.preprocessing["image_size"]
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size), "images")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embedder.dim), "embeddings")]),
+    )
+
+
+def log_to_mlflow(embedder: ImageEmbedder):
+    """Log the embedder as the active MLflow run's `model` (mlflow.pytorch, with a signature)."""
+    import mlflow
+
+    return mlflow.pytorch.log_model(
+        embedder,
+        name=MLFLOW_NAME,
+        signature=signature(embedder),
+        serialization_format="pickle",  # the module itself (with `preprocess`), not a traced graph
+        # explicit: inferring requirements would re-import and run the model in a subprocess
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "fgdist"],
+    )
+
+
+def log_trained_model(model: nn.Module, cfg, tracker) -> None:
+    """The trainer's last step (rank 0, results written): log the trained backbone to MLflow.
+    A failure is reported, not raised: the run itself has finished."""
+    if not tracker.enabled:
+        return
+    try:
+        log_to_mlflow(embedder_from(model, cfg.model, cfg.data))
+        log.info(f"model logged to MLflow: runs:/{tracker.run_id}/{MLFLOW_NAME}")
+    except Exception as err:
+        log.warning(f"logging the model to MLflow failed ({type(err).__name__}: {str(err)[:300]})")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="fgdist-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", required=True, help="a run or checkpoint folder, an MLflow run id or model URI")
+    p.add_argument("--out", required=True, help="the export folder to write")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        check_free(args.out, args.overwrite)  # before the model is read
+        out = export_model(load_model(args.model), args.out, describe(args.model), args.overwrite)
+    except ERRORS as err:
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {args.model} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

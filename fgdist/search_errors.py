@@ -1,0 +1,28 @@
+"""The named errors of the path from a trained run to visual search (export, embed, index,
+search): each says which file, run or image is at fault. All are ValueError or
+FileNotFoundError/FileExistsError subclasses, so the command lines report them the same way."""
+
+from __future__ import annotations
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint folder that is missing, partial (no meta.json or no model state) or unreadable."""
+
+
+class UnknownRunError(LookupError):
+    """An MLflow run id or model URI the tracking store does not know."""
+
+
+class ImageDecodeError(ValueError):
+    """An input image that does not decode; the message names the file."""
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder exists and --overwrite was not given."""
+
+
+class DimensionMismatchError(ValueError):
+    """Embeddings whose dimension differs from the index's (another model, or another width)."""
+
+
+ERRORS = (CheckpointError, UnknownRunError, ImageDecodeError, OutputExistsError, DimensionMismatchError)
