@@ -1,7 +1,10 @@
 """fgdist: representation learning with fine-grained patterns, distributed.
 
+The design of the code as it is: docs/DESIGN.md.
+
 Library modules (one job each):
   config      typed run configuration (pydantic), loaded from one JSON file
+  objective_table  the five objectives: heads, dense or grouped instance term, loss weights
   shardset    reading a shard set: manifest, Parquet index, validation against the tars
   partition   the column line: which rank owns which instance columns
   data        per-rank WebDataset streams for both routings, augmentation, equal steps
@@ -14,6 +17,9 @@ Library modules (one job each):
   checkpoint  atomic checkpoints and restart
   evaluation  distributed, chunked Recall@k and super-class top-k
   tracking    MLflow from rank 0
+  log         logging with time and rank
+  deepspeed_shm  the workaround for DeepSpeed's leaked /dev/shm all-reduce buffer
+  figures     the shared matplotlib figure helper of comparison and pictures
   export, embed, search, retrieval_metrics
               from a trained run to visual search: model export and load_model, Parquet
               embeddings, faiss index and queries, MAP@R and R-precision

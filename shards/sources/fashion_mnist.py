@@ -1,5 +1,5 @@
-"""Fashion-MNIST from its IDX files (Debian package `dataset-fashion-mnist`), with DESIGN's
-super-class grouping: tops, trouser, dress, footwear, bag."""
+"""Fashion-MNIST from its IDX files (Debian package `dataset-fashion-mnist`), with the
+super-class grouping of docs/DESIGN.md ("The data sets"): tops, trouser, dress, footwear, bag."""
 
 from __future__ import annotations
 
