@@ -21,12 +21,19 @@ import torch.distributed as dist
 
 from fgdist import checkpoint
 from fgdist.collectives import mean_over_ranks, unlink_deepspeed_shm_buffer, world
-from fgdist.config import RunConfig
-from fgdist.data import eval_batches, steps_per_epoch, train_batches
+from fgdist.config import ModelConfig, RunConfig
+from fgdist.data import eval_batches, own_column_batches, steps_per_epoch, train_batches
 from fgdist.evaluation import evaluate
 from fgdist.faults import kill_point
 from fgdist.head import InstanceHead
-from fgdist.model import EmbeddingNet, convert_batchnorm, feature_dim, reestimate_batchnorm
+from fgdist.model import (
+    EmbeddingNet,
+    convert_batchnorm,
+    instance_dim,
+    instance_features,
+    model_for_eval,
+    reestimate_batchnorm,
+)
 from fgdist.objectives import OBJECTIVE_HEADS, Objective
 from fgdist.partition import make_plan
 from fgdist.shardset import open_split
@@ -54,6 +61,17 @@ def deepspeed_config(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict:
         )
     ds.setdefault("train_batch_size", cfg.data.batch_size * world_size)
     return ds
+
+
+def built_model_config(cfg: RunConfig) -> ModelConfig:
+    """The model section as built: the projection only when a loss term or the evaluation uses it
+    (an unused module gets no gradient, which DeepSpeed's gradient reduction does not expect)."""
+    used = (
+        cfg.objective.name in OBJECTIVE_HEADS["instance"]
+        or cfg.model.projection_for_super
+        or cfg.eval.features == "projection"
+    )
+    return cfg.model if used else cfg.model.model_copy(update={"projection": "none"})
 
 
 def log0(*args) -> None:
@@ -91,8 +109,9 @@ class Trainer:
         name = cfg.objective.name
         if name == "fine" and manifest.num_fine == 0:
             raise ValueError(f"objective 'fine' needs fine labels; {self.train_split.path} has none")
+        model_cfg = built_model_config(cfg)
         model = EmbeddingNet(
-            cfg.model,
+            model_cfg,
             manifest.num_super if name in OBJECTIVE_HEADS["super"] else None,
             manifest.num_fine if name in OBJECTIVE_HEADS["fine"] else None,
         )
@@ -105,8 +124,12 @@ class Trainer:
             model = convert_batchnorm(model)
         self.head = None
         if name in OBJECTIVE_HEADS["instance"]:
-            self.head = InstanceHead(self.plan, self.rank, feature_dim(cfg.model), cfg.seed).to(self.device)
-            self.head.build_optimizer(cfg.optim, cfg.head.lr_mult, self.steps_per_epoch)
+            self.head = InstanceHead(
+                self.plan, self.rank, instance_dim(model_cfg), cfg.seed, cfg.head.update, cfg.head.ema_momentum
+            ).to(self.device)
+            self.head.build_optimizer(
+                cfg.optim, cfg.head.lr_mult, self.steps_per_epoch, cfg.head.lr_schedule, cfg.head.weight_decay
+            )
         self.objective = Objective(cfg, self.plan, self.rank, self.head).to(self.device)
 
         optimizer = torch.optim.SGD(
@@ -141,6 +164,8 @@ class Trainer:
                 self.position.global_step -= self.position.step
                 self.position.step = 0
             self.position.world_size = self.world_size
+        elif self.head is not None and cfg.head.init == "features":
+            self.init_head_from_features()  # a fresh start only: a resume has the trained columns
 
         self.tracker = Tracker(
             self.rank == 0,
@@ -173,6 +198,22 @@ class Trainer:
             f"{self.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs, batch {cfg.data.batch_size}/rank, "
             f"routing {cfg.data.routing}, norm {norm}"
         )
+
+    def init_head_from_features(self) -> None:
+        """head.init=features, before the first step of a fresh run: each rank writes its own
+        columns from its own images (data.own_column_batches, whatever the routing). BatchNorm is
+        re-estimated first (eval.bn_batches) and the pass runs in eval mode, so a column is the
+        feature evaluation would compute for its image, independent of batch composition and of
+        the number of ranks."""
+        self.batchnorm_for_eval()
+        model = self.engine.module
+        model.eval()
+        batches = own_column_batches(self.train_split, self.plan, self.cfg.data, self.cfg.eval.batch_size, self.rank)
+        self.head.init_from_features(
+            batches, lambda images: instance_features(model(images.to(self.device, self.dtype)))
+        )
+        model.train()
+        log0(f"head.init=features: {self.plan.num_instances} columns set to their images' features")
 
     # -- one step -----------------------------------------------------------------------
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -235,7 +276,7 @@ class Trainer:
             pos.step += 1
             pos.global_step += 1
             kill_point("step", self.rank, pos.global_step)
-            window_images += batch["images"].shape[0] * self.world_size
+            window_images += batch["num_images"] * self.world_size  # images, not rows (data.views)
             self.corrupt_skipped += batch["corrupt_skipped"]
             if (
                 cfg.checkpoint.every_steps
@@ -292,7 +333,7 @@ class Trainer:
         cfg = self.cfg
         batches = eval_batches(self.test_split, cfg.data, cfg.eval.batch_size, self.rank, self.world_size)
         metrics = evaluate(
-            self.engine.module,
+            model_for_eval(self.engine.module, cfg.eval.features),
             batches,
             self.device,
             self.dtype,
@@ -311,7 +352,7 @@ class Trainer:
 
         try:
             paths = log_pictures(
-                self.engine.module,
+                model_for_eval(self.engine.module, self.cfg.eval.features),
                 self.test_split,
                 self.cfg.data,
                 self.cfg.run_dir / "pictures",
