@@ -65,7 +65,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict:
 
 def built_model_config(cfg: RunConfig) -> ModelConfig:
     """The model section as built: the projection only when a loss term or the evaluation uses it
-    (an unused module gets no gradient, which DeepSpeed's gradient reduction does not expect)."""
+    (so `base` and `fine` with the combined recipe's flags train exactly the paper's network,
+    with no engine parameters that never get a gradient)."""
     used = (
         cfg.objective.name in OBJECTIVE_HEADS["instance"]
         or cfg.model.projection_for_super
