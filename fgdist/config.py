@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fgdist.objective_table import OBJECTIVE_NAMES
 
@@ -35,11 +35,27 @@ class DataConfig(Section):
     batch_size: int = Field(64, ge=1)  # per rank
     num_workers: int = Field(2, ge=0)
     shuffle_buffer: int = Field(1000, ge=1)
-    augment: Literal["crop_flip", "resized_crop_flip", "none"] = "crop_flip"
+    # crop_flip: the paper's CIFAR recipe; resized_crop_flip: the ImageNet recipe; strong
+    # (fgdist/augment.py): colour images get a random resized crop (crop_scale), flip, colour
+    # jitter and random grayscale, single-channel images a random resized crop, a small affine
+    # and random erasing; evaluation resizes the shorter side to image_size and center-crops.
+    augment: Literal["crop_flip", "resized_crop_flip", "strong", "none"] = "crop_flip"
     image_size: int = Field(32, ge=8)  # the crop fed to the network
     padding: int = Field(4, ge=0)  # crop_flip: zero padding before the random crop (CIFAR: 32 from 40)
     resize: int = Field(256, ge=8)  # resized_crop_flip: evaluation resizes the shorter side to this
+    crop_scale: list[float] = [0.2, 1.0]  # strong: [min, max] fraction of the image area a crop covers
+    # Independently augmented views of each image in the same batch, with the same labels and
+    # instance id; every loss term sees all of them. A rank's batch stays batch_size IMAGES, so a
+    # step has views * batch_size rows (images/s counts images, not rows).
+    views: int = Field(1, ge=1)
     on_corrupt: Literal["fail", "skip"] = "fail"
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop_scale(cls, value: list[float]) -> list[float]:
+        if len(value) != 2 or not 0.0 < value[0] <= value[1] <= 1.0:
+            raise ValueError(f"must be [min, max] with 0 < min <= max <= 1, got {value}")
+        return value
 
 
 class ModelConfig(Section):
@@ -51,6 +67,11 @@ class ModelConfig(Section):
     # by_superclass and there is more than one rank.
     norm: Literal["auto", "global", "local"] = "auto"
     pretrained: str | None = None  # a local state_dict file (torchvision ResNet-18 keys)
+    # mlp: a 2-layer MLP (d -> d -> projection_dim) after f(x) whose output feeds the instance
+    # term (and its head is projection_dim wide); the super-class head too if projection_for_super.
+    projection: Literal["none", "mlp"] = "none"
+    projection_dim: int = Field(128, ge=1)
+    projection_for_super: bool = False
 
 
 class ObjectiveConfig(Section):
@@ -65,6 +86,15 @@ class HeadConfig(Section):
     logit: Literal["dot", "cosine"] = "dot"  # dot: the paper's x.w; cosine: cos(x, w) / temperature
     temperature: float = Field(0.1, gt=0.0)
     kernel: Literal["auto", "triton", "torch"] = "auto"
+    # features: on a fresh start each column is set to the L2-normalized instance-term input
+    # (projection output if any) of its own image, unaugmented (fgdist/head.py init_from_features).
+    init: Literal["random", "features"] = "random"
+    # ema: a memory bank. W gets no gradient; after each step every visited column becomes
+    # normalize(m * column + (1 - m) * normalize(mean of its rows' normalized features)).
+    update: Literal["sgd", "ema"] = "sgd"
+    ema_momentum: float = Field(0.5, ge=0.0, lt=1.0)  # m above
+    lr_schedule: Literal["same", "constant"] = "same"  # constant: no LR milestones for the head
+    weight_decay: float | None = Field(None, ge=0.0)  # None: optim.weight_decay
 
 
 class OptimConfig(Section):
@@ -86,6 +116,7 @@ class EvalConfig(Section):
     bn_batches: int = Field(20, ge=0)
     pictures: bool = True  # attention maps and a retrieval grid after the last evaluation (rank 0)
     picture_queries: int = Field(8, ge=1)  # test images in those pictures
+    features: Literal["backbone", "projection"] = "backbone"  # what retrieval embeds: f(x) or the projection
 
 
 class CheckpointConfig(Section):
@@ -123,6 +154,11 @@ class RunConfig(Section):
             raise ValueError(f"optim.milestones must be increasing, got {self.optim.milestones}")
         if not self.eval.recall_ks or min(self.eval.recall_ks) < 1:
             raise ValueError(f"eval.recall_ks must be positive, got {self.eval.recall_ks}")
+        if self.model.projection == "none":
+            if self.eval.features == "projection":
+                raise ValueError("eval.features='projection' needs model.projection='mlp'")
+            if self.model.projection_for_super:
+                raise ValueError("model.projection_for_super needs model.projection='mlp'")
         return self
 
     @property

@@ -28,6 +28,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from fgdist.augment import SINGLE_CHANNEL_MODES, random_resized_crop, strong_augment, with_views
 from fgdist.config import DataConfig
 from fgdist.partition import Plan
 from fgdist.shardset import DECODE_ERRORS, ShardInfo, SplitDir, image_problem
@@ -54,18 +55,7 @@ def _crop_flip(img: Image.Image, rng: random.Random, size: int, padding: int) ->
 
 def _resized_crop_flip(img: Image.Image, rng: random.Random, size: int) -> Image.Image:
     """RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3)) + flip (the ImageNet recipe)."""
-    w, h = img.size
-    for _ in range(10):
-        area = w * h * rng.uniform(0.08, 1.0)
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-        if 0 < cw <= w and 0 < ch <= h:
-            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
-            break
-    else:
-        cw = ch = min(w, h)
-        x, y = (w - cw) // 2, (h - ch) // 2
-    img = img.resize((size, size), Image.BILINEAR, box=(x, y, x + cw, y + ch))
+    img = random_resized_crop(img, rng, size, (0.08, 1.0))
     return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
 
 
@@ -82,14 +72,20 @@ def _center(img: Image.Image, size: int, resize: int | None) -> Image.Image:
 def make_transform(cfg: DataConfig, train: bool):
     """PIL image + rng -> normalized CHW float tensor."""
 
+    eval_resize = {"resized_crop_flip": cfg.resize, "strong": cfg.image_size}.get(cfg.augment)
+    erase_fill = tuple(round(255 * float(v)) for v in MEAN)  # zero after normalization
+
     def transform(img: Image.Image, rng: random.Random) -> torch.Tensor:
+        single_channel = img.mode in SINGLE_CHANNEL_MODES
         img = img.convert("RGB")
         if train and cfg.augment == "crop_flip":
             img = _crop_flip(img, rng, cfg.image_size, cfg.padding)
         elif train and cfg.augment == "resized_crop_flip":
             img = _resized_crop_flip(img, rng, cfg.image_size)
+        elif train and cfg.augment == "strong":
+            img = strong_augment(img, rng, cfg.image_size, tuple(cfg.crop_scale), single_channel, erase_fill)
         else:
-            img = _center(img, cfg.image_size, cfg.resize if cfg.augment == "resized_crop_flip" else None)
+            img = _center(img, cfg.image_size, eval_resize)
         array = (np.asarray(img, dtype=np.float32) / 255.0 - MEAN) / STD
         return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
@@ -172,7 +168,7 @@ class TrainStream(IterableDataset):
             rank,
             skip_batches,
         )
-        self.transform = make_transform(cfg, train=True)
+        self.transform = with_views(make_transform(cfg, train=True), cfg.views)
 
     def __iter__(self):
         info = get_worker_info()
@@ -225,12 +221,20 @@ class TrainStream(IterableDataset):
 
 
 def collate(items):
+    """A batch of images; with several views per image ([views, C, H, W] items) the views become
+    consecutive rows (image 0 view 0, image 0 view 1, ...) with repeated labels."""
     images, supers, fines, instances, corrupt = zip(*items)
-    return {
-        "images": torch.stack(images),
+    images = torch.stack(images)
+    views = images.shape[1] if images.dim() == 5 else 1
+    labels = {
         "super": torch.tensor(supers, dtype=torch.long),
         "fine": torch.tensor(fines, dtype=torch.long),
         "instance": torch.tensor(instances, dtype=torch.long),
+    }
+    return {
+        "images": images.flatten(0, 1) if views > 1 else images,
+        **{k: v.repeat_interleave(views) for k, v in labels.items()},
+        "num_images": len(items),  # images, not rows (images/s)
         "corrupt_skipped": int(sum(corrupt)),
     }
 
@@ -308,6 +312,18 @@ class EvalStream(IterableDataset):
 
 def eval_batches(split: SplitDir, cfg: DataConfig, batch_size: int, rank: int, world_size: int):
     urls = shard_urls(split, split.manifest.shards, cfg)
-    spec = deal(urls, rank, world_size)
+    return _eval_loader(deal(urls, rank, world_size), cfg, batch_size)
+
+
+def own_column_batches(split: SplitDir, plan: Plan, cfg: DataConfig, batch_size: int, rank: int):
+    """Each training image whose instance column `rank` owns, once, with the evaluation transform
+    (head.init=features). The by_superclass reader whatever the routing: the rank that writes a
+    column reads its image, so no rows cross ranks, split super-classes included."""
+    urls = shard_urls(split, plan.shards_for_rank(split.manifest, rank), cfg)
+    return _eval_loader(deal(urls, 0, 1, plan.column_range(rank)), cfg, batch_size)
+
+
+def _eval_loader(spec: StreamSpec, cfg: DataConfig, batch_size: int) -> DataLoader:
+    """Every sample of `spec` once, with the evaluation transform; each worker reads its own shards."""
     workers = min(cfg.num_workers, len(spec.urls))
     return DataLoader(EvalStream(spec, cfg), batch_size=batch_size, num_workers=workers, collate_fn=collate)

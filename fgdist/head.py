@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fgdist.config import OptimConfig
@@ -32,37 +33,106 @@ def init_columns(begin: int, end: int, dim: int, seed: int) -> torch.Tensor:
 
 
 class InstanceHead(nn.Module):
-    def __init__(self, plan: Plan, rank: int, dim: int, seed: int):
+    def __init__(self, plan: Plan, rank: int, dim: int, seed: int, update: str = "sgd", ema_momentum: float = 0.5):
+        """update: `sgd` (the paper: W is trained by its optimizer) or `ema` (head.update: a memory
+        bank, see apply_ema)."""
         super().__init__()
         self.column_begin, self.column_end = plan.column_range(rank)
         self.weight = nn.Parameter(init_columns(self.column_begin, self.column_end, dim, seed))
         self.optimizer = None
         self.scheduler = None
+        self.update, self.ema_momentum = update, ema_momentum
+        self.visits = None  # ema: (local column or -1, feature) of the rows of the last forward
 
     @property
     def num_columns(self) -> int:
         return self.column_end - self.column_begin
 
-    def build_optimizer(self, optim: OptimConfig, lr_mult: float, steps_per_epoch: int) -> None:
+    def build_optimizer(
+        self,
+        optim: OptimConfig,
+        lr_mult: float,
+        steps_per_epoch: int,
+        schedule: str = "same",
+        weight_decay: float | None = None,
+    ) -> None:
         """SGD with the backbone's momentum, weight decay and milestones; lr x lr_mult. Weight
         decay is added to the gradient in place in `step` (torch's SGD would allocate a second
-        slice-sized tensor for grad + wd * w every step)."""
-        self.weight_decay = optim.weight_decay
+        slice-sized tensor for grad + wd * w every step). schedule `constant` drops the
+        milestones (head.lr_schedule); weight_decay None follows optim.weight_decay."""
+        self.weight_decay = optim.weight_decay if weight_decay is None else weight_decay
         self.optimizer = torch.optim.SGD(
             [self.weight], lr=optim.lr * lr_mult, momentum=optim.momentum, weight_decay=0.0
         )
-        milestones = [m * steps_per_epoch for m in optim.milestones]
+        milestones = [m * steps_per_epoch for m in optim.milestones] if schedule == "same" else []
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=milestones, gamma=optim.gamma)
 
     def step(self, world_size: int) -> None:
         """Every rank backpropagated its own mean loss, so this slice's gradient is the sum of
         world_size per-rank means; dividing gives the gradient of the global-batch mean, the
-        scale DeepSpeed gives the engine's averaged gradients."""
+        scale DeepSpeed gives the engine's averaged gradients. With head.update=ema there is no
+        gradient: the step applies the memory-bank update instead."""
+        self.apply_ema()
         if self.weight.grad is not None:
             self.weight.grad.div_(world_size).add_(self.weight.detach(), alpha=self.weight_decay)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+
+    # -- head.update=ema and head.init=features: columns that are features ---------------------
+    def weight_for_loss(self) -> torch.Tensor:
+        """W as the loss sees it: fixed under ema (x still gets the loss's gradient through it)."""
+        return self.weight.detach() if self.update == "ema" else self.weight
+
+    def record_visits(self, target_col: torch.Tensor, features: torch.Tensor) -> None:
+        """ema: remember the rows the loss computed on this rank (target_col: local column or -1;
+        every row whose column is here, from any rank, is among them once). Applied by
+        apply_ema after the backward pass, which still needs W unchanged."""
+        if self.update == "ema":
+            self.visits = (target_col.detach(), features.detach())
+
+    @torch.no_grad()
+    def apply_ema(self) -> None:
+        """Each visited column c := normalize(m * c + (1 - m) * v), v = normalize(mean of the
+        normalized features of the step's rows with that column): the two views of an image (or
+        an image drawn twice) make one update, the same whatever the row order or rank count."""
+        if self.visits is None:
+            return
+        target, features = self.visits
+        self.visits = None
+        here = target >= 0
+        if not here.any():
+            return
+        columns, rows = torch.unique(target[here], return_inverse=True)
+        feature_sum = torch.zeros(len(columns), features.shape[1], device=features.device, dtype=torch.float32)
+        feature_sum.index_add_(0, rows, F.normalize(features[here].float(), dim=1))
+        m = self.ema_momentum
+        old = self.weight[columns].float()
+        new = F.normalize(m * old + (1 - m) * F.normalize(feature_sum, dim=1), dim=1)
+        self.weight[columns] = new.to(self.weight.dtype)
+
+    @torch.no_grad()
+    def init_from_features(self, batches, features_of) -> None:
+        """head.init=features: every local column := the L2-normalized feature of its image.
+        `batches` must hold each image of this rank's columns (data.own_column_batches);
+        features_of(images) gives the instance term's input (projection output if any)."""
+        written = torch.zeros(self.num_columns, dtype=torch.bool)
+        for batch in batches:
+            cols = batch["instance"] - self.column_begin
+            if ((cols < 0) | (cols >= self.num_columns)).any():
+                raise ValueError(
+                    f"head.init=features: got instance {int(batch['instance'][0])}, not among this rank's columns "
+                    f"[{self.column_begin}, {self.column_end})"
+                )
+            feature = F.normalize(features_of(batch["images"]).float(), dim=1)
+            self.weight[cols.to(self.weight.device)] = feature.to(self.weight.device, self.weight.dtype)
+            written[cols] = True
+        if not written.all():
+            first = self.column_begin + int((~written).nonzero()[0])
+            raise ValueError(
+                f"head.init=features: {int((~written).sum())} of columns [{self.column_begin}, {self.column_end}) "
+                f"got no image (first: column {first})"
+            )
 
     # -- checkpoint: a slice with its column range; loading re-cuts the line -------------------
     def slice_state(self) -> dict:

@@ -21,6 +21,22 @@ def feature_dim(cfg: ModelConfig) -> int:
     return 8 * cfg.width
 
 
+def instance_dim(cfg: ModelConfig) -> int:
+    """Width of the instance term's input, hence of the instance head's columns."""
+    return cfg.projection_dim if cfg.projection == "mlp" else feature_dim(cfg)
+
+
+def projection_mlp(dim: int, out_dim: int) -> nn.Module:
+    """model.projection=mlp: d -> d -> out_dim. No BatchNorm: its statistics would be
+    per-super-class under by_superclass routing, and the loss would depend on the rank count."""
+    return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, out_dim))
+
+
+def instance_features(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What the instance term (and head.init=features) sees: the projection if there is one."""
+    return outputs.get("projection", outputs["features"])
+
+
 class CrossRankBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose training statistics are taken over the global batch (all ranks).
 
@@ -159,17 +175,45 @@ class EmbeddingNet(nn.Module):
         super().__init__()
         self.backbone = build_backbone(cfg)
         d = feature_dim(cfg)
-        self.super_head = nn.Linear(d, num_super) if num_super else None
+        self.projection = projection_mlp(d, cfg.projection_dim) if cfg.projection == "mlp" else None
+        self.projection_for_super = cfg.projection_for_super
+        self.super_head = (
+            nn.Linear(cfg.projection_dim if cfg.projection_for_super else d, num_super) if num_super else None
+        )
         self.fine_head = nn.Linear(d, num_fine) if num_fine else None
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.backbone(images)
         out = {"features": features}
+        if self.projection is not None:
+            out["projection"] = self.projection(features)
         if self.super_head is not None:
-            out["super_logits"] = self.super_head(features)
+            out["super_logits"] = self.super_head(out["projection"] if self.projection_for_super else features)
         if self.fine_head is not None:
             out["fine_logits"] = self.fine_head(features)
         return out
+
+
+class ProjectionAsFeatures(nn.Module):
+    """An EmbeddingNet seen by evaluation and pictures with eval.features=projection: its
+    `features` output is the projection (the backbone stays reachable for attention maps)."""
+
+    def __init__(self, net: EmbeddingNet):
+        super().__init__()
+        self.net = net
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.net.backbone
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.net(images)
+        return {**out, "features": out["projection"]}
+
+
+def model_for_eval(net: EmbeddingNet, features: str) -> nn.Module:
+    """eval.features: `backbone` evaluates f(x), `projection` the projection output."""
+    return net if features == "backbone" else ProjectionAsFeatures(net)
 
 
 def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from fgdist.collectives import gather_counts, gather_rows
 from fgdist.config import RunConfig
 from fgdist.head import InstanceHead
 from fgdist.kernels import grouped_lse
+from fgdist.model import instance_features
 from fgdist.objective_table import OBJECTIVES
 from fgdist.partition import Plan, group_lookup
 
@@ -59,7 +60,7 @@ class InstanceLoss(nn.Module):
         )
 
     def _logit_inputs(self, x: torch.Tensor):
-        w = self.head.weight
+        w = self.head.weight_for_loss()
         if self.logit == "cosine":
             x = F.normalize(x, dim=1) / self.temperature
             w = F.normalize(w, dim=1)
@@ -69,6 +70,7 @@ class InstanceLoss(nn.Module):
         """One kernel call: partial logsumexp and target logit of these rows on local columns."""
         target = instance_ids - self.head.column_begin
         target = torch.where((target >= 0) & (target < self.head.num_columns), target, torch.full_like(target, -1))
+        self.head.record_visits(target, x)  # head.update=ema: these rows update their columns after the step
         return grouped_lse(x, w, self.group_of_super[super_ids], self.col_offsets, target, self.kernel)
 
     def forward(self, features: torch.Tensor, super_ids: torch.Tensor, instance_ids: torch.Tensor) -> torch.Tensor:
@@ -140,6 +142,6 @@ class Objective(nn.Module):
         if self.spec.fine_head:
             parts["fine_ce"] = F.cross_entropy(outputs["fine_logits"].float(), fine_ids)
         if self.instance is not None:
-            parts["instance_ce"] = self.instance(outputs["features"], super_ids, instance_ids).mean()
+            parts["instance_ce"] = self.instance(instance_features(outputs), super_ids, instance_ids).mean()
         parts["loss"] = sum(self.weights[k] * v for k, v in parts.items())
         return parts

@@ -24,15 +24,22 @@ import torch.distributed as dist
 
 from fgdist import checkpoint
 from fgdist.collectives import mean_over_ranks, world
-from fgdist.config import RunConfig
-from fgdist.data import eval_batches, steps_per_epoch, train_batches
+from fgdist.config import ModelConfig, RunConfig
+from fgdist.data import eval_batches, own_column_batches, steps_per_epoch, train_batches
 from fgdist.deepspeed_shm import unlink_deepspeed_shm_buffer
 from fgdist.evaluation import evaluate
 from fgdist.export import log_trained_model
 from fgdist.faults import kill_point
 from fgdist.head import InstanceHead
 from fgdist.log import setup as setup_logging
-from fgdist.model import EmbeddingNet, convert_batchnorm, feature_dim, reestimate_batchnorm
+from fgdist.model import (
+    EmbeddingNet,
+    convert_batchnorm,
+    instance_dim,
+    instance_features,
+    model_for_eval,
+    reestimate_batchnorm,
+)
 from fgdist.objective_table import OBJECTIVES
 from fgdist.objectives import Objective
 from fgdist.partition import make_plan
@@ -98,6 +105,18 @@ def deepspeed_config(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict:
     return ds
 
 
+def built_model_config(cfg: RunConfig) -> ModelConfig:
+    """The model section as built: the projection only when a loss term or the evaluation uses it
+    (so `base` and `fine` with the combined recipe's flags train exactly the paper's network,
+    with no engine parameters that never get a gradient)."""
+    used = (
+        OBJECTIVES[cfg.objective.name].instance is not None
+        or cfg.model.projection_for_super
+        or cfg.eval.features == "projection"
+    )
+    return cfg.model if used else cfg.model.model_copy(update={"projection": "none"})
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: bool | str = False):
         """resume: False, True (the newest complete checkpoint) or a checkpoint folder."""
@@ -147,8 +166,9 @@ class Trainer:
 
         if spec.fine_head and manifest.num_fine == 0:
             raise ValueError(f"objective {spec.name!r} needs fine labels; {self.train_split.path} has none")
+        model_cfg = built_model_config(cfg)
         model = EmbeddingNet(
-            cfg.model,
+            model_cfg,
             manifest.num_super if spec.super_head else None,
             manifest.num_fine if spec.fine_head else None,
         )
@@ -156,8 +176,12 @@ class Trainer:
             model = convert_batchnorm(model)
         self.head = None
         if spec.instance is not None:
-            self.head = InstanceHead(self.plan, self.rank, feature_dim(cfg.model), cfg.seed).to(self.device)
-            self.head.build_optimizer(cfg.optim, cfg.head.lr_mult, self.steps_per_epoch)
+            self.head = InstanceHead(
+                self.plan, self.rank, instance_dim(model_cfg), cfg.seed, cfg.head.update, cfg.head.ema_momentum
+            ).to(self.device)
+            self.head.build_optimizer(
+                cfg.optim, cfg.head.lr_mult, self.steps_per_epoch, cfg.head.lr_schedule, cfg.head.weight_decay
+            )
         self.objective = Objective(cfg, self.plan, self.rank, self.head).to(self.device)
 
         optimizer = torch.optim.SGD(
@@ -179,6 +203,8 @@ class Trainer:
         self.corrupt_skipped = 0  # undecodable samples skipped by this rank (data.on_corrupt=skip)
         self.position = checkpoint.Position(0, 0, 0, self.world_size, None)
         if not resume:
+            if self.head is not None and self.cfg.head.init == "features":
+                self.init_head_from_features()  # a fresh start only: a resume has the trained columns
             return
         folder = checkpoint.latest(self.ckpt_dir) if resume is True else Path(resume)
         if folder is None or not (folder / "meta.json").is_file():
@@ -223,6 +249,22 @@ class Trainer:
         )
         self.tracker.log_artifact(str(cfg.run_dir / "config.json"))
         self.tracker.log_artifact(str(cfg.run_dir / "plan.json"))
+
+    def init_head_from_features(self) -> None:
+        """head.init=features, before the first step of a fresh run: each rank writes its own
+        columns from its own images (data.own_column_batches, whatever the routing). BatchNorm is
+        re-estimated first (eval.bn_batches) and the pass runs in eval mode, so a column is the
+        feature evaluation would compute for its image, independent of batch composition and of
+        the number of ranks."""
+        self.batchnorm_for_eval()
+        model = self.engine.module
+        model.eval()
+        batches = own_column_batches(self.train_split, self.plan, self.cfg.data, self.cfg.eval.batch_size, self.rank)
+        self.head.init_from_features(
+            batches, lambda images: instance_features(model(images.to(self.device, self.dtype)))
+        )
+        model.train()
+        log.info(f"head.init=features: {self.plan.num_instances} columns set to their images' features")
 
     # -- one step -----------------------------------------------------------------------
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -286,7 +328,7 @@ class Trainer:
             pos.step += 1
             pos.global_step += 1
             kill_point("step", self.rank, pos.global_step)
-            window_images += batch["images"].shape[0] * self.world_size
+            window_images += batch["num_images"] * self.world_size  # images, not rows (data.views)
             self.corrupt_skipped += batch["corrupt_skipped"]
             if saves_after_step(cfg, pos.global_step, pos.step, self.steps_per_epoch):
                 self.save()
@@ -343,7 +385,7 @@ class Trainer:
         cfg = self.cfg
         batches = eval_batches(self.test_split, cfg.data, cfg.eval.batch_size, self.rank, self.world_size)
         metrics = evaluate(
-            self.engine.module,
+            model_for_eval(self.engine.module, cfg.eval.features),
             batches,
             self.device,
             self.dtype,
@@ -362,7 +404,7 @@ class Trainer:
 
         try:
             paths = log_pictures(
-                self.engine.module,
+                model_for_eval(self.engine.module, self.cfg.eval.features),
                 self.test_split,
                 self.cfg.data,
                 self.cfg.run_dir / "pictures",

@@ -56,7 +56,7 @@ def test_rank_killed_while_writing_a_checkpoint_never_leaves_it_valid(tiny_runs,
     assert_same_metrics(straight_run, tiny_runs.results("kill_ckpt"))
 
 
-def probe(tiny_runs, name, checkpoint, epochs, num_gpus):
+def probe(tiny_runs, name, checkpoint, epochs, num_gpus, *extra):
     port = free_port()
     cmd = [
         "deepspeed",
@@ -65,7 +65,7 @@ def probe(tiny_runs, name, checkpoint, epochs, num_gpus):
         "--master_port",
         str(port),
         str(REPO / "tests" / "integration" / "elastic_probe.py"),
-        *tiny_runs.args(name, "--set", f"optim.epochs={epochs}"),
+        *tiny_runs.args(name, "--set", f"optim.epochs={epochs}", *extra),
         "--resume",
         str(checkpoint),
     ]

@@ -1,6 +1,10 @@
 """One meaning of the loss everywhere: a fixed global batch gives the same loss and the same
 gradients (backbone, super/fine heads, every head slice) on 1 rank and on 2 gloo ranks, for every
-objective, both routings, and a plan with a super-class split across the two ranks."""
+objective, both routings, and a plan with a super-class split across the two ranks.
+
+The instance options (issue 11) keep it: two views per image, a projection MLP, cosine logits
+and the ema memory bank (the columns after the update equal too), and head.init=features on a
+real shard set with a split super-class (each rank writes its own columns from its own images)."""
 
 import io
 import itertools
@@ -9,26 +13,35 @@ import traceback
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 
-from fgdist.config import validate
+from fgdist.config import DataConfig, validate
+from fgdist.data import EvalStream, collate, deal, own_column_batches, shard_urls
 from fgdist.head import InstanceHead
-from fgdist.model import CrossRankBatchNorm2d
+from fgdist.model import CrossRankBatchNorm2d, instance_features, projection_mlp
 from fgdist.objective_table import OBJECTIVE_NAMES, OBJECTIVES
 from fgdist.objectives import Objective
 from fgdist.partition import make_plan
-from tests.helpers import free_port, init_gloo, manifest_with_sizes
+from fgdist.shardset import open_split
+from tests.helpers import free_port, init_gloo, manifest_with_sizes, tiny_synthetic
 
 SIZES = {"no_split": [5, 4, 9], "split": [5, 7, 6]}  # n=18, two ranks own 9 columns each
 ROUTINGS = ["by_superclass", "shuffled"]
 DIM, BATCH = 16, 12
-CASES = list(itertools.product(SIZES, OBJECTIVE_NAMES, ROUTINGS))
+PROJECTION_DIM = 8
+# paper: today's recipe; combined: views=2, projection mlp, cosine logits, ema head
+CASES = [(*c, "paper") for c in itertools.product(SIZES, OBJECTIVE_NAMES, ROUTINGS)] + [
+    (*c, "combined") for c in itertools.product(SIZES, ["base", "base_indi", "base_indi_eff"], ROUTINGS)
+]
+# head.init=features: 3 super-classes of 6 training images; on 2 ranks super-class 1 is split
+INIT_SHARDS = {"num_super": 3, "fine_per_super": 2, "train_per_fine": 3, "test_per_fine": 1}
 
 
 class TinyNet(nn.Module):
     """A small backbone with cross-rank BatchNorm and the engine heads."""
 
-    def __init__(self, num_super, num_fine):
+    def __init__(self, num_super, num_fine, projection=False):
         super().__init__()
         torch.manual_seed(0)
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
@@ -36,10 +49,14 @@ class TinyNet(nn.Module):
         self.proj = nn.Linear(8, DIM)
         self.super_head = nn.Linear(DIM, num_super)
         self.fine_head = nn.Linear(DIM, num_fine)
+        self.projection = projection_mlp(DIM, PROJECTION_DIM) if projection else None
 
     def forward(self, x):
         f = self.proj(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
-        return {"features": f, "super_logits": self.super_head(f), "fine_logits": self.fine_head(f)}
+        out = {"features": f, "super_logits": self.super_head(f), "fine_logits": self.fine_head(f)}
+        if self.projection is not None:
+            out["projection"] = self.projection(f)
+        return out
 
 
 def global_batch(sizes):
@@ -56,49 +73,79 @@ def global_batch(sizes):
     return images, sup, fine, inst
 
 
-def run_case(sizes, objective, routing, rank, world):
+def two_views(images, sup, fine, inst):
+    """Rows as data.views=2 makes them: each image's two views consecutive, labels repeated."""
+    gen = torch.Generator().manual_seed(2)
+    second = images.flip(-1) + 0.1 * torch.randn(images.shape, generator=gen)
+    images = torch.stack([images, second], dim=1).flatten(0, 1)
+    return (images, *(t.repeat_interleave(2) for t in (sup, fine, inst)))
+
+
+def run_case(sizes, objective, routing, options, rank, world):
+    combined = options == "combined"
+    head_cfg = {"kernel": "torch"}
+    if combined:
+        head_cfg.update(logit="cosine", temperature=0.2, update="ema", ema_momentum=0.6)
     cfg = validate(
-        {"objective": {"name": objective, "lambda_I": 0.7}, "data": {"routing": routing}, "head": {"kernel": "torch"}},
-        "test",
+        {"objective": {"name": objective, "lambda_I": 0.7}, "data": {"routing": routing}, "head": head_cfg}, "test"
     )
     manifest = manifest_with_sizes(sizes, num_fine=6)
     plan = make_plan(manifest, world)
-    net = TinyNet(len(sizes), 6)
-    head = InstanceHead(plan, rank, DIM, seed=3)
+    net = TinyNet(len(sizes), 6, projection=combined)
+    head = InstanceHead(
+        plan, rank, PROJECTION_DIM if combined else DIM, seed=3, update=cfg.head.update, ema_momentum=0.6
+    )
     loss_fn = Objective(cfg, plan, rank, head if OBJECTIVES[objective].instance else None)
     images, sup, fine, inst = global_batch(sizes)
+    image_of_row = torch.arange(BATCH)
+    if combined:
+        images, sup, fine, inst = two_views(images, sup, fine, inst)
+        image_of_row = image_of_row.repeat_interleave(2)
     if world == 2:
-        # by_superclass: rows go to the rank owning their instance column; shuffled: any split.
-        rows = (inst // 9 == rank) if routing == "by_superclass" else (torch.arange(BATCH) % 2 == rank)
+        # by_superclass: rows go to the rank owning their instance column; shuffled: any split
+        # (both views of an image on the same rank, as the data streams make them).
+        rows = (inst // 9 == rank) if routing == "by_superclass" else (image_of_row % 2 == rank)
         images, sup, fine, inst = images[rows], sup[rows], fine[rows], inst[rows]
     parts = loss_fn(net(images), sup, fine, inst)
     parts["loss"].backward()
     grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     head_grad = head.weight.grad / world if head.weight.grad is not None else None
-    return parts["loss"].detach(), grads, head_grad, head.column_begin
+    head.apply_ema()  # what InstanceHead.step does first; a no-op without ema
+    return parts["loss"].detach(), grads, head_grad, head.column_begin, head.weight.detach().clone()
 
 
-def worker(rank, world, port, queue):
+def init_case(shards, rank, world):
+    """head.init=features on this rank's own images (projection output, eval mode)."""
+    split = open_split(shards, "train")
+    plan = make_plan(split.manifest, world)
+    net = TinyNet(3, 6, projection=True).eval()
+    head = InstanceHead(plan, rank, PROJECTION_DIM, seed=3)
+    batches = own_column_batches(split, plan, DataConfig(shards=shards, num_workers=0), 4, rank)
+    head.init_from_features(batches, lambda images: instance_features(net(images)))
+    return head.column_begin, head.weight.detach().clone(), plan.split_supers
+
+
+def worker(rank, world, port, queue, shards):
     try:
-        compute_all_cases(rank, world, port, queue)
+        compute_all_cases(rank, world, port, queue, shards)
     except BaseException:
         queue.put((rank, traceback.format_exc()))
         raise
 
 
-def compute_all_cases(rank, world, port, queue):
+def compute_all_cases(rank, world, port, queue, shards):
     init_gloo(rank, world, port)
-    results = {}
+    results = {"init": init_case(shards, rank, world)}
     for case in CASES:
         sizes = SIZES[case[0]]
-        loss, grads, head_grad, begin = run_case(sizes, case[1], case[2], rank, world)
+        loss, grads, head_grad, begin, head_after = run_case(sizes, *case[1:], rank, world)
         # What DeepSpeed does to engine gradients: average over ranks.
         loss_mean = loss.clone()
         torch.distributed.all_reduce(loss_mean)
         for g in grads.values():
             torch.distributed.all_reduce(g)
             g /= world
-        results[case] = (float(loss_mean / world), grads, head_grad, begin)
+        results[case] = (float(loss_mean / world), grads, head_grad, begin, head_after)
     buf = io.BytesIO()  # plain bytes: tensors shared through the queue die with this process
     torch.save(results, buf)
     queue.put((rank, buf.getvalue()))
@@ -106,11 +153,16 @@ def compute_all_cases(rank, world, port, queue):
 
 
 @pytest.fixture(scope="module")
-def two_rank_results():
+def init_shards(tmp_path_factory):
+    return tiny_synthetic(tmp_path_factory.mktemp("init_shards") / "shards", **INIT_SHARDS)
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(init_shards):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, 2, port, queue)) for r in range(2)]
+    procs = [ctx.Process(target=worker, args=(r, 2, port, queue, init_shards)) for r in range(2)]
     for p in procs:
         p.start()
     results = {}
@@ -129,9 +181,13 @@ def two_rank_results():
 @pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
 def test_same_loss_and_gradients_on_one_and_two_ranks(case, two_rank_results):
     sizes = SIZES[case[0]]
-    loss1, grads1, head1, _ = run_case(sizes, case[1], case[2], rank=0, world=1)
+    loss1, grads1, head1, _, after1 = run_case(sizes, *case[1:], rank=0, world=1)
+    ema = case[3] == "combined" and OBJECTIVES[case[1]].instance is not None
+    if ema:
+        assert head1 is None  # the memory bank gets no gradient
+        assert "proj.weight" in grads1 and "projection.0.weight" in grads1  # x still does
     for rank in (0, 1):
-        loss2, grads2, head2, begin = two_rank_results[rank][case]
+        loss2, grads2, head2, begin, after2 = two_rank_results[rank][case]
         assert abs(loss2 - float(loss1)) < 1e-5, (rank, loss2, float(loss1))
         assert grads1.keys() == grads2.keys()
         for name in grads1:
@@ -139,3 +195,30 @@ def test_same_loss_and_gradients_on_one_and_two_ranks(case, two_rank_results):
         if head1 is not None:
             assert torch.allclose(head1[begin : begin + head2.shape[0]], head2, atol=1e-6)
             assert head2.abs().sum() > 0
+        # The columns after the step (the ema update, made on the rank owning each column).
+        assert torch.allclose(after1[begin : begin + after2.shape[0]], after2, atol=1e-6)
+    if ema:
+        visited = torch.zeros(after1.shape[0], dtype=torch.bool)
+        visited[global_batch(sizes)[3]] = True
+        before = InstanceHead(make_plan(manifest_with_sizes(sizes), 1), 0, PROJECTION_DIM, seed=3).weight.detach()
+        assert not torch.allclose(after1[visited], before[visited])  # every visited column moved
+        assert torch.equal(after1[~visited], before[~visited])  # the others kept
+        assert torch.allclose(after1[visited].norm(dim=1), torch.ones(int(visited.sum())))
+
+
+def test_feature_init_writes_each_column_from_its_image_on_one_and_two_ranks(init_shards, two_rank_results):
+    begin1, columns, _ = init_case(init_shards, rank=0, world=1)
+    assert begin1 == 0
+    # The oracle: every training image embedded on its own, in eval mode, by instance id.
+    split = open_split(init_shards, "train")
+    cfg = DataConfig(shards=init_shards, num_workers=0)
+    batch = collate(list(EvalStream(deal(shard_urls(split, split.manifest.shards, cfg), 0, 1), cfg)))
+    with torch.no_grad():
+        features = F.normalize(TinyNet(3, 6, projection=True).eval()(batch["images"])["projection"], dim=1)
+    expected = torch.empty_like(columns)
+    expected[batch["instance"]] = features
+    assert torch.allclose(columns, expected, atol=1e-6)
+    for rank in (0, 1):
+        begin, slice_, split_supers = two_rank_results[rank]["init"]
+        assert split_supers == [1]  # a super-class split across the two ranks
+        assert torch.allclose(slice_, columns[begin : begin + slice_.shape[0]], atol=1e-6)
