@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from fgdist.collectives import barrier, world
 from fgdist.faults import kill_point
 from fgdist.head import InstanceHead
 
@@ -62,11 +62,6 @@ class Position:
         return restart
 
 
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -100,13 +95,13 @@ def save(
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-    _barrier()
+    barrier()
     engine.save_checkpoint(str(partial / "engine"), tag="state", save_latest=False)
     torch.save(rng_state(), partial / f"rank{rank:05d}.pt")
     if head is not None:
         torch.save(head.slice_state(), partial / f"head-{head.column_begin:012d}-{head.column_end:012d}.pt")
     kill_point("checkpoint", rank, tag)
-    _barrier()
+    barrier()
     if rank == 0:
         (partial / "plan.json").write_text(plan_json)
         (partial / "meta.json").write_text(json.dumps(asdict(position), indent=1))
@@ -115,7 +110,7 @@ def save(
         _write_atomic(directory / LATEST, tag)
         for old in sorted(p for p in directory.glob("epoch*") if p.is_dir())[:-keep]:
             shutil.rmtree(old)
-    _barrier()
+    barrier()
     return final
 
 
@@ -149,6 +144,6 @@ def load(folder: Path, engine, head: InstanceHead | None, rank: int) -> Position
             if begin < head.column_end and end > head.column_begin:
                 overlapping.append(torch.load(f, map_location="cpu", weights_only=False))
         head.load_slices(overlapping, str(folder))
-    if position.world_size == (dist.get_world_size() if dist.is_initialized() else 1):
+    if position.world_size == world()[1]:
         set_rng_state(torch.load(files[rank], map_location="cpu", weights_only=False))
     return position

@@ -1,4 +1,10 @@
-"""Autograd-aware collectives over the default process group (gloo on CPU, NCCL on CUDA).
+"""Every collective of fgdist, on the communication device (docs/DESIGN.md, "Collectives").
+
+The communication device is the backend's: this process's GPU under NCCL (which takes only CUDA
+tensors), the CPU under gloo. `comm_device()` is the one place that decides it, and every helper
+below moves its input there and its result back to the caller's device, so a caller may hand in a
+tensor from anywhere (features on the GPU, a CPU counter) and no code outside this module calls a
+`torch.distributed` collective (tests/comm_check/sitecustomize.py enforces both in a real run).
 
 Gradient convention: every rank backpropagates its own loss; a tensor gathered from all ranks
 sends each rank back the SUM over ranks of the gradients of its own rows. So the gradient that
@@ -20,25 +26,58 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_counts(count: int, device) -> list[int]:
-    """Every rank's `count` (one small integer collective)."""
+def comm_device() -> torch.device:
+    """Where a tensor handed to a collective must live: the current GPU when the default group's
+    backend is NCCL, else the CPU (gloo, or no process group)."""
+    if world()[1] > 1 and "nccl" in str(dist.get_backend()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _to_comm(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of x on the communication device (a collective may write into it)."""
+    return x.detach().to(comm_device(), copy=True).contiguous()
+
+
+def _checked(x: torch.Tensor) -> torch.Tensor:
+    """x, after checking it is on the communication device: the error NCCL would give is cryptic."""
+    if x.device != comm_device():
+        raise RuntimeError(f"rank {world()[0]}: collective on a {x.device} tensor; the backend needs {comm_device()}")
+    return x
+
+
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks of x (not differentiable), on x's device."""
+    y = _checked(_to_comm(x))
+    dist.all_reduce(y)
+    return y.to(x.device)
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def gather_counts(count: int | torch.Tensor) -> list[int]:
+    """Every rank's `count` (an int, or a 0-d tensor on any device). One small collective and one
+    read to the host: the row counts decide tensor shapes, so the host needs them."""
     rank, size = world()
     if size == 1:
-        return [count]
-    t = torch.tensor([count], dtype=torch.long, device=device)
+        return [int(count)]
+    t = _checked(torch.as_tensor(count).reshape(1).to(comm_device(), torch.long))
     out = [torch.zeros_like(t) for _ in range(size)]
     dist.all_gather(out, t)
-    return [int(v) for v in out]
+    return torch.cat(out).tolist()
 
 
 def _padded_gather(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """All ranks' rows concatenated in rank order; ranks may hold different row counts."""
     longest = max(counts)
-    padded = x.new_zeros((longest, *x.shape[1:]))
-    padded[: x.shape[0]] = x
+    padded = x.new_zeros((longest, *x.shape[1:]), device=comm_device())
+    padded[: x.shape[0]] = x.detach()
     parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+    dist.all_gather(parts, _checked(padded))
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(x.device)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -50,8 +89,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         rank, _ = world()
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)  # every rank's gradient for every gathered row, summed
+        grad = _all_reduce(grad)  # every rank's gradient for every gathered row, summed
         start = sum(ctx.counts[:rank])
         return grad[start : start + ctx.counts[rank]], None
 
@@ -61,7 +99,7 @@ def gather_rows(x: torch.Tensor, counts: list[int] | None = None) -> torch.Tenso
     _, size = world()
     if size == 1:
         return x
-    counts = counts if counts is not None else gather_counts(x.shape[0], x.device)
+    counts = counts if counts is not None else gather_counts(x.shape[0])
     if x.requires_grad:
         return _GatherRows.apply(x, counts)
     return _padded_gather(x, counts)
@@ -70,15 +108,11 @@ def gather_rows(x: torch.Tensor, counts: list[int] | None = None) -> torch.Tenso
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
+        return _all_reduce(x)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad
+        return _all_reduce(grad)
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -86,11 +120,16 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x if world()[1] == 1 else _AllReduceSum.apply(x)
 
 
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a detached value over ranks, on x's device (counters, flags, metric sums)."""
+    return x.detach() if world()[1] == 1 else _all_reduce(x)
+
+
 def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    """Average of a detached value over ranks (for logging)."""
-    _, size = world()
-    if size == 1:
-        return x.detach()
-    y = x.detach().clone()
-    dist.all_reduce(y)
-    return y / size
+    """Average of a detached value over ranks, on x's device (for logging)."""
+    return sum_over_ranks(x) / world()[1]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any rank (ranks that must fail together)."""
+    return bool(sum_over_ranks(torch.tensor([float(flag)])).item())

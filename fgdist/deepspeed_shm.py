@@ -13,9 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch.distributed as dist
-
-from fgdist.collectives import world
+from fgdist.collectives import barrier, world
 
 
 def buffer_path(rank: int) -> Path:
@@ -27,7 +25,5 @@ def unlink_deepspeed_shm_buffer() -> None:
     """Remove the name of this rank's buffer. Collective: call it right after
     deepspeed.init_distributed (which returns once this rank has mapped every rank's buffer; the
     barrier waits until every other rank has too). Harmless where there is no such file (CUDA)."""
-    rank, size = world()
-    if size > 1:
-        dist.barrier()
-    buffer_path(rank).unlink(missing_ok=True)
+    barrier()
+    buffer_path(world()[0]).unlink(missing_ok=True)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+from fgdist.collectives import any_rank, barrier, sum_over_ranks
 from fgdist.embeddings_io import FORMAT, META, to_table
 from fgdist.export import ImageEmbedder, describe, eval_transform, load_model
 from fgdist.output_folder import begin, check_free, partial_path, publish
@@ -142,14 +143,6 @@ def _world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _any_failed(failed: bool) -> bool:
-    if not dist.is_initialized():
-        return failed
-    flag = torch.tensor([1.0 if failed else 0.0])
-    dist.all_reduce(flag)
-    return bool(flag.item())
-
-
 def run(args) -> Path:
     rank, world_size = _world()
     out = Path(args.out)
@@ -170,8 +163,7 @@ def run(args) -> Path:
     try:
         if rank == 0:
             begin(out, args.overwrite)
-        if dist.is_initialized():
-            dist.barrier()
+        barrier()
         partial = partial_path(out)
         failure = None
         started = time.time()
@@ -183,13 +175,11 @@ def run(args) -> Path:
             failure = err
         finally:
             bar.close()
-        if _any_failed(failure is not None):
+        if any_rank(failure is not None):
             if rank == 0:
                 shutil.rmtree(partial, ignore_errors=True)
             raise failure or RuntimeError(f"rank {rank}: another rank failed; no output written")
-        count = torch.tensor([table.num_rows])
-        if dist.is_initialized():
-            dist.all_reduce(count)
+        count = sum_over_ranks(torch.tensor([table.num_rows]))
         if rank == 0:
             meta = {
                 "format": FORMAT,
@@ -204,8 +194,7 @@ def run(args) -> Path:
             }
             (partial / META).write_text(json.dumps(meta, indent=1))
             publish(out)
-        if dist.is_initialized():
-            dist.barrier()  # no rank reports success before the output is in place
+        barrier()  # no rank reports success before the output is in place
         return out
     finally:
         if dist.is_initialized():

@@ -1,10 +1,12 @@
-"""Fault injection for the reliability tests, off unless FGDIST_KILL_AT is set.
+"""Fault injection for the reliability tests, off unless FGDIST_KILL_AT or FGDIST_NAN_AT is set.
 
 FGDIST_KILL_AT="<point>:<rank>:<key>" makes that rank SIGKILL itself when it reaches that point:
     step:<rank>:<global step>          right after that training step
     checkpoint:<rank>:<checkpoint tag> after writing its part of that checkpoint, before the
                                        checkpoint is complete
-A real kill at a reproducible place: the tests need no timing races to hit a checkpoint write.
+FGDIST_NAN_AT="<rank>:<global step>" makes that rank's loss NaN at that step (a diverged step:
+its gradients are NaN too).
+A real fault at a reproducible place: the tests need no timing races to hit a checkpoint write.
 """
 
 from __future__ import annotations
@@ -12,7 +14,16 @@ from __future__ import annotations
 import os
 import signal
 
+import torch
+
 
 def kill_point(point: str, rank: int, key) -> None:
     if os.environ.get("FGDIST_KILL_AT") == f"{point}:{rank}:{key}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def poison_loss(loss: torch.Tensor, rank: int, global_step: int) -> torch.Tensor:
+    """The loss, or NaN times it at the step FGDIST_NAN_AT names for this rank."""
+    if os.environ.get("FGDIST_NAN_AT") == f"{rank}:{global_step}":
+        return loss * float("nan")
+    return loss

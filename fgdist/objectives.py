@@ -58,6 +58,10 @@ class InstanceLoss(nn.Module):
         self.never_exchange = plan.world_size == 1 or (
             not dense and routing == "by_superclass" and not plan.split_supers
         )
+        # Rows this rank got whose columns are elsewhere although no row is ever exchanged (a
+        # routing bug): counted on the device, read on logging steps (check_routing), so the
+        # check costs no host sync per step.
+        self.register_buffer("misrouted", torch.zeros((), dtype=torch.long), persistent=False)
 
     def _logit_inputs(self, x: torch.Tensor):
         w = self.head.weight_for_loss()
@@ -77,14 +81,12 @@ class InstanceLoss(nn.Module):
         """Per-row instance loss of this rank's rows, in their order."""
         x, w = self._logit_inputs(features)
         remote = self.super_needs_remote[super_ids]
-        counts = None if self.never_exchange else gather_counts(int(remote.sum()), x.device)
-        if counts is None or sum(counts) == 0:
-            if remote.any():
-                bad = int(super_ids[remote][0])
-                raise RuntimeError(
-                    f"rank {self.rank}: got a row of super-class {bad}, whose columns are on ranks "
-                    f"{self.plan.owners(bad)}; by_superclass routing must only send a rank its own super-classes"
-                )
+        if self.never_exchange:
+            self.misrouted += remote.sum()
+            lse, target = self._partials(x, w, super_ids, instance_ids)
+            return lse - target
+        counts = gather_counts(remote.sum())  # a host read: the exchanged rows' shapes depend on it
+        if sum(counts) == 0:
             lse, target = self._partials(x, w, super_ids, instance_ids)
             return lse - target
         local = (~remote).nonzero(as_tuple=True)[0]
@@ -109,6 +111,15 @@ class InstanceLoss(nn.Module):
         combined = torch.logsumexp(every_rank[..., 0], dim=0) - every_rank[..., 1].sum(dim=0)
         start = sum(counts[: self.rank])
         return loss.index_put((sent,), combined[start : start + counts[self.rank]])
+
+    def check_routing(self, misrouted: int) -> None:
+        """Raise when rows reached a rank that does not own their columns (`misrouted`: the
+        count summed over ranks since the start, read by the trainer on a logging step)."""
+        if misrouted:
+            raise RuntimeError(
+                f"rank {self.rank}: {misrouted} row(s) reached a rank that does not own their super-class's "
+                "columns; by_superclass routing must only send a rank its own super-classes"
+            )
 
 
 class Objective(nn.Module):

@@ -39,7 +39,7 @@ def ranked(queries: torch.Tensor, gallery: torch.Tensor, depth: int, self_rows: 
     indices. `self_rows[i]` is query i's own row in the gallery (excluded), or None."""
     sims = queries @ gallery.T
     if self_rows is not None:
-        sims[torch.arange(len(queries)), self_rows] = float("-inf")
+        sims[torch.arange(len(queries), device=sims.device), self_rows] = float("-inf")
     return torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :depth]
 
 
@@ -54,38 +54,40 @@ def retrieval_sums(
     self_offset: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per label: float64 tensor [recall hits at each k..., MAP@R sum, R-precision sum, queries
-    with R > 0, queries]. Sums add over ranks (all_reduce) before `to_metrics`.
+    with R > 0, queries], on the queries' device. Sums add over ranks before `to_metrics`.
 
     `self_offset`: the queries are gallery rows [self_offset, self_offset + len(queries)) and each
     one's own row is excluded (the paper's protocol); None: the two sets are distinct."""
-    n = gallery.shape[0]
+    n, device = gallery.shape[0], queries.device
     out = {}
     for name, g_labels in gallery_labels.items():
         q_labels = query_labels[name]
         top = max(int(g_labels.max()), int(q_labels.max()), 0)
         counts = torch.bincount(g_labels[g_labels >= 0], minlength=top + 1)
-        sums = torch.zeros(len(ks) + 4, dtype=torch.float64)
+        sums = torch.zeros(len(ks) + 4, dtype=torch.float64, device=device)
         for start in range(0, len(queries), min(chunk, SUB_CHUNK)):
             stop = min(start + min(chunk, SUB_CHUNK), len(queries))
             y = q_labels[start:stop]
             r = torch.where(y >= 0, counts[y.clamp_min(0)], 0)
             if self_offset is not None:
                 r = (r - 1).clamp_min(0)
-            self_rows = None if self_offset is None else torch.arange(self_offset + start, self_offset + stop)
+            self_rows = (
+                None if self_offset is None else torch.arange(self_offset + start, self_offset + stop, device=device)
+            )
             depth = min(max(int(r.max()), max(ks)), n - (self_offset is not None))
             order = ranked(queries[start:stop], gallery, depth, self_rows)
             rel = (g_labels[order] == y[:, None]) & (y[:, None] >= 0)
             for i, k in enumerate(ks):
-                sums[i] += float(rel[:, :k].any(dim=1).sum())
-            position = torch.arange(1, depth + 1, dtype=torch.float64)
+                sums[i] += rel[:, :k].any(dim=1).sum()
+            position = torch.arange(1, depth + 1, dtype=torch.float64, device=device)
             within_r = position[None, :] <= r[:, None]
             hits = (rel & within_r).double()
             precision = hits.cumsum(dim=1) / position
             scored = r > 0
             denom = r.clamp_min(1).double()
-            sums[len(ks)] += float(((precision * hits).sum(dim=1) / denom)[scored].sum())
-            sums[len(ks) + 1] += float((hits.sum(dim=1) / denom)[scored].sum())
-            sums[len(ks) + 2] += float(scored.sum())
+            sums[len(ks)] += ((precision * hits).sum(dim=1) / denom)[scored].sum()
+            sums[len(ks) + 1] += (hits.sum(dim=1) / denom)[scored].sum()
+            sums[len(ks) + 2] += scored.sum()
             sums[len(ks) + 3] += stop - start
         out[name] = sums
     return out
@@ -117,15 +119,13 @@ def map_at_r_metrics(
     """Evaluation's hook (collective when a process group is up): this rank's queries are rows
     [query_begin, query_end) of the gathered test embeddings, the gallery all of them; returns
     MAP@R and R-precision per label over all ranks' queries."""
-    import torch.distributed as dist
+    from fgdist.collectives import sum_over_ranks
 
     rows = slice(query_begin, query_end)
     sums = retrieval_sums(
         embeddings[rows], {n: y[rows] for n, y in labels.items()}, embeddings, labels, [1], chunk, query_begin
     )
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        for s in sums.values():
-            dist.all_reduce(s)
+    sums = {name: sum_over_ranks(s).cpu() for name, s in sums.items()}
     wanted = {name for label in labels for name in metric_names(label)}
     return {k: v for k, v in to_metrics(sums, [1]).items() if k in wanted}
 

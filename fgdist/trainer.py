@@ -20,16 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from fgdist import checkpoint
-from fgdist.collectives import mean_over_ranks, world
+from fgdist.collectives import gather_rows, world
 from fgdist.config import ModelConfig, RunConfig
 from fgdist.data import eval_batches, own_column_batches, steps_per_epoch, train_batches
 from fgdist.deepspeed_shm import unlink_deepspeed_shm_buffer
 from fgdist.evaluation import evaluate
 from fgdist.export import log_trained_model
-from fgdist.faults import kill_point
+from fgdist.faults import kill_point, poison_loss
 from fgdist.head import InstanceHead
 from fgdist.log import setup as setup_logging
 from fgdist.model import (
@@ -44,6 +43,7 @@ from fgdist.objective_table import OBJECTIVES
 from fgdist.objectives import Objective
 from fgdist.partition import make_plan
 from fgdist.shardset import open_split
+from fgdist.sync_debug import SyncCounter
 from fgdist.tracking import Tracker, flatten, resolve_uri
 
 log = logging.getLogger("fgdist.trainer")
@@ -93,8 +93,11 @@ def seed_everything(seed: int) -> None:
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict:
-    """The user's `deepspeed` section, with the batch size and precision fgdist owns."""
-    ds = {"steps_per_print": 10**9, "zero_optimization": {"stage": 0}, "bf16": {"enabled": on_cuda}, **cfg.deepspeed}
+    """The user's `deepspeed` section, with the batch size fgdist owns and bf16 on CUDA unless
+    the section says otherwise. The trainer's dtype follows the result (`precision`)."""
+    ds = {"steps_per_print": 10**9, "zero_optimization": {"stage": 0}, **cfg.deepspeed}
+    if "bf16" not in ds and "bfloat16" not in ds:
+        ds["bf16"] = {"enabled": on_cuda}
     micro = ds.setdefault("train_micro_batch_size_per_gpu", cfg.data.batch_size)
     if micro != cfg.data.batch_size or ds.setdefault("gradient_accumulation_steps", 1) != 1:
         raise ValueError(
@@ -103,6 +106,18 @@ def deepspeed_config(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict:
         )
     ds.setdefault("train_batch_size", cfg.data.batch_size * world_size)
     return ds
+
+
+def precision(ds: dict) -> torch.dtype:
+    """The one owner of the run's dtype: the final DeepSpeed config. bf16 or fp32; fp16 is
+    refused (it needs loss scaling, which DeepSpeed would apply to the engine's gradients only,
+    not to the instance head outside it)."""
+    if (ds.get("fp16") or {}).get("enabled"):
+        raise ValueError(
+            "deepspeed.fp16.enabled: fp16 is not supported (its loss scaling would not cover the instance head "
+            "outside the engine); use deepspeed.bf16.enabled=true, or false for fp32"
+        )
+    return torch.bfloat16 if (ds.get("bf16") or ds.get("bfloat16") or {}).get("enabled") else torch.float32
 
 
 def built_model_config(cfg: RunConfig) -> ModelConfig:
@@ -138,13 +153,18 @@ class Trainer:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
+        # This node's device from the local rank (every launcher sets LOCAL_RANK), before the
+        # process group starts: NCCL binds a process to the current device. The global rank
+        # (RANK) orders the column line, the data and the logging.
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
         unlink_deepspeed_shm_buffer()
         self.rank, self.world_size = world()
         setup_logging(self.rank)
         self.device = torch.device(get_accelerator().current_device_name())
         self.on_cuda = self.device.type == "cuda"
-        self.dtype = torch.bfloat16 if self.on_cuda else torch.float32
+        self.ds_config = deepspeed_config(self.cfg, self.world_size, self.on_cuda)
+        self.dtype = precision(self.ds_config)
         if not self.on_cuda:
             # CPU ranks share the machine's cores: oversubscribed threads slow every rank down.
             local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
@@ -194,8 +214,12 @@ class Trainer:
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, self.world_size, self.on_cuda),
+            config=self.ds_config,
         )
+        # Per-step health, kept on the device and read on logging steps (read_step_state): this
+        # rank's first global step with a non-finite loss (-1: none yet).
+        self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.sync_counter = SyncCounter(self.device)
 
     def _restore(self, resume: bool | str) -> None:
         """Where to start: step 0, or a checkpoint's position (re-cut to this world size)."""
@@ -272,24 +296,49 @@ class Trainer:
         labels = [batch[k].to(self.device) for k in ("super", "fine", "instance")]
         outputs = self.engine(images)
         parts = self.objective(outputs, *labels)
-        self.check_finite(parts)
+        parts["loss"] = poison_loss(parts["loss"], self.rank, self.position.global_step + 1)
+        self.watch_finite(parts["loss"], self.position.global_step + 1)
         self.engine.backward(parts["loss"])
         self.engine.step()  # DeepSpeed averages the engine's gradients over ranks, steps its LR
         if self.head is not None:
             self.head.step(self.world_size)  # the head slice: its own optimizer and schedule
         return {k: v.detach() for k, v in parts.items()}  # this rank's values; averaged when logged
 
-    def check_finite(self, parts: dict[str, torch.Tensor]) -> None:
-        """All ranks stop together (a lone rank raising would leave the others in a collective)."""
-        bad = torch.tensor([0.0 if torch.isfinite(parts["loss"]).item() else 1.0], device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(bad)
-        if bad.item():
-            where = f"epoch {self.position.epoch} step {self.position.step}"
+    def watch_finite(self, loss: torch.Tensor, global_step: int) -> None:
+        """Remember the first step with a non-finite loss, on the device: no host sync here. The
+        flag is read, with every rank's, on the next logging or saving step (read_step_state)."""
+        bad = ~torch.isfinite(loss.detach()) & (self.first_nonfinite < 0)
+        self.first_nonfinite = torch.where(bad, global_step, self.first_nonfinite)
+
+    def read_step_state(self, parts: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The one collective and host read of a logging (or saving) step: every rank's loss
+        parts, first non-finite step, misrouted rows and skipped samples, gathered in one row per
+        rank. Raises on every rank alike when any rank saw a non-finite loss or a misrouted row
+        (a lone rank raising would leave the others waiting in a collective). Returns the loss
+        parts averaged over ranks and the run's skipped samples over all ranks."""
+        misrouted = self.objective.instance.misrouted if self.objective.instance is not None else 0
+        row = torch.stack(
+            [
+                *(v.detach().double() for v in parts.values()),
+                self.first_nonfinite.double(),
+                torch.as_tensor(misrouted, device=self.device).double(),
+                torch.tensor(float(self.corrupt_skipped), dtype=torch.float64, device=self.device),
+            ]
+        )
+        rows = gather_rows(row[None]).tolist()
+        names = list(parts)
+        first = {r: int(v[len(names)]) for r, v in enumerate(rows) if v[len(names)] >= 0}
+        if first:
+            pos = self.position
             raise NonFiniteLossError(
-                f"rank {self.rank}: non-finite loss at {where} ({ {k: float(v) for k, v in parts.items()} }); lower "
-                "optim.lr or head.lr_mult"
+                f"rank {self.rank}: non-finite loss on rank(s) {sorted(first)}, first at global step "
+                f"{min(first.values())}; stopped at global step {pos.global_step} (epoch {pos.epoch + 1} step "
+                f"{pos.step}); lower optim.lr or head.lr_mult"
             )
+        if self.objective.instance is not None:
+            self.objective.instance.check_routing(int(sum(v[len(names) + 1] for v in rows)))
+        averaged = {k: sum(v[i] for v in rows) / len(rows) for i, k in enumerate(names)}
+        return {**averaged, "corrupt_skipped": sum(v[len(names) + 2] for v in rows)}
 
     # -- the loop -----------------------------------------------------------------------
     def train(self) -> dict[str, float]:
@@ -306,6 +355,7 @@ class Trainer:
                     self.save()
                 if evaluate_now and pos.epoch < cfg.optim.epochs:  # the last evaluation follows the loop
                     self.run_eval()
+            self.sync_counter.report()
             metrics = self.run_eval()
             self.write_results(metrics)
             if self.rank == 0:
@@ -324,16 +374,22 @@ class Trainer:
             self.train_split, self.plan, cfg.data, self.rank, pos.epoch, cfg.seed, start_step=pos.step
         )
         for batch in batches:
-            parts = self.train_step(batch)
+            with self.sync_counter.step():
+                parts = self.train_step(batch)
             pos.step += 1
             pos.global_step += 1
             kill_point("step", self.rank, pos.global_step)
             window_images += batch["num_images"] * self.world_size  # images, not rows (data.views)
             self.corrupt_skipped += batch["corrupt_skipped"]
-            if saves_after_step(cfg, pos.global_step, pos.step, self.steps_per_epoch):
+            saves = saves_after_step(cfg, pos.global_step, pos.step, self.steps_per_epoch)
+            logs = logs_after_step(cfg, pos.step, self.steps_per_epoch)
+            if not (saves or logs):
+                continue  # no host sync on this step (docs/DESIGN.md, "How a step runs")
+            state = self.read_step_state(parts)  # before saving: a non-finite state is never checkpointed
+            if saves:
                 self.save()
-            if logs_after_step(cfg, pos.step, self.steps_per_epoch):
-                metrics = self.step_metrics(parts, window_images / max(time.time() - window_start, 1e-9))
+            if logs:
+                metrics = self.step_metrics(state, window_images / max(time.time() - window_start, 1e-9))
                 log.info(
                     f"epoch {pos.epoch + 1}/{cfg.optim.epochs} step {pos.step}/{self.steps_per_epoch} "
                     + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
@@ -341,19 +397,15 @@ class Trainer:
                 self.tracker.log_metrics(metrics, step=pos.global_step)
                 window_start, window_images = time.time(), 0
 
-    def step_metrics(self, parts: dict[str, torch.Tensor], images_per_s: float) -> dict[str, float]:
-        """The loss parts averaged over ranks, the learning rates, the speed. Collective."""
-        metrics = {
-            **{k: float(mean_over_ranks(v)) for k, v in parts.items()},
-            "lr": self.engine.get_lr()[0],
-            "images_per_s": images_per_s,
-        }
+    def step_metrics(self, state: dict[str, float], images_per_s: float) -> dict[str, float]:
+        """The loss parts averaged over ranks (read_step_state), the learning rates, the speed."""
+        skipped = state.pop("corrupt_skipped")
+        metrics = {**state, "lr": self.engine.get_lr()[0], "images_per_s": images_per_s}
         if self.head is not None:
             metrics["head_lr"] = self.head.scheduler.get_last_lr()[0]
         if self.cfg.data.on_corrupt == "skip":  # never silent: the run's total over all ranks
-            metrics["corrupt_skipped"] = float(
-                mean_over_ranks(torch.tensor(float(self.corrupt_skipped))) * self.world_size
-            )
+            metrics["corrupt_skipped"] = skipped
+        metrics.update(self.sync_counter.take())  # FGDIST_SYNC_DEBUG=warn on CUDA: syncs_per_step
         return metrics
 
     def save(self) -> None:

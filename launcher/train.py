@@ -1,7 +1,9 @@
-"""The DeepSpeed entry point.
+"""The training entry point, under any launcher or none.
 
 deepspeed --num_gpus 2 launcher/train.py --config configs/synthetic_cpu.json [--objective base]
     [--set optim.epochs=3 --set data.batch_size=32] [--resume]
+torchrun --nproc_per_node 2 launcher/train.py --config ...      (or --nnodes N --node_rank R ...)
+python launcher/train.py --config ...                           (one process)
 
 --objective NAME sets objective.name and, unless `--set name=...` is given, appends _NAME to the
 run's name, so that the objectives of one config (configs/cifar100.json) run into separate
@@ -11,6 +13,7 @@ folders and MLflow runs, and --resume with the same arguments finds that objecti
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -19,6 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from fgdist.config import ConfigError, RunConfig, load_config, parse_override  # noqa: E402
 from fgdist.objective_table import OBJECTIVE_NAMES  # noqa: E402
+from launcher.ports import free_port  # noqa: E402
+
+# What torchrun and the deepspeed launcher give every process; DeepSpeed looks for MPI (mpi4py)
+# when one is missing.
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
 
 
 def installed_version() -> str:
@@ -67,10 +75,29 @@ def run_config(args) -> RunConfig:
     return cfg.model_copy(update={"name": f"{cfg.name}_{args.objective}"})
 
 
+def single_process_env(environ=os.environ) -> None:
+    """Started without a launcher (no RANK and no WORLD_SIZE): a world of one process on a free
+    local port, so that DeepSpeed finds a complete environment and does not try MPI discovery."""
+    if "RANK" in environ or "WORLD_SIZE" in environ:
+        missing = [k for k in LAUNCHER_ENV if k not in environ]
+        if missing:
+            raise ConfigError(f"launched with RANK/WORLD_SIZE but without {', '.join(missing)} in the environment")
+        return
+    environ.update(
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    )
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = run_config(args)
+        single_process_env()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -48,26 +48,34 @@ def assert_no_shm_buffer_left(port: int) -> None:
     assert not leaked, f"run on port {port} left /dev/shm/{leaked}"
 
 
-def deepspeed_train(cwd, *train_args, num_gpus=2, timeout=600, check=True):
-    """Run launcher/train.py under the real DeepSpeed launcher on a free port."""
+def launch_training(
+    cwd, launcher: list[str], port: int | None, *train_args, env=None, unset=(), timeout=600, check=True
+):
+    """Run launcher/train.py under `launcher` (a command prefix; [] for a plain python process),
+    with `env` added to this environment and the variables in `unset` removed."""
     import subprocess
+    import sys
 
-    port = free_port()
-    cmd = [
-        "deepspeed",
-        "--num_gpus",
-        str(num_gpus),
-        "--master_port",
-        str(port),
-        str(REPO / "launcher" / "train.py"),
-        *train_args,
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert_no_shm_buffer_left(port)
+    cmd = [*(launcher or [sys.executable]), str(REPO / "launcher" / "train.py"), *train_args]
+    full_env = {
+        **{k: v for k, v in os.environ.items() if k not in unset},
+        "PYTHONUNBUFFERED": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db",
+        **(env or {}),
+    }
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if port is not None:
+        assert_no_shm_buffer_left(port)
     if check and proc.returncode != 0:
-        raise AssertionError(f"deepspeed exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(f"{cmd[0]} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def deepspeed_train(cwd, *train_args, num_gpus=2, env=None, timeout=600, check=True):
+    """Run launcher/train.py under the real DeepSpeed launcher on a free port."""
+    port = free_port()
+    launcher = ["deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(port)]
+    return launch_training(cwd, launcher, port, *train_args, env=env, timeout=timeout, check=check)
 
 
 TINY_TRAINING = [

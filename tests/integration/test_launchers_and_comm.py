@@ -1,0 +1,105 @@
+"""The GPU/cluster path, checked on CPU ranks (issue 12): every launcher, collectives on the
+communication device, and a non-finite loss that stops every rank without per-step host syncs.
+
+Each test is a real training run (1 epoch of a tiny shard set, row exchange on: shuffled
+routing) under the launcher it names."""
+
+import json
+import os
+import re
+
+import pytest
+
+from tests.helpers import REPO, TINY_TRAINING, deepspeed_train, free_port, launch_training, tiny_synthetic
+
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+STEP_LOSS = re.compile(r"epoch (\d+)/\d+ step (\d+)/\d+ .*?\bloss=(\S+)")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("launchers")
+    tiny_synthetic(root / "shards", train_per_fine=16)  # 128 images: 8 steps of 2 x 8 per epoch
+    return root
+
+
+def args(root, name, *extra):
+    return [
+        *TINY_TRAINING,
+        "--set",
+        f"data.shards={root / 'shards'}",
+        "--set",
+        f"output_dir={root / 'runs'}",
+        "--set",
+        f"name={name}",
+        "--set",
+        "data.routing=shuffled",
+        "--set",
+        "optim.epochs=1",
+        "--set",
+        "checkpoint.every_epochs=1",
+        *extra,
+    ]
+
+
+def results(root, name):
+    return json.loads((root / "runs" / name / "results.json").read_text())
+
+
+def step_losses(proc) -> dict[tuple[int, int], str]:
+    """(epoch, step) -> the logged loss (rank 0's log lines, 4 significant digits)."""
+    return {(int(e), int(s)): loss for e, s, loss in STEP_LOSS.findall(proc.stdout + proc.stderr)}
+
+
+@pytest.fixture(scope="module")
+def deepspeed_run(root):
+    """2 ranks under the deepspeed launcher, with tests/comm_check/sitecustomize.py declaring the
+    communication device (gloo: the CPU) in every process."""
+    env = {"FGDIST_COMM_DEVICE": "cpu", "PYTHONPATH": f"{REPO / 'tests' / 'comm_check'}{os.pathsep}{REPO}"}
+    return deepspeed_train(root, *args(root, "deepspeed"), env=env)
+
+
+def test_every_collective_runs_through_collectives_on_the_communication_device(root, deepspeed_run):
+    output = deepspeed_run.stdout + deepspeed_run.stderr
+    assert output.count("comm check: installed, device cpu") >= 2  # the check ran in both ranks
+    assert "comm check:" not in output.replace("comm check: installed, device cpu", "")
+    metrics = results(root, "deepspeed")["metrics"]
+    assert results(root, "deepspeed")["world_size"] == 2
+    assert {"fine_recall_at_1", "super_map_at_r", "super_top1"} <= set(metrics)  # evaluation ran
+    assert len(step_losses(deepspeed_run)) == 8
+
+
+def test_torchrun_trains_what_the_deepspeed_launcher_trains(root, deepspeed_run):
+    port = free_port()
+    launcher = ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    proc = launch_training(root, launcher, port, *args(root, "torchrun"))
+    assert results(root, "torchrun")["world_size"] == 2
+    assert step_losses(proc) == step_losses(deepspeed_run)  # the same 8 steps, the same losses
+
+
+def test_a_plain_python_process_trains_on_one_rank(root):
+    proc = launch_training(root, [], None, *args(root, "plain"), unset=LAUNCHER_ENV)
+    assert results(root, "plain")["world_size"] == 1
+    assert len(step_losses(proc)) == 16  # 128 images in batches of 8 on one rank
+
+
+def test_a_non_finite_loss_stops_every_rank_by_the_next_logging_step(root):
+    """Rank 1's loss turns NaN at global step 2; with log_every_steps=4 no rank reads its flag
+    before step 4, and there every rank stops with the same error (none goes on alone into a
+    collective), before logging or saving step 4."""
+    proc = deepspeed_train(
+        root,
+        *args(root, "nan", "--set", "tracking.log_every_steps=4", "--set", "checkpoint.every_steps=4"),
+        env={"FGDIST_NAN_AT": "1:2"},
+        check=False,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert re.search(
+            rf"NonFiniteLossError: rank {rank}: non-finite loss on rank\(s\) \[(0, )?1\], first at global step 2; "
+            r"stopped at global step 4 ",
+            output,
+        ), output[-3000:]
+    assert not step_losses(proc)  # step 4 was neither logged
+    assert not (root / "runs" / "nan" / "checkpoints" / "latest").exists()  # nor saved
