@@ -25,9 +25,10 @@ fresh child process per case after one warm-up run. The child has glibc map ever
 1 MiB or more fresh (mallopt), so that no freed heap block is reused unseen; the timing process
 keeps glibc's default, whose page-fault costs that setting would distort.
 
-On CUDA it also measures the bf16 matmul rate of a large torch.matmul and reports the kernel's
-TFLOP/s counted on matched (row, column) pairs only: forward 2*d*pairs, backward 6*d*pairs
-(logit recomputation plus the dx and dw products), as a fraction of that rate, and the speed-up
+Every implementation's TFLOP/s is counted on matched (row, column) pairs only: forward
+2*d*pairs (timed alone, without autograd), backward 6*d*pairs (logit recomputation plus the dx
+and dw products; fwd+bwd time minus forward time) and both; on CUDA each also as a fraction of
+the bf16 matmul rate of a large torch.matmul measured in the same process, with the speed-up
 over masked_dense.
 
     python bench/kernel.py --out bench/results/kernel_cpu.json --md bench/results/kernel_cpu.md
@@ -227,8 +228,14 @@ def map_large_allocations_fresh():
         return False
 
 
+def forward_only(loss_fn, case):
+    with torch.no_grad():
+        return loss_fn(case["x"], case["w"], case["row_group"], case["offsets"], case["target"])
+
+
 def measure(loss_fn, case, device, warmup, repeats, budget_s):
-    """Median fwd+bwd time of the timed runs; on CUDA also the peak memory of the first one."""
+    """Median fwd+bwd time of the timed runs and median forward-only time (no autograd); on
+    CUDA also the peak memory of the first fwd+bwd run."""
 
     def run():
         return time_call(lambda: fwd_bwd(loss_fn, case), device)
@@ -246,7 +253,29 @@ def measure(loss_fn, case, device, warmup, repeats, budget_s):
     while len(times) < repeats and sum(times) < budget_s:
         times.append(run())
     result.update(time_ms=1e3 * statistics.median(times), time_ms_min=1e3 * min(times), runs=len(times))
+    forward = [time_call(lambda: forward_only(loss_fn, case), device) for _ in range(len(times))]
+    result["fwd_ms"] = 1e3 * statistics.median(forward)
     return result
+
+
+def add_rates(by_impl: dict, d: int, pairs: int, matmul_tflops: float | None) -> None:
+    """TFLOP/s counted on matched (row, column) pairs only, whatever an implementation computes
+    beyond them: forward 2*d*pairs, backward 6*d*pairs (logit recomputation, dx and dw), each
+    also as a fraction of the measured bf16 matmul rate; and the speed-up over masked_dense."""
+    dense = by_impl.get("masked_dense")
+    for r in by_impl.values():
+        if "skipped" in r:
+            continue
+        bwd_ms = max(r["time_ms"] - r["fwd_ms"], 1e-6)
+        r["tflops"] = 8 * d * pairs / (r["time_ms"] / 1e3) / 1e12
+        r["fwd_tflops"] = 2 * d * pairs / (r["fwd_ms"] / 1e3) / 1e12
+        r["bwd_tflops"] = 6 * d * pairs / (bwd_ms / 1e3) / 1e12
+        if matmul_tflops:
+            for key in ("tflops", "fwd_tflops", "bwd_tflops"):
+                r[f"{key}_of_matmul"] = r[key] / matmul_tflops
+            r["fraction_of_matmul"] = r["tflops_of_matmul"]
+        if dense is not None and "skipped" not in dense and r is not dense:
+            r["speedup_vs_masked_dense"] = dense["time_ms"] / r["time_ms"]
 
 
 def cpu_peak_mib(impl, rows, d, n_local, groups):
@@ -310,7 +339,7 @@ def _fmt(result, key, spec):
 def markdown_table(results, cuda):
     head = ["n_local", "groups", "matched pairs", "implementation", "fwd+bwd ms", "runs", "peak MiB"]
     if cuda:
-        head += ["matched TFLOP/s", "of bf16 matmul", "vs masked_dense"]
+        head += ["matched TFLOP/s fwd / bwd / both", "of bf16 matmul (both)", "vs masked_dense"]
     lines = md_head(head)
     for r in results:
         cells = [f"{r['n_local']:,}", str(r["groups"]), f"{r['pairs']:,}", r["impl"]]
@@ -319,8 +348,9 @@ def markdown_table(results, cuda):
         else:
             cells += [f"{r['time_ms']:.1f}", str(r["runs"]), f"{r['peak_mib']:.0f}"]
             if cuda:
+                rates = [_fmt(r, k, "{:.1f}") for k in ("fwd_tflops", "bwd_tflops", "tflops")]
                 cells += [
-                    _fmt(r, "tflops", "{:.1f}"),
+                    " / ".join(rates),
                     _fmt(r, "fraction_of_matmul", "{:.0%}"),
                     _fmt(r, "speedup_vs_masked_dense", "{:.1f}x"),
                 ]
@@ -445,14 +475,7 @@ def main(argv=None):
                     ),
                     flush=True,
                 )
-            fused = by_impl.get("triton")
-            if cuda and fused and "skipped" not in fused:
-                flops = 8 * sizes["d"] * case["pairs"]  # fwd 2*d*pairs + bwd 6*d*pairs
-                fused["tflops"] = flops / (fused["time_ms"] / 1e3) / 1e12
-                fused["fraction_of_matmul"] = fused["tflops"] / meta["bf16_matmul_tflops"]
-                dense = by_impl.get("masked_dense")
-                if dense and "skipped" not in dense:
-                    fused["speedup_vs_masked_dense"] = dense["time_ms"] / fused["time_ms"]
+            add_rates(by_impl, sizes["d"], case["pairs"], meta.get("bf16_matmul_tflops"))
             del case
             gc.collect()
 
