@@ -124,10 +124,14 @@ def latest(directory: Path) -> Path | None:
     return folder
 
 
+def read_position(folder: Path) -> Position:
+    return Position(**json.loads((folder / "meta.json").read_text()))
+
+
 def load(folder: Path, engine, head: InstanceHead | None, rank: int) -> Position:
     """Restore the engine, this rank's head columns (re-cut from any saved world size), and,
     when the world size is unchanged, this rank's RNG states."""
-    position = Position(**json.loads((folder / "meta.json").read_text()))
+    position = read_position(folder)
     load_path, _ = engine.load_checkpoint(
         str(folder / "engine"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
     )

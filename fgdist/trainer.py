@@ -94,10 +94,21 @@ def seed_everything(seed: int) -> None:
 
 def deepspeed_config(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict:
     """The user's `deepspeed` section, with the batch size fgdist owns and bf16 on CUDA unless
-    the section says otherwise. The trainer's dtype follows the result (`precision`)."""
+    the section says otherwise. The trainer's dtype follows the result (`precision`). ZeRO
+    stages 1 and 2 partition the engine's optimizer state (and gradients) only, so the engine's
+    module stays whole on every rank, which evaluation, pictures and export read; stage 3 is
+    refused."""
     ds = {"steps_per_print": 10**9, "zero_optimization": {"stage": 0}, **cfg.deepspeed}
     if "bf16" not in ds and "bfloat16" not in ds:
         ds["bf16"] = {"enabled": on_cuda}
+    stage = zero_stage(ds)
+    if stage not in (0, 1, 2):
+        raise ValueError(
+            f"deepspeed.zero_optimization.stage={stage} is not supported: use 0, 1 or 2 (stage 3 partitions the "
+            "model's weights, which evaluation, pictures and export read whole)"
+        )
+    if stage:
+        ds.setdefault("zero_allow_untested_optimizer", True)  # torch's SGD: ZeRO 1/2 only partition its state
     micro = ds.setdefault("train_micro_batch_size_per_gpu", cfg.data.batch_size)
     if micro != cfg.data.batch_size or ds.setdefault("gradient_accumulation_steps", 1) != 1:
         raise ValueError(
@@ -106,6 +117,10 @@ def deepspeed_config(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict:
         )
     ds.setdefault("train_batch_size", cfg.data.batch_size * world_size)
     return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int((ds.get("zero_optimization") or {}).get("stage", 0))
 
 
 def precision(ds: dict) -> torch.dtype:
@@ -233,6 +248,12 @@ class Trainer:
         folder = checkpoint.latest(self.ckpt_dir) if resume is True else Path(resume)
         if folder is None or not (folder / "meta.json").is_file():
             raise FileNotFoundError(f"--resume: no checkpoint in {folder or self.ckpt_dir}")
+        saved = checkpoint.read_position(folder)
+        if zero_stage(self.ds_config) and saved.world_size != self.world_size:
+            raise ValueError(
+                f"--resume {folder}: saved on {saved.world_size} rank(s) with ZeRO stage {zero_stage(self.ds_config)}, "
+                f"whose optimizer state is cut per rank; resume it on {saved.world_size} rank(s)"
+            )
         self.position = checkpoint.load(folder, self.engine, self.head, self.rank)
         log.info(
             f"resumed from {folder} at epoch {self.position.epoch} step {self.position.step} (saved on "

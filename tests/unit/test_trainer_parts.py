@@ -1,15 +1,24 @@
 """The trainer's pieces that need no process group: when it saves, evaluates and logs; how a
-restored position carries over to another world size; the log line format."""
+restored position carries over to another world size; the log line format; precision, ZeRO
+stages and the launcher environment."""
 
 import logging
 import re
 
 import pytest
+import torch
 
 from fgdist import log as fgdist_log
 from fgdist.checkpoint import Position
 from fgdist.config import validate
-from fgdist.trainer import evaluates_after_epoch, logs_after_step, saves_after_epoch, saves_after_step
+from fgdist.trainer import (
+    deepspeed_config,
+    evaluates_after_epoch,
+    logs_after_step,
+    precision,
+    saves_after_epoch,
+    saves_after_step,
+)
 
 
 def config(**sections):
@@ -84,3 +93,48 @@ def test_rank_0_logs_info_with_time_and_rank_other_ranks_only_warnings(capsys, r
     child.warning("shown on every rank")
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1 and out[0].endswith("[fgdist rank 1] WARNING: shown on every rank")
+
+
+# -- precision and ZeRO: the final DeepSpeed config decides (issue 12) ----------------------------
+def ds_config(deepspeed: dict, on_cuda: bool) -> dict:
+    return deepspeed_config(config(deepspeed=deepspeed), world_size=2, on_cuda=on_cuda)
+
+
+@pytest.mark.parametrize(
+    "deepspeed, on_cuda, want",
+    [
+        ({}, True, torch.bfloat16),  # bf16 by default on CUDA
+        ({}, False, torch.float32),
+        ({"bf16": {"enabled": False}}, True, torch.float32),  # the config turns it off: fp32
+        ({"bf16": {"enabled": True}}, False, torch.bfloat16),
+        ({"bfloat16": {"enabled": True}}, False, torch.bfloat16),  # DeepSpeed's other spelling
+    ],
+)
+def test_the_dtype_follows_the_final_deepspeed_config(deepspeed, on_cuda, want):
+    assert precision(ds_config(deepspeed, on_cuda)) == want
+
+
+def test_fp16_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="fp16 is not supported"):
+        precision(ds_config({"fp16": {"enabled": True}}, True))
+
+
+def test_zero_stage_3_is_refused_and_stages_1_2_accept_torch_sgd():
+    with pytest.raises(ValueError, match=r"stage=3 is not supported"):
+        ds_config({"zero_optimization": {"stage": 3}}, False)
+    assert ds_config({"zero_optimization": {"stage": 2}}, False)["zero_allow_untested_optimizer"] is True
+    assert "zero_allow_untested_optimizer" not in ds_config({}, False)
+
+
+def test_no_launcher_means_a_world_of_one_and_a_partial_launcher_environment_is_an_error():
+    from fgdist.config import ConfigError
+    from launcher.train import single_process_env
+
+    env = {}
+    single_process_env(env)
+    assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and env["LOCAL_RANK"] == "0" and int(env["MASTER_PORT"])
+    launched = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1", "LOCAL_RANK": "0"}
+    single_process_env(launched)  # a launcher's environment is left alone
+    assert launched["RANK"] == "1"
+    with pytest.raises(ConfigError, match="without LOCAL_RANK"):
+        single_process_env({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
