@@ -42,6 +42,15 @@ def tiny_synthetic(out, **overrides) -> str:
     return str(out)
 
 
+def write_config(tmp_path, raw: dict) -> Path:
+    """A run config file holding `raw`."""
+    import json
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
 def assert_no_shm_buffer_left(port: int) -> None:
     """Whatever its outcome, a run leaves no DeepSpeed shared-memory buffer behind (66 MB each)."""
     leaked = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

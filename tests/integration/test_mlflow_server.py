@@ -18,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from tests.helpers import free_port
+from tests.helpers import TINY_TRAINING, free_port, tiny_synthetic
 
 REPO = Path(__file__).resolve().parents[2]
 WARNING = "[fgdist rank 0] WARNING: MLflow at"  # fgdist.log's format
@@ -88,30 +88,7 @@ class Server:
 
 
 def build_shards(out: Path, train_per_fine: int) -> Path:
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shards",
-            "build",
-            "--source",
-            "synthetic",
-            "--out",
-            str(out),
-            "--quiet",
-            "--opt",
-            "num_super=4",
-            "--opt",
-            "fine_per_super=2",
-            "--opt",
-            f"train_per_fine={train_per_fine}",
-            "--opt",
-            "test_per_fine=2",
-        ],
-        check=True,
-        cwd=REPO,
-    )
-    return out
+    return Path(tiny_synthetic(out, train_per_fine=train_per_fine))
 
 
 @pytest.fixture(scope="module")
@@ -141,36 +118,13 @@ def launch(
 ):
     """launcher/train.py under the real DeepSpeed launcher: 2 CPU ranks, tiny model."""
     args = [
-        "--config",
-        str(REPO / "configs" / "synthetic_cpu.json"),
-        "--set",
-        f"data.shards={shards}",
-        "--set",
-        "model.width=8",
-        "--set",
-        "data.batch_size=8",
-        "--set",
-        "data.num_workers=1",
-        "--set",
-        f"output_dir={workdir / 'runs'}",
-        "--set",
-        f"tracking.uri={uri}",
-        "--set",
-        f"tracking.experiment={experiment}",
-        "--set",
-        "tracking.log_every_steps=1",
+        *TINY_TRAINING,
+        *("--set", f"data.shards={shards}", "--set", f"output_dir={workdir / 'runs'}"),
+        *("--set", f"tracking.uri={uri}", "--set", f"tracking.experiment={experiment}"),
+        *(x for o in overrides for x in ("--set", o)),
     ]
-    for o in overrides:
-        args += ["--set", o]
-    cmd = [
-        "deepspeed",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(REPO / "launcher" / "train.py"),
-        *args,
-    ]
+    launcher = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
+    cmd = [*launcher, str(REPO / "launcher" / "train.py"), *args]
     environ = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     environ.update({"CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", **(env_extra or {})})
     workdir.mkdir(parents=True, exist_ok=True)

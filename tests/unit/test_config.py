@@ -8,14 +8,9 @@ import pytest
 from fgdist.config import ConfigError, load_config
 from fgdist.objective_table import OBJECTIVE_NAMES
 from launcher.train import parse_args, run_config
+from tests.helpers import write_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
-def write(tmp_path, raw):
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(raw))
-    return path
 
 
 @pytest.mark.parametrize(
@@ -32,12 +27,12 @@ def write(tmp_path, raw):
 )
 def test_bad_key_or_type_is_an_error_naming_the_key(tmp_path, raw, key):
     with pytest.raises(ConfigError) as err:
-        load_config(write(tmp_path, raw))
+        load_config(write_config(tmp_path, raw))
     assert f"key '{key}'" in str(err.value) and "c.json" in str(err.value)
 
 
 def test_override_is_validated_like_the_file(tmp_path):
-    path = write(tmp_path, {})
+    path = write_config(tmp_path, {})
     assert load_config(path, ["optim.lr=0.05", "objective.name=base"]).optim.lr == 0.05
     with pytest.raises(ConfigError, match="key 'optim.momentun'"):
         load_config(path, ["optim.momentun=0.8"])
@@ -45,7 +40,7 @@ def test_override_is_validated_like_the_file(tmp_path):
 
 def test_unordered_milestones_rejected(tmp_path):
     with pytest.raises(ConfigError, match="milestones"):
-        load_config(write(tmp_path, {"optim": {"milestones": [30, 10]}}))
+        load_config(write_config(tmp_path, {"optim": {"milestones": [30, 10]}}))
 
 
 def test_invalid_json_names_line(tmp_path):

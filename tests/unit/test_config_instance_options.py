@@ -1,17 +1,10 @@
 """Config of the instance options (issue 11): bad values are errors naming the key; the defaults
 are the paper's recipe."""
 
-import json
-
 import pytest
 
 from fgdist.config import ConfigError, load_config
-
-
-def write(tmp_path, raw):
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(raw))
-    return path
+from tests.helpers import write_config
 
 
 @pytest.mark.parametrize(
@@ -36,7 +29,7 @@ def write(tmp_path, raw):
 )
 def test_bad_instance_option_is_an_error_naming_the_key(tmp_path, raw, key):
     with pytest.raises(ConfigError) as err:
-        load_config(write(tmp_path, raw))
+        load_config(write_config(tmp_path, raw))
     assert f"key '{key}'" in str(err.value) and "c.json" in str(err.value)
 
 
@@ -49,12 +42,12 @@ def test_bad_instance_option_is_an_error_naming_the_key(tmp_path, raw, key):
 )
 def test_projection_consumers_need_the_projection(tmp_path, override, key):
     with pytest.raises(ConfigError, match=f"{key}.*needs model.projection='mlp'"):
-        load_config(write(tmp_path, {}), [override])
-    assert load_config(write(tmp_path, {}), [override, "model.projection=mlp"]).model.projection == "mlp"
+        load_config(write_config(tmp_path, {}), [override])
+    assert load_config(write_config(tmp_path, {}), [override, "model.projection=mlp"]).model.projection == "mlp"
 
 
 def test_defaults_are_the_paper_recipe_and_the_combined_recipe_loads(tmp_path):
-    cfg = load_config(write(tmp_path, {}))
+    cfg = load_config(write_config(tmp_path, {}))
     assert (cfg.data.augment, cfg.data.views, cfg.model.projection) == ("crop_flip", 1, "none")
     assert (cfg.head.init, cfg.head.update, cfg.head.lr_schedule, cfg.head.weight_decay) == (
         "random",
@@ -75,5 +68,5 @@ def test_defaults_are_the_paper_recipe_and_the_combined_recipe_loads(tmp_path):
         "head.update=ema",
         "head.ema_momentum=0.5",
     ]
-    cfg = load_config(write(tmp_path, {}), combined)
+    cfg = load_config(write_config(tmp_path, {}), combined)
     assert (cfg.data.views, cfg.data.crop_scale, cfg.head.update, cfg.head.ema_momentum) == (2, [0.2, 1.0], "ema", 0.5)

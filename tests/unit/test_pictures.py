@@ -1,8 +1,6 @@
 """Pictures from a tiny real model on tiny real shards: attention maps from layer3/layer4 hooks,
 exact cosine top-5 neighbours, and the two PNG grids."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from fgdist.pictures import (
     read_images,
 )
 from fgdist.shardset import open_split
+from tests.helpers import tiny_synthetic
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,29 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("pictures")
     shards = root / "shards"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shards",
-            "build",
-            "--source",
-            "synthetic",
-            "--out",
-            str(shards),
-            "--quiet",
-            "--opt",
-            "num_super=4",
-            "--opt",
-            "fine_per_super=2",
-            "--opt",
-            "train_per_fine=2",
-            "--opt",
-            "test_per_fine=3",
-        ],
-        check=True,
-        cwd=REPO,
-    )
+    tiny_synthetic(shards, train_per_fine=2, test_per_fine=3)
     cfg = validate({"model": {"width": 8}, "data": {"shards": str(shards), "num_workers": 1}}, "test")
     split = open_split(shards, "test")
     torch.manual_seed(0)
