@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     shards = Path(cfg.data.shards)
     if not (shards / "train" / "manifest.json").is_file():
         run([sys.executable, "-m", "shards", "build", "--source", "synthetic", "--out", str(shards)])
-    run_ids = []
+    run_ids, results = [], {}
     for objective in OBJECTIVES:
         name = f"{cfg.name}_{objective}"
         run(
@@ -58,10 +58,11 @@ def main(argv=None) -> int:
                 *sum((["--set", o] for o in args.overrides), []),
             ]
         )
-        run_ids.append(json.loads((Path(cfg.output_dir) / name / "results.json").read_text())["mlflow_run_id"])
+        results[objective] = json.loads((Path(cfg.output_dir) / name / "results.json").read_text())
+        run_ids.append(results[objective]["mlflow_run_id"])
     from fgdist.comparison import main as compare
 
-    return compare(
+    code = compare(
         [
             "--experiment",
             cfg.tracking.experiment,
@@ -72,6 +73,16 @@ def main(argv=None) -> int:
         ]
         + (["--tracking-uri", cfg.tracking.uri] if cfg.tracking.uri else [])
     )
+    print(verdict({objective: r["metrics"] for objective, r in results.items()}))
+    return code
+
+
+def verdict(metrics: dict[str, dict[str, float]]) -> str:
+    """One line under the table: does the instance term pay off on fine-class retrieval?"""
+    eff, base = metrics["base_indi_eff"]["fine_recall_at_1"], metrics["base"]["fine_recall_at_1"]
+    delta = eff - base
+    word = "beats" if delta > 0 else ("ties" if delta == 0 else "trails")
+    return f"verdict: base_indi_eff {word} base on fine R@1 by {delta:+.2f} points ({eff:.2f} against {base:.2f})"
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from importlib.metadata import version
 import pytest
 
 from fgdist.objective_table import OBJECTIVE_NAMES
+from launcher.main_job import verdict
 from launcher.train import parse_args
 from tests.helpers import REPO
 
@@ -39,3 +40,16 @@ def test_every_console_script_points_at_a_main_taking_argv():
         with pytest.raises(SystemExit) as exit_:  # --help parses and exits 0 without doing anything
             main(["--help"])
         assert exit_.value.code == 0, name
+
+
+@pytest.mark.parametrize(
+    "eff, base, expected",
+    [
+        (30.7, 28.1, "verdict: base_indi_eff beats base on fine R@1 by +2.60 points (30.70 against 28.10)"),
+        (74.64, 77.64, "verdict: base_indi_eff trails base on fine R@1 by -3.00 points (74.64 against 77.64)"),
+        (50.0, 50.0, "verdict: base_indi_eff ties base on fine R@1 by +0.00 points (50.00 against 50.00)"),
+    ],
+)
+def test_main_job_verdict_gives_the_sign_of_the_fine_recall_difference(eff, base, expected):
+    metrics = {"base_indi_eff": {"fine_recall_at_1": eff}, "base": {"fine_recall_at_1": base}}
+    assert verdict(metrics) == expected
