@@ -102,13 +102,18 @@ def strong_augment(
     scale: tuple[float, float],
     single_channel: bool,
     fill: tuple[int, int, int],
+    colour: bool = True,
 ) -> Image.Image:
-    """`data.augment: strong` on an RGB-converted image; `single_channel` says what it was."""
+    """`data.augment: strong` on an RGB-converted image; `single_channel` says what it was.
+    colour=False (`data.colour: false`) leaves colours alone: no jitter, no grayscale, for data
+    whose labels are colours (the synthetic patches)."""
     img = random_resized_crop(img, rng, size, scale)
     if single_channel:
         return random_erase(small_affine(img, rng), rng, fill)
     if rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if not colour:
+        return img
     if rng.random() < JITTER_P:
         img = colour_jitter(img, rng)
     if rng.random() < GRAYSCALE_P:

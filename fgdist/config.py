@@ -44,6 +44,9 @@ class DataConfig(Section):
     padding: int = Field(4, ge=0)  # crop_flip: zero padding before the random crop (CIFAR: 32 from 40)
     resize: int = Field(256, ge=8)  # resized_crop_flip: evaluation resizes the shorter side to this
     crop_scale: list[float] = [0.2, 1.0]  # strong: [min, max] fraction of the image area a crop covers
+    # strong, colour images: false drops colour jitter and grayscale (keep it for data whose labels
+    # are colours, like the synthetic patches)
+    colour: bool = True
     # Independently augmented views of each image in the same batch, with the same labels and
     # instance id; every loss term sees all of them. A rank's batch stays batch_size IMAGES, so a
     # step has views * batch_size rows (images/s counts images, not rows).

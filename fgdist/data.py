@@ -83,7 +83,9 @@ def make_transform(cfg: DataConfig, train: bool):
         elif train and cfg.augment == "resized_crop_flip":
             img = _resized_crop_flip(img, rng, cfg.image_size)
         elif train and cfg.augment == "strong":
-            img = strong_augment(img, rng, cfg.image_size, tuple(cfg.crop_scale), single_channel, erase_fill)
+            img = strong_augment(
+                img, rng, cfg.image_size, tuple(cfg.crop_scale), single_channel, erase_fill, colour=cfg.colour
+            )
         else:
             img = _center(img, cfg.image_size, eval_resize)
         array = (np.asarray(img, dtype=np.float32) / 255.0 - MEAN) / STD

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fgdist.augment import strong_augment
+from fgdist.augment import random_resized_crop, strong_augment
 from fgdist.config import validate
 from fgdist.data import TrainStream, collate, rank_specs
 from fgdist.head import InstanceHead
@@ -81,6 +81,14 @@ def test_strong_single_channel_path_adds_no_colour():
     colour = [np.asarray(strong_augment(img, random.Random(s), 16, (0.3, 1.0), False, fill)) for s in range(20)]
     turned_gray = [bool((c[..., 0] == c[..., 1]).all() and (c[..., 1] == c[..., 2]).all()) for c in colour]
     assert 0 < sum(turned_gray) < 20
+    # colour=False (data.colour: false): the crop and flip alone, the same draws, no colour change.
+    for seed in range(20):
+        rng = random.Random(seed)
+        expected = random_resized_crop(img, rng, 16, (0.3, 1.0))
+        if rng.random() < 0.5:
+            expected = expected.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        out = strong_augment(img, random.Random(seed), 16, (0.3, 1.0), False, fill, colour=False)
+        assert np.array_equal(np.asarray(out), np.asarray(expected))
 
 
 def test_collate_puts_views_of_an_image_on_consecutive_rows():
