@@ -52,6 +52,8 @@ class DataConfig(Section):
     # step has views * batch_size rows (images/s counts images, not rows).
     views: int = Field(1, ge=1)
     on_corrupt: Literal["fail", "skip"] = "fail"
+    # seconds a DataLoader worker may take for one batch before its rank fails (0: wait forever)
+    worker_timeout: float = Field(600.0, ge=0.0)
 
     @field_validator("crop_scale")
     @classmethod

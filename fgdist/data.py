@@ -289,8 +289,7 @@ def train_batches(split: SplitDir, plan: Plan, cfg: DataConfig, rank: int, epoch
     workers = max(cfg.num_workers, 1)
     specs = rank_specs(split, plan, cfg, rank, epoch, seed, workers)
     stream = TrainStream(specs, cfg, seed, epoch, rank, skip_batches=start_step)
-    loader = DataLoader(stream, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate)
-    batches = iter(loader)
+    batches = iter(data_loader(stream, cfg, cfg.batch_size, cfg.num_workers))
     for _ in range(start_step, steps):
         yield next(batches)
 
@@ -327,5 +326,11 @@ def own_column_batches(split: SplitDir, plan: Plan, cfg: DataConfig, batch_size:
 
 def _eval_loader(spec: StreamSpec, cfg: DataConfig, batch_size: int) -> DataLoader:
     """Every sample of `spec` once, with the evaluation transform; each worker reads its own shards."""
-    workers = min(cfg.num_workers, len(spec.urls))
-    return DataLoader(EvalStream(spec, cfg), batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    return data_loader(EvalStream(spec, cfg), cfg, batch_size, min(cfg.num_workers, len(spec.urls)))
+
+
+def data_loader(stream: IterableDataset, cfg: DataConfig, batch_size: int, workers: int) -> DataLoader:
+    """A DataLoader whose workers must deliver each batch within data.worker_timeout seconds: a
+    stuck worker becomes an error on its rank instead of a silent hang of every rank."""
+    timeout = cfg.worker_timeout if workers else 0  # PyTorch allows a timeout only with workers
+    return DataLoader(stream, batch_size=batch_size, num_workers=workers, collate_fn=collate, timeout=timeout)

@@ -453,6 +453,7 @@ class Trainer:
             reestimate_batchnorm(
                 self.engine.module, itertools.islice(stream, cfg.eval.bn_batches), self.device, self.dtype
             )
+            stream.close()  # shut its DataLoader workers down now, not whenever the GC gets to them
 
     def run_eval(self) -> dict[str, float]:
         cfg = self.cfg

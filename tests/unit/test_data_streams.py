@@ -3,12 +3,13 @@ and the evaluation loader's workers."""
 
 import io
 import tarfile
+import time
 
 import pytest
 import torch
 
 from fgdist.config import validate
-from fgdist.data import eval_batches, steps_per_epoch, train_batches
+from fgdist.data import data_loader, eval_batches, steps_per_epoch, train_batches
 from fgdist.partition import make_plan
 from fgdist.shardset import open_split, sample_key
 from shards.build import build_shards
@@ -96,3 +97,15 @@ def test_eval_workers_embed_every_test_sample_exactly_once(shard_set, world):
     for rank, id_sets in per_rank.items():
         assert id_sets[0] == id_sets[1] == id_sets[2], f"rank {rank}: the workers change the rank's samples"
     assert sorted(i for sets in per_rank.values() for i in sets[0]) == list(range(24))
+
+
+class _StuckStream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        time.sleep(30)
+        yield torch.zeros(1), 0, 0, 0, 0
+
+
+def test_a_stuck_loader_worker_is_an_error_not_a_hang():
+    # Without the timeout the worker would deliver after its sleep and nothing would be raised.
+    with pytest.raises(RuntimeError, match="timed out after 1"):
+        next(iter(data_loader(_StuckStream(), data_cfg(worker_timeout=1.0), batch_size=1, workers=1)))
