@@ -1,16 +1,20 @@
-"""A trained model outside its DeepSpeed checkpoint: the backbone as safetensors plus its config
-and evaluation preprocessing (`fgdist-export`), the same module logged to MLflow at the end of
-training, and `fgdist.load_model`, which turns any of these into a module mapping images to
-L2-normalized embeddings.
+"""A trained model outside its DeepSpeed checkpoint: the backbone (and, for a run evaluated with
+`eval.features=projection`, its projection MLP) as safetensors plus its config and evaluation
+preprocessing (`fgdist-export`), the same module logged to MLflow at the end of training, and
+`fgdist.load_model`, which turns any of these into a module mapping images to L2-normalized
+embeddings: the features the run's own evaluation embedded.
 
     fgdist-export --model runs/synthetic --out exported/synthetic [--overwrite]
 
-An export folder holds `model.safetensors` (the backbone's state_dict, float32) and
-`fgdist_model.json` (format, embedding dimension, `model` config, `preprocessing`: the data
-config keys the evaluation transform reads, and ImageNet mean/std). Sources `load_model` takes:
+An export folder holds `model.safetensors` (the backbone's state_dict under its plain keys and,
+with projection features, the projection's under `projection.`; float32) and `fgdist_model.json`
+(format, `features`: `backbone` or `projection`, absent in older exports and read as `backbone`,
+embedding dimension, `model` config, `preprocessing`: the data config keys the evaluation
+transform reads, and ImageNet mean/std). Sources `load_model` takes:
 an export folder, a run folder (its newest checkpoint) or a checkpoint folder, an MLflow model
 URI (`runs:/<id>/model`, `models:/...`), or a bare MLflow run id (its `model`). See
-docs/DESIGN.md for why the heads are left out: search uses f(x) only.
+docs/DESIGN.md ("Evaluation") for why the heads are left out: search embeds what evaluation embeds,
+f(x) or the projection of f(x).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from torch import nn
 
 from fgdist.config import DataConfig, ModelConfig
 from fgdist.data import MEAN, STD, make_transform
-from fgdist.model import build_backbone, feature_dim
+from fgdist.model import build_backbone, feature_dim, projection_mlp
 from fgdist.output_folder import atomic_folder, check_free
 from fgdist.search_errors import ERRORS, CheckpointError, UnknownRunError
 
@@ -41,25 +45,44 @@ WEIGHTS, CONFIG = "model.safetensors", "fgdist_model.json"
 MLFLOW_NAME = "model"  # the logged model's name inside a training run
 PREPROCESSING_KEYS = ("augment", "image_size", "resize", "padding")  # what make_transform(train=False) reads
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+PROJECTION = "projection."  # key prefix of the projection's weights in model.safetensors
 
 
 class ImageEmbedder(nn.Module):
     """Normalized CHW image tensors (N x 3 x H x W, the evaluation transform's output) -> N x d
-    L2-normalized float32 embeddings. `preprocess` turns PIL images into that input."""
+    L2-normalized float32 embeddings: of f(x), or of projection(f(x)) when `projection` (the
+    trained model.projection=mlp module) is given. `preprocess` turns PIL images into that input."""
 
-    def __init__(self, backbone: nn.Module, model_config: dict, preprocessing: dict):
+    def __init__(
+        self, backbone: nn.Module, model_config: dict, preprocessing: dict, projection: nn.Module | None = None
+    ):
         super().__init__()
         self.backbone = backbone
+        self.register_module("projection", projection)
         self.model_config = dict(model_config)
         self.preprocessing = dict(preprocessing)
 
+    def __setstate__(self, state: dict) -> None:
+        # MLflow models pickled before the projection existed have no such submodule: f(x) only.
+        super().__setstate__(state)
+        self._modules.setdefault("projection", None)
+
+    @property
+    def features(self) -> str:
+        """The eval.features value this embedder reproduces."""
+        return "backbone" if self.projection is None else "projection"
+
     @property
     def dim(self) -> int:
-        return feature_dim(ModelConfig(**self.model_config))
+        cfg = ModelConfig(**self.model_config)
+        return feature_dim(cfg) if self.projection is None else cfg.projection_dim
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         p = next(self.backbone.parameters())
-        return F.normalize(self.backbone(images.to(device=p.device, dtype=p.dtype)).float(), dim=1)
+        features = self.backbone(images.to(device=p.device, dtype=p.dtype))
+        if self.projection is not None:
+            features = self.projection(features)
+        return F.normalize(features.float(), dim=1)
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         transform = eval_transform(self.preprocessing)
@@ -71,16 +94,27 @@ def eval_transform(preprocessing: dict):
     return make_transform(DataConfig(**preprocessing), train=False)
 
 
-def embedder_from(model: nn.Module, model_cfg: ModelConfig, data_cfg: DataConfig) -> ImageEmbedder:
+def _cpu_copy(module: nn.Module, source: nn.Module) -> nn.Module:
+    module.load_state_dict({k: v.detach().float().cpu() for k, v in source.state_dict().items()})
+    return module
+
+
+def embedder_from(model: nn.Module, model_cfg: ModelConfig, data_cfg: DataConfig, features: str) -> ImageEmbedder:
     """An ImageEmbedder on the CPU with a copy of `model`'s backbone weights (an EmbeddingNet,
-    possibly with cross-rank BatchNorm, which has BatchNorm2d's keys): plain modules only, so it
-    pickles and runs without a process group."""
+    possibly with cross-rank BatchNorm, which has BatchNorm2d's keys), and of its projection when
+    `features` (the run's eval.features) is `projection`: plain modules only, so it pickles and
+    runs without a process group."""
     model_cfg = model_cfg.model_copy(update={"pretrained": None})
-    backbone = build_backbone(model_cfg)
-    source = getattr(model, "backbone", model)
-    backbone.load_state_dict({k: v.detach().float().cpu() for k, v in source.state_dict().items()})
+    backbone = _cpu_copy(build_backbone(model_cfg), getattr(model, "backbone", model))
+    projection = None
+    if features == "projection":
+        if getattr(model, "projection", None) is None:
+            raise ValueError("eval.features='projection' needs model.projection='mlp': the model has no projection")
+        projection = _cpu_copy(projection_mlp(feature_dim(model_cfg), model_cfg.projection_dim), model.projection)
+    elif features != "backbone":
+        raise ValueError(f"eval.features: expected 'backbone' or 'projection', got {features!r}")
     preprocessing = {k: getattr(data_cfg, k) for k in PREPROCESSING_KEYS}
-    return ImageEmbedder(backbone, model_cfg.model_dump(), preprocessing).eval()
+    return ImageEmbedder(backbone, model_cfg.model_dump(), preprocessing, projection).eval()
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -93,7 +127,7 @@ def _from_checkpoint(path: Path) -> ImageEmbedder:
         raise CheckpointError(f"{path}: {err}") from None
     except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError) as err:  # truncated or foreign files
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {str(err)[:200]})") from None
-    return embedder_from(model, cfg.model, cfg.data)
+    return embedder_from(model, cfg.model, cfg.data, cfg.eval.features)
 
 
 def _from_export(path: Path) -> ImageEmbedder:
@@ -109,9 +143,26 @@ def _from_export(path: Path) -> ImageEmbedder:
         state = load_file(str(path / WEIGHTS))
     except SafetensorError as err:
         raise CheckpointError(f"{path / WEIGHTS}: unreadable ({err})") from None
-    backbone = build_backbone(ModelConfig(**meta["model"]))
-    backbone.load_state_dict(state)
-    return ImageEmbedder(backbone, meta["model"], meta["preprocessing"]).eval()
+    model_cfg = ModelConfig(**meta["model"])
+    backbone_state = {k: v for k, v in state.items() if not k.startswith(PROJECTION)}
+    projection_state = {k[len(PROJECTION) :]: v for k, v in state.items() if k.startswith(PROJECTION)}
+    features = meta.get("features", "backbone")  # exports written before the key embed f(x)
+    if features not in ("backbone", "projection"):
+        raise CheckpointError(f"{path / CONFIG}: features {features!r}, expected 'backbone' or 'projection'")
+    projection = None
+    if features == "projection":
+        if model_cfg.projection != "mlp" or not projection_state:
+            raise CheckpointError(
+                f"{path}: features 'projection' needs model.projection='mlp' in {CONFIG} "
+                f"and {PROJECTION}* weights in {WEIGHTS}"
+            )
+        projection = projection_mlp(feature_dim(model_cfg), model_cfg.projection_dim)
+        projection.load_state_dict(projection_state)
+    elif projection_state:
+        raise CheckpointError(f"{path}: {PROJECTION}* weights in {WEIGHTS} but features {features!r} in {CONFIG}")
+    backbone = build_backbone(model_cfg)
+    backbone.load_state_dict(backbone_state)
+    return ImageEmbedder(backbone, meta["model"], meta["preprocessing"], projection).eval()
 
 
 def _from_mlflow(uri: str) -> ImageEmbedder:
@@ -154,12 +205,18 @@ def describe(source: str | Path) -> str:
 def export_model(embedder: ImageEmbedder, out: str | Path, source: str = "", overwrite: bool = False) -> Path:
     from safetensors.torch import save_file
 
+    # the backbone under its plain keys, as before the projection existed; the projection beside it
+    modules = [("", embedder.backbone)] + (
+        [(PROJECTION, embedder.projection)] if embedder.projection is not None else []
+    )
     state = {
-        k: v.detach().float().contiguous() if v.is_floating_point() else v
-        for k, v in embedder.backbone.state_dict().items()
+        prefix + k: v.detach().float().contiguous() if v.is_floating_point() else v
+        for prefix, module in modules
+        for k, v in module.state_dict().items()
     }
     meta = {
         "format": FORMAT,
+        "features": embedder.features,
         "embedding_dim": embedder.dim,
         "model": embedder.model_config,
         "preprocessing": embedder.preprocessing,
@@ -200,12 +257,13 @@ def log_to_mlflow(embedder: ImageEmbedder):
 
 
 def log_trained_model(model: nn.Module, cfg, tracker) -> None:
-    """The trainer's last step (rank 0, results written): log the trained backbone to MLflow.
-    A failure is reported, not raised: the run itself has finished."""
+    """The trainer's last step (rank 0, results written): log the trained backbone (and projection,
+    with eval.features=projection) to MLflow. A failure is reported, not raised: the run itself has
+    finished."""
     if not tracker.enabled:
         return
     try:
-        log_to_mlflow(embedder_from(model, cfg.model, cfg.data))
+        log_to_mlflow(embedder_from(model, cfg.model, cfg.data, cfg.eval.features))
         log.info(f"model logged to MLflow: runs:/{tracker.run_id}/{MLFLOW_NAME}")
     except Exception as err:
         log.warning(f"logging the model to MLflow failed ({type(err).__name__}: {str(err)[:300]})")

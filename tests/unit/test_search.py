@@ -2,12 +2,14 @@
 The trained-run round trip is tests/integration/test_visual_search.py."""
 
 import json
+import pickle
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 
 from fgdist.config import RunConfig
 from fgdist.embed import main as embed_main
@@ -27,10 +29,23 @@ from fgdist.search_errors import (
 faiss = pytest.importorskip("faiss")
 
 
-def tiny_config(tmp_path) -> RunConfig:
+def tiny_config(tmp_path, projection="none", features="backbone") -> RunConfig:
     return RunConfig.model_validate(
-        {"model": {"width": 4}, "data": {"image_size": 16, "shards": str(tmp_path)}, "output_dir": str(tmp_path)}
+        {
+            "model": {"width": 4, "projection": projection, "projection_dim": 8},
+            "eval": {"features": features},
+            "data": {"image_size": 16, "shards": str(tmp_path)},
+            "output_dir": str(tmp_path),
+        }
     )
+
+
+# (model.projection, eval.features, the EmbeddingNet output the run evaluates, its width)
+FEATURES = [
+    ("none", "backbone", "features", 32),
+    ("mlp", "backbone", "features", 32),
+    ("mlp", "projection", "projection", 8),
+]
 
 
 def fake_run(tmp_path, cfg: RunConfig, seed=0) -> tuple:
@@ -55,19 +70,94 @@ def image_folder(path, count, size=20):
     return path
 
 
-def test_export_and_checkpoint_give_the_model_s_embeddings(tmp_path):
-    cfg = tiny_config(tmp_path)
+@pytest.mark.parametrize("projection,features,output,dim", FEATURES)
+def test_export_and_checkpoint_give_the_model_s_embeddings(tmp_path, projection, features, output, dim):
+    """load_model embeds what the run's evaluation embeds (eval.features): f(x) or its projection."""
+    cfg = tiny_config(tmp_path, projection, features)
     run, model = fake_run(tmp_path, cfg)
     images = torch.randn(5, 3, 16, 16)
-    want = F.normalize(model(images)["features"], dim=1)
-    from_checkpoint = load_model(run)
-    assert torch.equal(from_checkpoint(images), want)
+    want = F.normalize(model(images)[output], dim=1)
+    assert want.shape == (5, dim)
+    checkpoint_folder = next(run.glob("checkpoints/epoch*"))
+    for source in (run, checkpoint_folder):
+        from_checkpoint = load_model(source)
+        assert from_checkpoint.dim == dim and torch.equal(from_checkpoint(images), want)
     export_model(from_checkpoint, tmp_path / "exported")
-    assert torch.equal(load_model(tmp_path / "exported")(images), want)
+    exported = load_model(tmp_path / "exported")
+    assert exported.dim == dim and torch.equal(exported(images), want)
     meta = json.loads((tmp_path / "exported" / "fgdist_model.json").read_text())
-    assert meta["embedding_dim"] == 32 and meta["preprocessing"]["image_size"] == 16
+    assert meta["embedding_dim"] == dim and meta["features"] == features and meta["preprocessing"]["image_size"] == 16
+    # the backbone's keys are those of exports written before the projection existed
+    keys = set(safe_open(str(tmp_path / "exported" / "model.safetensors"), "pt").keys())
+    backbone_keys = {k.removeprefix("backbone.") for k in model.state_dict() if k.startswith("backbone.")}
+    projection_keys = (
+        {k for k in model.state_dict() if k.startswith("projection.")} if features == "projection" else set()
+    )
+    assert keys == backbone_keys | projection_keys
     with pytest.raises(OutputExistsError, match="exported"):
         export_model(from_checkpoint, tmp_path / "exported")
+
+
+def test_export_without_the_features_key_embeds_the_backbone(tmp_path):
+    """An export written before `features` was recorded still loads, as f(x)."""
+    cfg = tiny_config(tmp_path, "mlp", "backbone")
+    run, model = fake_run(tmp_path, cfg)
+    export_model(load_model(run), tmp_path / "exported")
+    config = tmp_path / "exported" / "fgdist_model.json"
+    meta = json.loads(config.read_text())
+    del meta["features"]
+    config.write_text(json.dumps(meta))
+    images = torch.randn(3, 3, 16, 16)
+    assert torch.equal(load_model(tmp_path / "exported")(images), F.normalize(model(images)["features"], dim=1))
+
+
+def test_projection_features_without_a_projection_are_named(tmp_path):
+    cfg = tiny_config(tmp_path)
+    model = EmbeddingNet(cfg.model, 4, None).eval()
+    with pytest.raises(ValueError, match="needs model.projection='mlp'"):
+        embedder_from(model, cfg.model, cfg.data, "projection")
+    export_model(embedder_from(model, cfg.model, cfg.data, "backbone"), tmp_path / "exported")
+    config = tmp_path / "exported" / "fgdist_model.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "features": "projection"}))
+    with pytest.raises(CheckpointError, match="features 'projection' needs model.projection='mlp'"):
+        load_model(tmp_path / "exported")
+
+
+def test_mlflow_logged_model_embeds_the_projection(tmp_path, monkeypatch):
+    """The model the trainer logs at the end (log_trained_model) embeds what evaluation embedded,
+    and its signature's output width is the projection's."""
+    import mlflow
+
+    from fgdist.export import log_trained_model
+    from fgdist.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = tiny_config(tmp_path, "mlp", "projection")
+    torch.manual_seed(2)
+    model = EmbeddingNet(cfg.model, 4, None).eval()
+    tracker = Tracker(True, uri, "export", "projection", system_metrics=False)
+    try:
+        log_trained_model(model, cfg, tracker)
+    finally:
+        tracker.finish("FINISHED")
+    images = torch.randn(3, 3, 16, 16)
+    logged = load_model(tracker.run_id)
+    assert logged.dim == 8 and torch.equal(logged(images), F.normalize(model(images)["projection"], dim=1))
+    outputs = mlflow.models.get_model_info(f"runs:/{tracker.run_id}/model").signature.outputs
+    assert outputs.inputs[0].shape == (-1, 8)
+
+
+def test_embedder_pickled_before_the_projection_embeds_the_backbone(tmp_path):
+    """An MLflow model pickled by the code before the projection existed has no `projection`
+    submodule; unpickled now it embeds f(x) as it did."""
+    cfg = tiny_config(tmp_path)
+    model = EmbeddingNet(cfg.model, 4, None).eval()
+    embedder = embedder_from(model, cfg.model, cfg.data, "backbone")
+    del embedder._modules["projection"]  # the old class registered no such slot
+    old = pickle.loads(pickle.dumps(embedder))
+    images = torch.randn(3, 3, 16, 16)
+    assert old.dim == 32 and torch.equal(old(images), F.normalize(model(images)["features"], dim=1))
 
 
 def test_missing_partial_and_truncated_checkpoints_are_named(tmp_path):
@@ -188,7 +278,7 @@ def test_model_from_training_state_is_plain_and_equal(tmp_path):
     cfg = tiny_config(tmp_path)
     torch.manual_seed(1)
     model = convert_batchnorm(EmbeddingNet(cfg.model, 4, None)).eval()
-    embedder = embedder_from(model, cfg.model, cfg.data)
+    embedder = embedder_from(model, cfg.model, cfg.data, cfg.eval.features)
     assert not any(isinstance(m, CrossRankBatchNorm2d) for m in embedder.modules())
     images = torch.randn(3, 3, 16, 16)
     assert torch.equal(embedder(images), F.normalize(model(images)["features"], dim=1))
