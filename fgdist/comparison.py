@@ -4,11 +4,20 @@
         [--out DIR] [--curves]
 
 Prints a Markdown table (one row per run: run name, objective, data set, lambda_I; then super
-top-1/top-5 and super/fine Recall@k for every k any run logged, each the run's latest value) and
+top-1/top-5 and super/fine Recall@k for every k any run logged, each the run's latest value; then,
+where a run logged its instance CE and its chance level, "instance CE leaves chance (epoch)") and
 writes into --out:
   comparison.md, comparison.csv   the table
   recall_at_k.png                 R@k against k, one colour per run, fine solid, super dashed
   training_curves.png             (--curves) loss parts, learning rates, images/s against step
+  instance_ce.png                 (--curves) instance CE against epoch, one colour per run, its
+                                  chance level dotted, a star where it leaves chance
+
+"instance CE leaves chance (epoch)": the first epoch whose mean logged instance_ce is below the
+run's chance level (param instance_ce_chance: the mean of ln n over the training images, n the
+columns a row's softmax runs over) by more than LEAVE_CHANCE_MARGIN of it; "from start" when the
+first logged value is already below that (head.init=features starts there), "never" when no epoch
+is. The trainer logs the fractional epoch beside each step's metrics (metric `epoch`).
 """
 
 from __future__ import annotations
@@ -33,6 +42,16 @@ from fgdist.tracking import resolve_uri
 DPI = 120  # plots: text-heavy, read on screen
 RECALL = re.compile(r"^(super|fine)_recall_at_(\d+)$")
 META_COLUMNS = ["run", "objective", "dataset", "lambda_I"]
+CHANCE_PARAM = "instance_ce_chance"  # the trainer's param: the instance CE at chance
+EPOCH_METRIC = "epoch"  # the trainer's fractional epochs done, logged beside each step's metrics
+LEAVES_COLUMN = "instance_ce_leaves_chance"
+# "Leaves chance" means the epoch's mean instance CE is below chance by more than this fraction of
+# it, not merely below: a random head's softmax is not quite uniform (its CE starts a little off
+# ln n) and a logged value is one step's batch mean, so values just under chance are noise. 5% of
+# ln n means the target's probability is, in geometric mean, n^0.05 times uniform (1.4x at n=1000).
+LEAVE_CHANCE_MARGIN = 0.05
+FROM_START = "from start"
+NEVER = "never"
 # Step metrics the trainer logs (fgdist.trainer.Trainer.train_epoch); one panel each, the head's
 # learning rate shares the panel of the backbone's.
 CURVE_PANELS = [
@@ -61,6 +80,31 @@ class RunInfo:
     lambda_I: str
     metrics: dict[str, float]  # latest value of each metric
     start_time: int
+    instance_ce_chance: float | None = None  # the instance CE at chance (param), if the run logged it
+
+
+@dataclass(frozen=True)
+class InstanceCurve:
+    """One run's logged instance CE against the fractional epochs done, and its chance level."""
+
+    epochs: list[float]
+    values: list[float]
+    chance: float
+
+    def epoch_means(self) -> dict[int, float]:
+        """1-based epoch -> mean of the values logged in it (a value at e in (k-1, k] is epoch k's)."""
+        sums: dict[int, list[float]] = {}
+        for e, v in zip(self.epochs, self.values):
+            sums.setdefault(max(1, math.ceil(round(e, 9))), []).append(v)
+        return {k: sum(vs) / len(vs) for k, vs in sorted(sums.items())}
+
+    def leaves_chance(self) -> int | str:
+        """The first epoch whose mean is below chance by more than LEAVE_CHANCE_MARGIN; FROM_START
+        when the first logged value already is, NEVER when no epoch is."""
+        threshold = self.chance * (1 - LEAVE_CHANCE_MARGIN)
+        if self.values and self.values[0] < threshold:
+            return FROM_START
+        return next((k for k, mean in self.epoch_means().items() if mean < threshold), NEVER)
 
 
 def column_title(key: str) -> str:
@@ -74,6 +118,7 @@ def column_title(key: str) -> str:
         "lambda_I": "lambda_I",
         "super_top1": "super top-1",
         "super_top5": "super top-5",
+        LEAVES_COLUMN: "instance CE leaves chance (epoch)",
         **MAP_TITLES,
     }.get(key, key)
 
@@ -145,6 +190,11 @@ def run_info(run) -> RunInfo:
     """Tags first (set by the trainer for the UI), else the flattened config params."""
     tags, params = run.data.tags, run.data.params
     shards = tags.get("dataset") or params.get("data.shards") or ""
+    chance = params.get(CHANCE_PARAM)
+    try:
+        chance = None if chance is None else float(chance)
+    except ValueError:
+        raise ComparisonError(f"run {run.info.run_id}: param {CHANCE_PARAM}={chance!r} is not a number") from None
     return RunInfo(
         run_id=run.info.run_id,
         name=run.info.run_name or tags.get("mlflow.runName") or run.info.run_id[:8],
@@ -154,7 +204,31 @@ def run_info(run) -> RunInfo:
         lambda_I=tags.get("lambda_I") or params.get("objective.lambda_I") or "",
         metrics=dict(run.data.metrics),
         start_time=run.info.start_time or 0,
+        instance_ce_chance=chance,
     )
+
+
+def metric_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every value logged under `key`, by step, then by time (a run resumed from
+    an earlier checkpoint logs some steps again; the later value is last)."""
+    points = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, key))
+    return [(step, value) for step, _, value in points]
+
+
+def instance_curves(client, runs: list[RunInfo]) -> dict[str, InstanceCurve]:
+    """Run id -> its instance CE curve, for the runs that logged instance_ce, the epoch and the
+    chance level. A step logged twice counts once, with its later value."""
+    curves = {}
+    for r in runs:
+        if r.instance_ce_chance is None or not {"instance_ce", EPOCH_METRIC} <= r.metrics.keys():
+            continue
+        epoch_at = dict(metric_history(client, r.run_id, EPOCH_METRIC))
+        values = dict(metric_history(client, r.run_id, "instance_ce"))
+        points = [(epoch_at[step], v) for step, v in sorted(values.items()) if step in epoch_at]
+        if points:
+            epochs, ces = zip(*points)
+            curves[r.run_id] = InstanceCurve(list(epochs), list(ces), r.instance_ce_chance)
+    return curves
 
 
 # -- the table ---------------------------------------------------------------------------------
@@ -192,24 +266,36 @@ def metric_columns(runs: list[RunInfo]) -> list[str]:
     return columns
 
 
-def comparison_table(runs: list[RunInfo]) -> tuple[list[str], list[list]]:
-    """(column keys, rows). A row holds run name, objective, data set, lambda_I (strings; "-"
-    where the objective has no lambda_I) and then each metric's latest value or None."""
-    runs = sort_runs([r if isinstance(r, RunInfo) else run_info(r) for r in runs])  # RunInfo or mlflow Run
-    metrics = metric_columns(runs)
+def run_labels(runs: list[RunInfo]) -> dict[str, str]:
+    """Run id -> its name, with the id's start where runs share a name."""
     counts: dict[str, int] = {}
     for r in runs:
         counts[r.name] = counts.get(r.name, 0) + 1
+    return {r.run_id: r.name if counts[r.name] == 1 else f"{r.name} ({r.run_id[:8]})" for r in runs}
+
+
+def comparison_table(
+    runs: list[RunInfo], curves: dict[str, InstanceCurve] | None = None
+) -> tuple[list[str], list[list]]:
+    """(column keys, rows). A row holds run name, objective, data set, lambda_I (strings; "-"
+    where the objective has no lambda_I) and then each metric's latest value or None; with
+    `curves` (instance_curves) holding any run, last the epoch its instance CE leaves chance."""
+    runs = sort_runs([r if isinstance(r, RunInfo) else run_info(r) for r in runs])  # RunInfo or mlflow Run
+    metrics = metric_columns(runs)
+    curves = {r.run_id: curves[r.run_id] for r in runs if curves and r.run_id in curves}
+    labels = run_labels(runs)
     rows = []
     for r in runs:
-        name = r.name if counts[r.name] == 1 else f"{r.name} ({r.run_id[:8]})"  # runs sharing a name
+        name = labels[r.run_id]
         if r.status != "FINISHED":
             name += f" [{r.status.lower()}]"  # its metrics may be interim or missing
         # lambda_I means something only where it weighs the instance term (Eqn 4, 5).
         uses_lambda = r.objective in OBJECTIVES and OBJECTIVES[r.objective].lambda_weighted
         lam = r.lambda_I if uses_lambda and r.lambda_I else "-"
         rows.append([name, r.objective, r.dataset, lam] + [r.metrics.get(k) for k in metrics])
-    return META_COLUMNS + metrics, rows
+        if curves:
+            rows[-1].append(curves[r.run_id].leaves_chance() if r.run_id in curves else None)
+    return META_COLUMNS + metrics + ([LEAVES_COLUMN] if curves else []), rows
 
 
 def _cell(value) -> str:
@@ -249,6 +335,11 @@ def _colors(n: int):
 
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
+
+
+def run_colours(runs: list[RunInfo]) -> dict[str, tuple]:
+    """Run id -> its colour, the same in every figure of one comparison."""
+    return dict(zip([r.run_id for r in sort_runs(runs)], _colors(len(runs))))
 
 
 def plot_recall(path: Path, columns: list[str], rows: list[list]) -> bool:
@@ -297,15 +388,13 @@ def plot_curves(path: Path, client, runs: list[RunInfo]) -> bool:
         for _, keys in CURVE_PANELS:
             for key in keys:
                 if key in r.metrics:
-                    points = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(r.run_id, key))
-                    histories[(r.run_id, key)] = [(s, v) for s, _, v in points]
+                    histories[(r.run_id, key)] = metric_history(client, r.run_id, key)
     panels = [
         (title, keys) for title, keys in CURVE_PANELS if any((r.run_id, k) in histories for r in runs for k in keys)
     ]
     if not panels:
         return False
-    color = dict(zip([r.run_id for r in runs], _colors(len(runs))))
-    names = [r.name for r in runs]
+    color = run_colours(runs)
     cols = min(3, len(panels))
     nrows = math.ceil(len(panels) / cols)
     fig = new_figure(4.2 * cols, 3.2 * nrows, DPI)
@@ -333,14 +422,48 @@ def plot_curves(path: Path, client, runs: list[RunInfo]) -> bool:
     from matplotlib.lines import Line2D
 
     # One legend entry per run (a run's colour is the same in every panel).
-    handles = [
-        Line2D(
-            [], [], color=color[r.run_id], label=r.name if names.count(r.name) == 1 else f"{r.name} ({r.run_id[:8]})"
-        )
-        for r in runs
-    ]
+    labels = run_labels(runs)
+    handles = [Line2D([], [], color=color[r.run_id], label=labels[r.run_id]) for r in runs]
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(handles)), fontsize=8)
     fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+    return True
+
+
+def plot_instance_ce(path: Path, runs: list[RunInfo], curves: dict[str, InstanceCurve]) -> bool:
+    """Instance CE against epoch, one line per run in `curves`, its chance level dotted in its
+    colour and a star where it leaves chance (at the epoch's mean; at the first value when it is
+    below from the start). False when no run has a curve."""
+    # Over all runs: a run has the colour and name it has in training_curves.png.
+    color, labels = run_colours(runs), run_labels(runs)
+    runs = [r for r in sort_runs(runs) if r.run_id in curves]
+    if not runs:
+        return False
+    fig = new_figure(7.5, 4.5, DPI)
+    ax = fig.add_subplot()
+    for i, r in enumerate(runs):
+        curve, c = curves[r.run_id], color[r.run_id]
+        few = len(curve.epochs) <= 30  # markers, as in plot_curves, where a line alone would hardly show
+        ax.plot(curve.epochs, curve.values, "-", color=c, linewidth=1.2, marker="o" if few else None, markersize=3)
+        # Dotted, each run's dots offset from the others': runs on the same data with the same
+        # kind of instance term share a chance level, and their dotted lines interleave.
+        dots = (2 * i, (2, 2 * max(1, len(runs) - 1)))
+        ax.axhline(curve.chance, color=c, linestyle=dots, linewidth=1.5)
+        leaves = curve.leaves_chance()
+        if leaves == FROM_START:
+            ax.plot(curve.epochs[0], curve.values[0], "*", color=c, markersize=12)
+        elif leaves != NEVER:
+            ax.plot(leaves, curve.epoch_means()[leaves], "*", color=c, markersize=12)
+        when = f"epoch {leaves}" if isinstance(leaves, int) else leaves
+        ax.plot([], [], "-", color=c, label=f"{labels[r.run_id]} (leaves chance: {when})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("instance CE")
+    ax.set_title(
+        f"Instance CE (dotted: chance; star: the first epoch whose mean is {LEAVE_CHANCE_MARGIN:.0%} below)",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.savefig(path, bbox_inches="tight")
     return True
 
@@ -356,7 +479,11 @@ def parse_args(argv=None):
     )
     p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     p.add_argument("--out", default=".", help="folder for comparison.csv, comparison.md, recall_at_k.png (default: .)")
-    p.add_argument("--curves", action="store_true", help="also write training_curves.png from the metric histories")
+    p.add_argument(
+        "--curves",
+        action="store_true",
+        help="also write training_curves.png and instance_ce.png from the metric histories",
+    )
     return p.parse_args(argv)
 
 
@@ -369,7 +496,8 @@ def main(argv=None) -> int:
     except ComparisonError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    columns, rows = comparison_table(runs)
+    curves = instance_curves(client, runs)
+    columns, rows = comparison_table(runs, curves)
     table = to_markdown(columns, rows)
     caption = (
         f"\nExperiment `{args.experiment}` at {uri}: {len(rows)} run(s); "
@@ -390,6 +518,13 @@ def main(argv=None) -> int:
             written.append(out / "training_curves.png")
         else:
             print("note: no run logged step metrics, so there is no training_curves.png", file=sys.stderr)
+        if plot_instance_ce(out / "instance_ce.png", runs, curves):
+            written.append(out / "instance_ce.png")
+        else:
+            print(
+                "note: no run logged instance_ce with its epoch and chance level, so there is no instance_ce.png",
+                file=sys.stderr,
+            )
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -18,6 +18,9 @@ docs/DESIGN.md, "How a step runs" and "The gradient-scale rule", has the whole p
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +32,24 @@ from fgdist.kernels import grouped_lse
 from fgdist.model import instance_features
 from fgdist.objective_table import OBJECTIVES
 from fgdist.partition import Plan, group_lookup
+
+
+def instance_ce_chance(counts: Sequence[int]) -> float:
+    """The mean instance CE of a head that has learnt nothing (a uniform softmax), over the
+    training images: a row whose softmax runs over n columns has CE ln n there, and a softmax
+    group of n images gives n such rows an epoch, so the mean is sum(n ln n) / sum(n). `counts`:
+    the group sizes, every training image in exactly one (softmax_group_sizes). With data.views=2
+    every image's views count alike, so the mean is the same."""
+    counts = list(counts)
+    if any(n < 0 for n in counts) or sum(counts) == 0:
+        raise ValueError(f"instance softmax group sizes must be >= 0 with at least one image, got {counts}")
+    return sum(n * math.log(n) for n in counts if n) / sum(counts)
+
+
+def softmax_group_sizes(plan: Plan, dense: bool) -> list[int]:
+    """How many columns each row's instance softmax runs over, per group of rows: all of them
+    (dense, Eqn 3) or its super-class's (grouped, Eqn 5)."""
+    return [plan.num_instances] if dense else [end - begin for begin, end in plan.super_ranges]
 
 
 class InstanceLoss(nn.Module):

@@ -40,7 +40,7 @@ from fgdist.model import (
     reestimate_batchnorm,
 )
 from fgdist.objective_table import OBJECTIVES
-from fgdist.objectives import Objective
+from fgdist.objectives import Objective, instance_ce_chance, softmax_group_sizes
 from fgdist.partition import make_plan
 from fgdist.shardset import open_split
 from fgdist.sync_debug import SyncCounter
@@ -282,13 +282,16 @@ class Trainer:
         (cfg.run_dir / "plan.json").write_text(self.plan.to_json())
         if resumed:
             return
-        self.tracker.log_params(
-            {
-                **flatten(cfg.model_dump()),
-                "world_size": str(self.world_size),
-                "num_instances": str(self.num_instances),
-            }
-        )
+        params = {
+            **flatten(cfg.model_dump()),
+            "world_size": str(self.world_size),
+            "num_instances": str(self.num_instances),
+        }
+        if self.spec.instance is not None:
+            # What the logged instance_ce is at chance (fgdist-compare: the epoch it leaves it).
+            chance = instance_ce_chance(softmax_group_sizes(self.plan, self.spec.dense))
+            params["instance_ce_chance"] = repr(chance)
+        self.tracker.log_params(params)
         self.tracker.set_tags(
             {"objective": self.spec.name, "dataset": str(cfg.data.shards), "lambda_I": str(cfg.objective.lambda_I)}
         )
@@ -415,7 +418,10 @@ class Trainer:
                     f"epoch {pos.epoch + 1}/{cfg.optim.epochs} step {pos.step}/{self.steps_per_epoch} "
                     + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
                 )
-                self.tracker.log_metrics(metrics, step=pos.global_step)
+                # The epochs done, fractional, beside the step metrics: steps per epoch change
+                # when a run resumes on another world size, so the step alone does not say it.
+                epoch = pos.epoch + pos.step / self.steps_per_epoch
+                self.tracker.log_metrics({**metrics, "epoch": epoch}, step=pos.global_step)
                 window_start, window_images = time.time(), 0
 
     def step_metrics(self, state: dict[str, float], images_per_s: float) -> dict[str, float]:

@@ -5,6 +5,7 @@ through the real DeepSpeed launcher on 2 CPU ranks:
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -161,6 +162,14 @@ def test_training_run_reads_back_from_the_server(env, tmp_path):
     loss = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in loss] == [1, 2]  # 32 images / (2 ranks x 8) = 2 steps, logged every step
     assert all(np.isfinite(m.value) and m.value > 0 for m in loss)
+    # The instance CE at chance, from the train manifest's super-class sizes (base_indi_eff: a
+    # row's softmax runs over its super-class's n images, CE ln n), and the epochs done per step.
+    manifest = json.loads((shards["small"] / "train" / "manifest.json").read_text())
+    sizes = [s["instance_end"] - s["instance_begin"] for s in manifest["super_classes"]]
+    chance = sum(n * math.log(n) for n in sizes if n) / sum(sizes)
+    assert float(run.data.params["instance_ce_chance"]) == pytest.approx(chance, rel=1e-12)
+    epoch = client.get_metric_history(run.info.run_id, "epoch")
+    assert [(m.step, m.value) for m in epoch] == [(1, 0.5), (2, 1.0)]
 
     paths = set(artifact_paths(client, run.info.run_id))
     assert {
