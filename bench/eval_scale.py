@@ -1,4 +1,5 @@
-"""Benchmark of the distributed, chunked Recall@k evaluation at the scale of SOP's test split.
+"""Benchmark of the distributed, chunked evaluation (its one retrieval pass: Recall@k, MAP@R and
+R-precision) at the scale of SOP's test split.
 
 The paper's SOP split keeps 80,000 random images for training and tests on the rest (40,053):
 every test image is a query against the rest of the test set, Recall@{1,10,100,1000}, for super
@@ -10,21 +11,23 @@ and fine labels. This script runs the product's own code on random data of that 
     split spreads its test images over more, smaller classes), each in one of 12 super-classes;
   * every rank generates its own contiguous slice of rows, gathers rows and labels with
     fgdist.collectives.gather_rows (as fgdist.evaluation.evaluate does after embedding), then
-    calls fgdist.evaluation.recall_at_k on its query slice; hits are summed with all_reduce;
+    calls fgdist.evaluation.query_slice_sums on its query slice (the retrieval pass evaluate runs);
+    the sums are added over ranks with fgdist.collectives.sum_over_ranks;
   * 1 rank (one spawned process, no process group) and 2 ranks (2 spawned processes, gloo).
 
-Measured per rank: the wall time of recall_at_k plus the all_reduce (the table shows the slowest
-rank), the CPU seconds of recall_at_k (process time: on a shared machine the wall time also
+Measured per rank: the wall time of query_slice_sums plus the sum over ranks (the table shows the
+slowest rank), the CPU seconds of query_slice_sums (process time: on a shared machine the wall time also
 counts the waits for a core, the CPU time only the work), the resident set after the embeddings
-and labels are in place, and the peak resident set while recall_at_k runs. The peak is the
+and labels are in place, and the peak resident set while query_slice_sums runs. The peak is the
 kernel's VmHWM after resetting it through /proc/self/clear_refs just before the call (Linux);
 where that is not allowed, a thread samples psutil's RSS every 2 ms instead (it can miss a
 shorter peak). "extra" = that peak minus the resident set just before the call: the evaluation's
 working memory beyond the embeddings. The table sets it beside one c x N fp32 similarity block
-(c queries per chunk, N rows) plus the top-k values/indices and label comparisons of a chunk,
-c * (4 N + 25 k_max) bytes, k_max = 1000.
+(c = min(query_chunk, retrieval_metrics.SUB_CHUNK) queries sorted at once, N rows) and beside the
+estimate of fgdist.retrieval_metrics.retrieval_sums' docstring, c * (16 N + 50 depth) bytes (the
+block, its sorted copy, the int64 order, and the kept columns; depth = max(R, k_max), k_max = 1000).
 
-Exactness: recall_at_k is compared against a brute-force computation (float64 full similarity
+Exactness: the Recall@k hits are compared against a brute-force computation (float64 full similarity
 matrix, rank of the best same-label neighbour, no top-k) on a subset of about 2,000 rows that
 holds whole fine classes, at several chunk sizes and with the queries split over two slices;
 and every full-size run (any rank count, any chunk) must report the same hit counts.
@@ -64,8 +67,9 @@ from bench.common import (  # noqa: E402
     rss_bytes,
     run_meta,
 )
-from fgdist.collectives import gather_counts, gather_rows  # noqa: E402
-from fgdist.evaluation import recall_at_k  # noqa: E402
+from fgdist.collectives import barrier, gather_counts, gather_rows, sum_over_ranks  # noqa: E402
+from fgdist.evaluation import query_slice_sums  # noqa: E402
+from fgdist.retrieval_metrics import SUB_CHUNK  # noqa: E402
 from tests.helpers import free_port  # noqa: E402
 
 KS = [1, 10, 100, 1000]
@@ -118,7 +122,7 @@ def _worker(rank: int, world: int, port: int, spec: dict, outdir: str) -> None:
         super_all[begin : begin + counts_plan[rank]].clone(),
     )
     del fine_all, super_all
-    counts = gather_counts(local.shape[0], "cpu")
+    counts = gather_counts(local.shape[0])
     embeddings = gather_rows(local, counts)
     labels = {"super": gather_rows(local_super, counts), "fine": gather_rows(local_fine, counts)}
     del local, local_fine, local_super
@@ -126,18 +130,15 @@ def _worker(rank: int, world: int, port: int, spec: dict, outdir: str) -> None:
 
     # Queries: this rank's own rows, limited to its share of the first `queries` rows' count.
     q_rank = split(spec["queries"], world)[rank]
-    if world > 1:
-        dist.barrier()
+    barrier()
     rss_before = rss_bytes()
     hwm_reset = reset_hwm()
     with contextlib.nullcontext() if hwm_reset else RssPeak() as sampler:
         load = os.getloadavg()[0]
         t0, c0 = time.perf_counter(), time.process_time()
-        hits = recall_at_k(embeddings, labels, begin, begin + q_rank, KS, spec["chunk"])
+        sums = query_slice_sums(embeddings, labels, begin, begin + q_rank, KS, spec["chunk"])
         t_local, cpu = time.perf_counter() - t0, time.process_time() - c0
-        totals = torch.cat(list(hits.values()))
-        if world > 1:
-            dist.all_reduce(totals)
+        totals = sum_over_ranks(torch.stack(list(sums.values())))
         t_total = time.perf_counter() - t0
     peak = hwm_bytes() if hwm_reset else sampler.peak
     record = {
@@ -153,11 +154,12 @@ def _worker(rank: int, world: int, port: int, spec: dict, outdir: str) -> None:
         "peak_during": peak,
         "peak_method": "VmHWM" if hwm_reset else "psutil-2ms",
         "ru_maxrss": max_rss_bytes(),
-        "hits": {name: totals[i * len(KS) : (i + 1) * len(KS)].tolist() for i, name in enumerate(hits)},
+        "hits": {name: [int(h) for h in totals[i, : len(KS)]] for i, name in enumerate(sums)},
+        "depth": depth(labels, embeddings.shape[0]),
     }
     Path(outdir, f"rank{rank}.json").write_text(json.dumps(record))
     if world > 1:
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
 
 
@@ -170,6 +172,13 @@ def run(world: int, spec: dict) -> list[dict]:
     for r in ranks:
         r["process_wall"] = wall
     return ranks
+
+
+def depth(labels: dict[str, torch.Tensor], n: int) -> int:
+    """The columns retrieval_sums keeps per query: the deepest R (a label's rows but the query), or
+    k_max, within the n - 1 other rows."""
+    deepest = max(int(torch.bincount(y).max()) - 1 for y in labels.values())
+    return min(max(deepest, max(KS)), n - 1)
 
 
 # --------------------------------------------------------------------------- exactness
@@ -209,9 +218,9 @@ def exactness(spec: dict, rows: int) -> list[str]:
             got = {name: [0] * len(ks) for name in labels}
             b = 0
             for s in sizes:
-                h = recall_at_k(emb, labels, b, b + s, ks, chunk)
+                h = query_slice_sums(emb, labels, b, b + s, ks, chunk)
                 for name in labels:
-                    got[name] = [x + int(y) for x, y in zip(got[name], h[name])]
+                    got[name] = [x + int(y) for x, y in zip(got[name], h[name][: len(ks)])]
                 b += s
             same = got == want
             ok &= same
@@ -232,22 +241,22 @@ def exactness(spec: dict, rows: int) -> list[str]:
 
 # --------------------------------------------------------------------------- report
 def summarize(world: int, spec: dict, ranks: list[dict]) -> dict:
-    n, d, c = spec["n"], spec["dim"], spec["chunk"]
-    k_max = min(max(KS), n - 1)
+    n, d = spec["n"], spec["dim"]
+    c = min(spec["chunk"], SUB_CHUNK, max(r["queries"] for r in ranks))  # queries sorted at once
     return {
         "ranks": world,
-        "chunk": c,
+        "chunk": spec["chunk"],
         "queries": spec["queries"],
         "queries_per_rank": [r["queries"] for r in ranks],
         "seconds": max(r["seconds_with_reduce"] for r in ranks),
         "process_wall": ranks[0]["process_wall"],
         "cpu": [r["cpu_seconds"] for r in ranks],
         "load": ranks[0]["load_before"],
-        "block": min(c, max(r["queries"] for r in ranks)) * n * 4,
+        "block": c * n * 4,
         "emb_bytes": n * d * 4 + 2 * n * 8,
         "rss_before": max(r["rss_before"] - r["rss_start"] for r in ranks),
         "extra": [r["peak_during"] - r["rss_before"] for r in ranks],
-        "predicted": min(c, max(r["queries"] for r in ranks)) * (4 * n + 25 * k_max),
+        "predicted": c * (16 * n + 50 * ranks[0]["depth"]),
         "ru_maxrss": [r["ru_maxrss"] for r in ranks],
         "hits": ranks[0]["hits"],
         "peak_method": ranks[0]["peak_method"],
@@ -264,7 +273,7 @@ def table(rows: list[dict], n: int) -> list[str]:
                 "embeddings+labels expected MiB",
                 "RSS growth for them MiB (max rank)",
             ),
-            *("extra peak during recall_at_k MiB (per rank)", "one c x N block MiB", "one block + top-k MiB"),
+            *("extra peak during the pass MiB (per rank)", "one c x N block MiB", "sort + kept columns MiB"),
             "peak RSS (ru_maxrss) MiB per rank",
         ]
     )
@@ -283,10 +292,10 @@ def notes(sweep: list[dict], scaling: list[dict]) -> list[str]:
     ratios = [f"{x / s['block']:.2f}" for s in sweep for x in s["extra"]]
     if ratios:
         out.append(
-            f"- Extra memory / one c x N block, every rank of every run above: {', '.join(ratios)}. recall_at_k "
-            "computes a chunk's similarity block while the previous chunk's block is still bound to `sims` (the name "
-            "is rebound only after the matmul), so its peak can hold two blocks; releasing the block after the top-k "
-            "would leave one."
+            f"- Extra memory / one c x N block, every rank of every run above: {', '.join(ratios)}. retrieval_sums "
+            "sorts c = min(query_chunk, SUB_CHUNK) queries at a time against all N rows: the fp32 block, its sorted "
+            "copy and the int64 order make about 4 blocks, the kept depth columns the rest; query_chunk above "
+            f"SUB_CHUNK ({SUB_CHUNK}) changes nothing."
         )
     if len(scaling) > 1:
         ex = [max(s["extra"]) for s in sorted(scaling, key=lambda s: s["queries"])]
@@ -390,7 +399,8 @@ def main() -> None:
         f"{args.super_classes} super-classes (random labels, features clustered by fine class, signal {args.signal}); "
         f"every row a query against the rest; Recall@{KS}",
         f"- {args.threads} torch thread(s) per rank; each configuration in fresh spawned processes (gloo for 2 ranks); "
-        "code under test: `fgdist.evaluation.recall_at_k` after `fgdist.collectives.gather_rows`",
+        "code under test: `fgdist.evaluation.query_slice_sums` (evaluation's one retrieval pass) after "
+        "`fgdist.collectives.gather_rows`",
         f"- Peak memory method: {sweep[0]['peak_method'] if sweep else '-'} (see the script's docstring); total "
         f"benchmark time {total:.0f} s",
         "",
@@ -405,9 +415,10 @@ def main() -> None:
         "## Chunk size and rank count (all queries)",
         "",
         '"embeddings+labels expected" is N x d x 4 bytes plus two int64 label vectors; "RSS growth for them" is the '
-        "resident set just before recall_at_k minus the one at process start (it includes the data generation's "
-        'leftovers and the gather\'s buffers); "extra peak" is the peak during recall_at_k minus the resident set just '
-        'before it; "one block + top-k" is c x (4N + 25 k_max) bytes. "CPU s" is the process time of recall_at_k: on '
+        "resident set just before the pass minus the one at process start (it includes the data generation's "
+        'leftovers and the gather\'s buffers); "extra peak" is the peak during the pass minus the resident set just '
+        'before it; "one c x N block" is c x N x 4 bytes with c = min(query_chunk, SUB_CHUNK, queries); "sort + kept '
+        'columns" is c x (16 N + 50 depth) bytes, depth = max(R, k_max). "CPU s" is the process time of the pass: on '
         "this shared machine the wall time also counts the waits for a core.",
         "",
         *table(sweep, n),

@@ -1,15 +1,21 @@
-"""Distributed, chunked evaluation.
+"""Distributed, chunked evaluation: one retrieval pass.
 
 Each rank embeds its slice of the test split; the L2-normalized embeddings (and labels) are
-gathered to every rank; each rank then ranks its own queries against the whole test set in
-blocks of `query_chunk` rows (an exact top-k per block, the query itself excluded), so no
-all-pairs matrix is ever held. Hits are summed over ranks.
+gathered to every rank; each rank then ranks its own queries against the whole test set, the
+query itself excluded, with `fgdist.retrieval_metrics.retrieval_sums`: one sorted pass that
+yields the Recall@k hits, MAP@R and R-precision together, in blocks of at most `query_chunk`
+rows (and at most `retrieval_metrics.SUB_CHUNK`), so no all-pairs matrix is ever held (the peak
+is stated there). The sums of all labels and the super-class top-1/top-5 counts are added over
+ranks in one collective and read to the host once.
 
 Everything stays on the model's device: collectives run through fgdist.collectives (which puts
-their tensors on the communication device), and the host reads the totals once at the end.
+their tensors on the communication device).
 
 Recall@k: the fraction of queries with at least one of their k nearest neighbours (cosine
-similarity on f(x)) of the same label. Super-class top-1/top-5 come from the super head.
+similarity on f(x)) of the same label; a query with no same-label row is a miss at every k,
+including k beyond the other rows' count. Neighbours tied in similarity are ranked by the lower
+row (a stable sort), so the metrics are a function of the data. Super-class top-1/top-5 come
+from the super head. See docs/DESIGN.md, "Evaluation".
 """
 
 from __future__ import annotations
@@ -20,16 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from fgdist.collectives import gather_counts, gather_rows, sum_over_ranks, world
-from fgdist.retrieval_metrics import map_at_r_metrics
-
-
-def metric_name(label: str, k: int) -> str:
-    """MLflow metric names allow no '@': fine_recall_at_1 stands for fine R@1."""
-    return f"{label}_recall_at_{k}"
+from fgdist.retrieval_metrics import retrieval_sums, to_metrics
 
 
 @torch.no_grad()
-def recall_at_k(
+def query_slice_sums(
     embeddings: torch.Tensor,
     labels: dict[str, torch.Tensor],
     query_begin: int,
@@ -37,23 +38,11 @@ def recall_at_k(
     ks: list[int],
     chunk: int,
 ) -> dict[str, torch.Tensor]:
-    """Hit counts of queries [query_begin, query_end) against all rows, per label and k."""
-    k_max = min(max(ks), embeddings.shape[0] - 1)  # there are only n - 1 other rows
-    miss = max(ks)  # a query with no same-label neighbour: beyond every k, never a hit
-    device = embeddings.device
-    hits = {name: torch.zeros(len(ks), dtype=torch.long, device=device) for name in labels}
-    for start in range(query_begin, query_end, chunk):
-        stop = min(start + chunk, query_end)
-        sims = embeddings[start:stop] @ embeddings.T
-        sims[torch.arange(stop - start, device=device), torch.arange(start, stop, device=device)] = float("-inf")
-        neighbours = sims.topk(k_max, dim=1).indices
-        del sims  # otherwise the next block is computed while this one is still held (2x peak)
-        for name, y in labels.items():
-            match = y[neighbours] == y[start:stop, None]
-            first_hit = torch.where(match.any(dim=1), match.float().argmax(dim=1), miss)
-            for i, k in enumerate(ks):
-                hits[name][i] += (first_hit < k).sum()
-    return hits
+    """`retrieval_sums` of rows [query_begin, query_end) as queries against all rows, each query's
+    own row excluded: one rank's share of evaluation (local, no collective)."""
+    rows = slice(query_begin, query_end)
+    queries = {name: y[rows] for name, y in labels.items()}
+    return retrieval_sums(embeddings[rows], queries, embeddings, labels, ks, chunk, self_offset=query_begin)
 
 
 @torch.no_grad()
@@ -89,18 +78,17 @@ def evaluate(
     if (labels["fine"] < 0).all():
         del labels["fine"]  # no fine labels in this data set
     begin = sum(counts[:rank])
-    hits = recall_at_k(embeddings, labels, begin, begin + counts[rank], ks, chunk)
-    totals = sum_over_ranks(torch.cat([*hits.values(), top])).tolist()  # the one read to the host
+    sums = query_slice_sums(embeddings, labels, begin, begin + counts[rank], ks, chunk)
+    # float64 holds every count exactly (below 2**53), so the top-k counts ride along.
+    totals = sum_over_ranks(torch.cat([*sums.values(), top.double()])).tolist()  # the one read to the host
+    per_label, i = {}, 0
+    for name, s in sums.items():
+        per_label[name], i = totals[i : i + len(s)], i + len(s)
+    metrics = to_metrics(per_label, ks)
     n = sum(counts)
-    metrics, i = {}, 0
-    for name in hits:
-        for k in ks:
-            metrics[metric_name(name, k)] = 100.0 * totals[i] / n
-            i += 1
     if has_super_head:
-        metrics["super_top1"] = 100.0 * totals[i] / n
-        metrics["super_top5"] = 100.0 * totals[i + 1] / n
-    metrics.update(map_at_r_metrics(embeddings, labels, begin, begin + counts[rank], chunk))
+        metrics["super_top1"] = 100.0 * totals[-2] / n
+        metrics["super_top5"] = 100.0 * totals[-1] / n
     metrics["eval_images"] = float(n)
     metrics["eval_seconds"] = time.time() - started
     return metrics

@@ -10,11 +10,15 @@ item is labelled y:
     MAP@R       = (1/R) sum_{i<=R} rel(i) * precision@i
 
 Queries whose label has no other gallery item (R = 0) are left out of the mean, as in
-pytorch-metric-learning. Ties in similarity are broken by the lower gallery row, so the metrics
-are a function of the data (a top-k selection would pick among tied items arbitrarily).
+pytorch-metric-learning. Recall@k (the same pass) counts a query as a hit at k when one of its
+first k gallery items is labelled y; one with no such item anywhere is a miss at every k, k larger
+than the gallery included. Ties in similarity are broken by the lower gallery row (a stable sort),
+for Recall@k as for MAP@R, so the metrics are a function of the data (a top-k selection would pick
+among tied items arbitrarily).
 
 `python -m fgdist.retrieval_metrics --queries Q --gallery G` scores a query set against a
-different gallery set (two `fgdist-embed` outputs); evaluation uses the test split for both.
+different gallery set (two `fgdist-embed` outputs); evaluation (`fgdist.evaluation.evaluate`)
+uses the test split for both, and all its retrieval metrics come from one `retrieval_sums` pass.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 
 import torch
 
-SUB_CHUNK = 256  # query rows sorted at once: a full sort of chunk x n rows is the peak memory
+SUB_CHUNK = 256  # query rows sorted at once at most: their full sort against n rows is the peak memory
 
 
 def metric_names(label: str) -> tuple[str, str]:
@@ -40,7 +45,8 @@ def ranked(queries: torch.Tensor, gallery: torch.Tensor, depth: int, self_rows: 
     sims = queries @ gallery.T
     if self_rows is not None:
         sims[torch.arange(len(queries), device=sims.device), self_rows] = float("-inf")
-    return torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :depth]
+    # A copy of the kept columns: a view would keep all Q x n sorted indices alive.
+    return torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :depth].clone()
 
 
 @torch.no_grad()
@@ -57,44 +63,61 @@ def retrieval_sums(
     with R > 0, queries], on the queries' device. Sums add over ranks before `to_metrics`.
 
     `self_offset`: the queries are gallery rows [self_offset, self_offset + len(queries)) and each
-    one's own row is excluded (the paper's protocol); None: the two sets are distinct."""
-    n, device = gallery.shape[0], queries.device
-    out = {}
-    for name, g_labels in gallery_labels.items():
-        q_labels = query_labels[name]
-        top = max(int(g_labels.max()), int(q_labels.max()), 0)
-        counts = torch.bincount(g_labels[g_labels >= 0], minlength=top + 1)
-        sums = torch.zeros(len(ks) + 4, dtype=torch.float64, device=device)
-        for start in range(0, len(queries), min(chunk, SUB_CHUNK)):
-            stop = min(start + min(chunk, SUB_CHUNK), len(queries))
-            y = q_labels[start:stop]
-            r = torch.where(y >= 0, counts[y.clamp_min(0)], 0)
-            if self_offset is not None:
-                r = (r - 1).clamp_min(0)
-            self_rows = (
-                None if self_offset is None else torch.arange(self_offset + start, self_offset + stop, device=device)
-            )
-            depth = min(max(int(r.max()), max(ks)), n - (self_offset is not None))
-            order = ranked(queries[start:stop], gallery, depth, self_rows)
+    one's own row is excluded (the paper's protocol); None: the two sets are distinct.
+
+    Memory: queries are taken c = min(chunk, SUB_CHUNK) at a time, each sorted against the whole
+    gallery of n rows, keeping depth = max(R, max ks) columns (at most n). The peak working memory
+    is that sort: about 16 x c x n bytes (the fp32 similarity block, its sorted copy and the int64
+    order; a CUDA sort adds its workspace), plus some 50 x c x depth bytes for the kept columns,
+    whatever the number of queries."""
+    n, device, excluded = gallery.shape[0], queries.device, self_offset is not None
+    r = {name: relevant_counts(g_labels, query_labels[name], excluded) for name, g_labels in gallery_labels.items()}
+    # Columns kept for every query and label (a shape, so read to the host once): the deepest R, or
+    # max(ks), within the n (- 1) rows there are.
+    deepest = torch.stack([x.max() for x in r.values()]).max() if len(queries) and r else 0
+    depth = min(max(int(deepest), max(ks)), n - excluded)
+    sums = {name: torch.zeros(len(ks) + 4, dtype=torch.float64, device=device) for name in gallery_labels}
+    step = min(chunk, SUB_CHUNK)
+    for start in range(0, len(queries), step):
+        stop = min(start + step, len(queries))
+        self_rows = torch.arange(self_offset + start, self_offset + stop, device=device) if excluded else None
+        order = ranked(queries[start:stop], gallery, depth, self_rows)  # one sort serves every label
+        for name, g_labels in gallery_labels.items():
+            y = query_labels[name][start:stop]
             rel = (g_labels[order] == y[:, None]) & (y[:, None] >= 0)
-            for i, k in enumerate(ks):
-                sums[i] += rel[:, :k].any(dim=1).sum()
-            position = torch.arange(1, depth + 1, dtype=torch.float64, device=device)
-            within_r = position[None, :] <= r[:, None]
-            hits = (rel & within_r).double()
-            precision = hits.cumsum(dim=1) / position
-            scored = r > 0
-            denom = r.clamp_min(1).double()
-            sums[len(ks)] += ((precision * hits).sum(dim=1) / denom)[scored].sum()
-            sums[len(ks) + 1] += (hits.sum(dim=1) / denom)[scored].sum()
-            sums[len(ks) + 2] += scored.sum()
-            sums[len(ks) + 3] += stop - start
-        out[name] = sums
-    return out
+            add_chunk(sums[name], rel, r[name][start:stop], ks)
+    return sums
 
 
-def to_metrics(sums: dict[str, torch.Tensor], ks: list[int]) -> dict[str, float]:
-    """Percentages: Recall@k over all queries, MAP@R and R-precision over the queries with R > 0."""
+def relevant_counts(gallery_labels: torch.Tensor, query_labels: torch.Tensor, excluded: bool) -> torch.Tensor:
+    """R of each query: the gallery items with its label, less its own row when `excluded`; 0 for
+    an unlabelled query (label < 0)."""
+    counts = torch.bincount(gallery_labels[gallery_labels >= 0], minlength=1)
+    known = (query_labels >= 0) & (query_labels < len(counts))  # a label beyond the gallery's: R = 0
+    r = torch.where(known, counts[query_labels.clamp(0, len(counts) - 1)], 0)
+    return (r - 1).clamp_min(0) if excluded else r
+
+
+def add_chunk(sums: torch.Tensor, rel: torch.Tensor, r: torch.Tensor, ks: list[int]) -> None:
+    """Adds a block of queries to `sums` (`retrieval_sums`' layout): rel[i, j] says whether the
+    j-th ranked gallery item of query i is relevant, r[i] is its R."""
+    depth, device = rel.shape[1], rel.device
+    for i, k in enumerate(ks):
+        sums[i] += rel[:, :k].any(dim=1).sum()  # k beyond depth (the whole gallery) takes every column
+    position = torch.arange(1, depth + 1, dtype=torch.float64, device=device)
+    hits = (rel & (position[None, :] <= r[:, None])).double()
+    precision = hits.cumsum(dim=1) / position
+    scored = r > 0
+    denom = r.clamp_min(1).double()
+    sums[len(ks)] += ((precision * hits).sum(dim=1) / denom)[scored].sum()
+    sums[len(ks) + 1] += (hits.sum(dim=1) / denom)[scored].sum()
+    sums[len(ks) + 2] += scored.sum()
+    sums[len(ks) + 3] += len(rel)
+
+
+def to_metrics(sums: dict[str, Sequence[float] | torch.Tensor], ks: list[int]) -> dict[str, float]:
+    """Percentages: Recall@k over all queries, MAP@R and R-precision over the queries with R > 0.
+    `sums`: `retrieval_sums`'s layout per label, as tensors or as numbers already read to the host."""
     metrics = {}
     for name, s in sums.items():
         queries, scored = float(s[len(ks) + 3]), float(s[len(ks) + 2])
@@ -111,23 +134,6 @@ TITLES = {
     for label in ("super", "fine")
     for name, title in zip(metric_names(label), ("MAP@R", "R-prec"))
 }
-
-
-def map_at_r_metrics(
-    embeddings: torch.Tensor, labels: dict[str, torch.Tensor], query_begin: int, query_end: int, chunk: int
-) -> dict[str, float]:
-    """Evaluation's hook (collective when a process group is up): this rank's queries are rows
-    [query_begin, query_end) of the gathered test embeddings, the gallery all of them; returns
-    MAP@R and R-precision per label over all ranks' queries."""
-    from fgdist.collectives import sum_over_ranks
-
-    rows = slice(query_begin, query_end)
-    sums = retrieval_sums(
-        embeddings[rows], {n: y[rows] for n, y in labels.items()}, embeddings, labels, [1], chunk, query_begin
-    )
-    sums = {name: sum_over_ranks(s).cpu() for name, s in sums.items()}
-    wanted = {name for label in labels for name in metric_names(label)}
-    return {k: v for k, v in to_metrics(sums, [1]).items() if k in wanted}
 
 
 def main(argv=None) -> int:

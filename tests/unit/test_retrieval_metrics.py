@@ -1,12 +1,12 @@
-"""MAP@R and R-precision against a float64 brute force (with ties), against
-pytorch-metric-learning where it is installed, and Recall@k against evaluation's recall_at_k."""
+"""MAP@R, R-precision and Recall@k against a float64 brute force (with ties, broken by the lower
+row), MAP@R and R-precision against pytorch-metric-learning where it is installed."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fgdist.evaluation import recall_at_k
-from fgdist.retrieval_metrics import map_at_r_metrics, retrieval_sums, to_metrics
+from fgdist.evaluation import query_slice_sums
+from fgdist.retrieval_metrics import retrieval_sums, to_metrics
 
 
 def brute_force(q, q_labels, g, g_labels, ks, exclude_self):
@@ -66,18 +66,19 @@ def test_a_query_slice_with_offset_equals_the_whole():
         retrieval_sums(x[b:e], {"y": y[b:e]}, x, {"y": y}, [1], 8, self_offset=b)["y"] for b, e in [(0, 13), (13, 40)]
     )
     assert torch.equal(whole, parts)
-    single = map_at_r_metrics(x, {"y": y}, 0, 40, 8)  # no process group: one rank
-    assert set(single) == {"y_map_at_r", "y_r_precision"}
+    assert torch.equal(whole, sum(query_slice_sums(x, {"y": y}, b, e, [1], 8)["y"] for b, e in [(0, 13), (13, 40)]))
 
 
-def test_recall_equals_evaluation_recall_at_k():
-    gen = torch.Generator().manual_seed(5)
-    x = F.normalize(torch.randn(80, 16, generator=gen), dim=1)
-    y = torch.randint(0, 5, (80,), generator=gen)
-    ks = [1, 2, 4]
-    hits = recall_at_k(x, {"y": y}, 0, 80, ks, chunk=32)["y"]
-    ours = retrieval_sums(x, {"y": y}, x, {"y": y}, ks, chunk=32, self_offset=0)["y"][: len(ks)]
-    assert ours.long().tolist() == hits.tolist()
+def test_labels_sharing_one_sort_equal_each_label_alone():
+    """One sort serves every label (its depth set by the deepest R of all): each label's sums are
+    those it gets alone."""
+    x, y = tied_data(45, seed=7)
+    coarse = y % 2  # large R: deeper than the fine label needs
+    ks = [1, 3, 60]  # 60 > 44 other rows
+    both = retrieval_sums(x, {"y": y, "c": coarse}, x, {"y": y, "c": coarse}, ks, 6, self_offset=0)
+    for name, labels in (("y", y), ("c", coarse)):
+        alone = retrieval_sums(x, {name: labels}, x, {name: labels}, ks, 6, self_offset=0)[name]
+        assert torch.equal(both[name], alone)
 
 
 def test_equals_pytorch_metric_learning():
