@@ -1,5 +1,6 @@
 """Helpers the bench scripts share: resident-memory probes, the run's description (command line,
-commit, date), the `deepspeed` command that starts a script's ranks, and Markdown table rows.
+commit, date), the `deepspeed` command that starts a script's ranks, the --variant argument, and
+Markdown table rows.
 
 The scripts run as `python bench/NAME.py` from the repository root; each puts the root on
 sys.path and imports this module as `bench.common`.
@@ -7,6 +8,7 @@ sys.path and imports this module as `bench.common`.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -146,6 +148,24 @@ def run_meta(*dirty_paths: str) -> dict:
 def deepspeed_command(ranks: int, script: str | Path, args: list[str]) -> list[str]:
     """`deepspeed` starting `ranks` processes of `script args` on this machine, on a free port."""
     return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), str(script), *args]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line arguments
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """A --variant argument NAME:KEY=VALUE[,KEY=VALUE...] as (NAME, ["KEY=VALUE", ...]); the
+    settings may be empty (NAME or NAME:). argparse reports the error with the bad argument."""
+    name, _, sets = text.partition(":")
+    settings = [s for s in sets.split(",") if s]
+    if not name or any(c in name for c in "/ "):
+        raise argparse.ArgumentTypeError(f"variant {text!r}: NAME must be non-empty, without '/' or spaces")
+    bad = [s for s in settings if "=" not in s or s.startswith("=")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"variant {name!r}: settings must be KEY=VALUE, not {', '.join(bad)}")
+    return name, settings
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,14 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import deepspeed_command, md_head, md_row  # noqa: E402
+from bench.common import deepspeed_command, md_head, md_row, parse_variant  # noqa: E402
 from fgdist.comparison import main as compare  # noqa: E402
 from fgdist.config import load_config  # noqa: E402
-
-
-def parse_variant(text: str) -> tuple[str, list[str]]:
-    name, _, sets = text.partition(":")
-    return name, [s for s in sets.split(",") if s]
 
 
 def main(argv=None) -> int:

@@ -1,10 +1,25 @@
-"""Step time of each objective on DeepSpeed ranks, and the data loader's rate against it.
+"""Step time and memory per rank of recipe variants on DeepSpeed ranks, and the loader's rate.
 
-Driver (runs each objective under the real launcher, then writes a Markdown table):
+Driver (runs each variant under the real launcher, then writes a Markdown table):
+    python bench/step_time.py --config configs/synthetic_cpu.json --steps 20 \
+        --variant base:objective.name=base \
+        --variant eff_cos:objective.name=base_indi_eff,head.logit=cosine,head.temperature=0.1 \
+        --out bench/results/step_time_synthetic.md [--set data.shards=data/synthetic ...]
     python bench/step_time.py --config configs/synthetic_cpu.json --objectives base base_indi_eff \
         --steps 20 --out bench/results/step_time_synthetic.md [--set model.width=16 ...]
+
+A variant is NAME:KEY=VALUE[,KEY=VALUE...] (as in bench/quality.py), one launch each; --objectives X
+is the shortcut for --variant X:objective.name=X. Variants run in command-line order (by default
+--objectives base base_indi_eff); the first is the reference of the step-time ratio. --set applies to
+all of them, a variant's own settings win over it.
+
 Each rank times `Trainer.train_step` alone (batch already in memory) and, separately, how fast
-its loader produces batches with nothing else running in that rank.
+its loader produces batches with nothing else running in that rank. Memory: once its batches are
+in memory, each rank resets its RSS high-water mark (VmHWM) and reads the RSS, runs the warm-up and
+timed steps, and reads the high-water mark; the table shows, max over ranks, the RSS before the
+steps, the peak during them and what the steps add. On the CPU this is process RSS, so the
+allocator's cached blocks count too. head.init=features only sets the head's starting values: its
+pass over the training set is not run here, and a step costs the same either way.
 """
 
 from __future__ import annotations
@@ -22,7 +37,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import command_line, deepspeed_command, git_commit, md_head, md_row  # noqa: E402
+from bench.common import (  # noqa: E402
+    command_line,
+    deepspeed_command,
+    git_commit,
+    hwm_bytes,
+    md_head,
+    md_row,
+    mib,
+    parse_variant,
+    reset_hwm,
+    rss_bytes,
+)
+
+DEFAULT_OBJECTIVES = ("base", "base_indi_eff")
 
 
 def measure(args) -> None:
@@ -42,6 +70,11 @@ def measure(args) -> None:
             args.steps + args.warmup,
         )
     )
+    dist.barrier()
+    # From here the high-water mark sees only the steps (the batches and the model are in `before`).
+    # Where the kernel refuses the reset the mark would include the setup: no memory numbers then.
+    hwm_reset = reset_hwm()
+    rss_before = rss_bytes()
     times = []
     for i in range(args.steps + args.warmup):
         batch = batches[i % len(batches)]
@@ -50,6 +83,7 @@ def measure(args) -> None:
         trainer.train_step(batch)
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
+    peak_rss = hwm_bytes()
     dist.barrier()
     loader_rate = None
     if args.loader:
@@ -64,8 +98,10 @@ def measure(args) -> None:
     result = {
         "rank": trainer.rank,
         "step_s": step,
-        "train_images_per_s_per_rank": cfg.data.batch_size / step,
+        "train_images_per_s_per_rank": cfg.data.batch_size / step,  # images, not rows (data.views)
         "loader_images_per_s_per_rank": loader_rate,
+        "rss_before_bytes": rss_before if hwm_reset else None,
+        "peak_rss_bytes": peak_rss if hwm_reset else None,
     }
     gathered = [None] * trainer.world_size
     dist.all_gather_object(gathered, result)
@@ -74,69 +110,129 @@ def measure(args) -> None:
     trainer.tracker.finish()
 
 
-def drive(args) -> None:
-    rows = []
-    for objective in args.objectives:
-        result = Path(f"/tmp/step_time_{os.getpid()}_{objective}.json")
-        cmd = deepspeed_command(
-            args.ranks,
-            __file__,
-            [
-                "--measure",
-                "--result",
-                str(result),
-                "--config",
-                args.config,
-                "--steps",
-                str(args.steps),
-                "--warmup",
-                str(args.warmup),
-                "--loader" if args.loader else "--no-loader",
-                "--set",
-                f"objective.name={objective}",
-                "--set",
-                f"name=bench_{objective}",
-                "--set",
-                "tracking.system_metrics=false",
-                "--set",
-                "tracking.experiment=bench",
-                *sum((["--set", o] for o in args.overrides), []),
-            ],
-        )
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        ranks = json.loads(result.read_text())
-        loader = min(r["loader_images_per_s_per_rank"] for r in ranks) if args.loader else None
-        rows.append(
-            (objective, max(r["step_s"] for r in ranks), loader, max(r["train_images_per_s_per_rank"] for r in ranks))
-        )
-    base = rows[0][1]
+def summarize(name: str, settings: list[str], ranks: list[dict]) -> dict:
+    """One table row from every rank's result: the slowest rank's step and training rate, the
+    slowest loader, and each memory figure's maximum over ranks (None where not measured)."""
+    memory = all(r["rss_before_bytes"] is not None for r in ranks)
+    return {
+        "name": name,
+        "settings": settings,
+        "step_s": max(r["step_s"] for r in ranks),
+        "train": min(r["train_images_per_s_per_rank"] for r in ranks),
+        "loader": min(r["loader_images_per_s_per_rank"] for r in ranks)
+        if ranks[0]["loader_images_per_s_per_rank"] is not None
+        else None,
+        "rss_before": max(r["rss_before_bytes"] for r in ranks) if memory else None,
+        "peak_rss": max(r["peak_rss_bytes"] for r in ranks) if memory else None,
+        "step_adds": max(r["peak_rss_bytes"] - r["rss_before_bytes"] for r in ranks) if memory else None,
+    }
+
+
+def report(rows: list[dict], *, config: str, overrides: list[str], ranks: int, steps: int, warmup: int, machine: str):
+    """The Markdown table, its header lines and one line per variant naming its settings."""
+    reference = rows[0]
     lines = [
-        f"# Step time: {args.config} {' '.join(args.overrides)}",
+        f"# Step time: {config} {' '.join(overrides)}",
         "",
         f"Command: `{command_line()}`  ",
-        f"Machine: {args.machine}; date {time.strftime('%Y-%m-%d')}; commit {git_commit()}  ",
-        f"{args.ranks} DeepSpeed ranks; median of {args.steps} steps after {args.warmup} warm-up; slowest rank.",
+        f"Machine: {machine}; date {time.strftime('%Y-%m-%d')}; commit {git_commit()}  ",
+        f"{ranks} DeepSpeed ranks; median of {steps} steps after {warmup} warm-up; slowest rank.  ",
+        "Memory per rank, each column its own maximum over ranks: process RSS (on the CPU the allocator's "
+        "cached blocks count too); peak = the RSS high-water mark over warm-up and timed steps, reset once "
+        "the batches are in memory.",
         "",
         *md_head(
             [
-                *("objective", "step (s)", f"step / {rows[0][0]} step", "training consumes (img/s/rank)"),
+                *("variant", "step (s)", f"step / {reference['name']} step", "training consumes (img/s/rank)"),
+                *("RSS before steps (MiB)", "peak RSS in steps (MiB)", "steps add (MiB)"),
                 *("loader alone (img/s/rank)", "loader / training"),
             ]
         ),
     ]
-    for objective, step, loader, train in rows:
+    for row in rows:
+        memory = [row["rss_before"], row["peak_rss"], row["step_adds"]]
+        memory_cells = [mib(b) for b in memory] if row["rss_before"] is not None else ["not measured"] * 3
+        loader, train = row["loader"], row["train"]
         loader_cells = [f"{loader:.1f}", f"{loader / train:.2f}x"] if loader is not None else ["not measured", "-"]
-        lines.append(md_row([objective, f"{step:.4f}", f"{step / base:.3f}", f"{train:.1f}", *loader_cells]))
-    text = "\n".join(lines) + "\n"
+        ratio = row["step_s"] / reference["step_s"]
+        lines.append(
+            md_row([row["name"], f"{row['step_s']:.4f}", f"{ratio:.3f}", f"{train:.1f}", *memory_cells, *loader_cells])
+        )
+    lines += ["", "Variants (each on top of the config and the --set above):", ""]
+    lines += [
+        f"- `{row['name']}`: {', '.join(f'`{s}`' for s in row['settings']) or 'the config as is'}" for row in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def drive(args) -> None:
+    from fgdist.config import ConfigError, load_config
+
+    variants = args.variants or [(o, [f"objective.name={o}"]) for o in DEFAULT_OBJECTIVES]
+    names = [name for name, _ in variants]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"step_time: variant names must differ: {' '.join(names)}")
+    launches = []
+    for name, settings in variants:
+        overrides = [
+            *args.overrides,
+            *settings,
+            f"name=bench_{name}",
+            "tracking.system_metrics=false",
+            "tracking.experiment=bench",
+        ]
+        try:  # a bad key or value stops here, before any launch
+            load_config(args.config, overrides)
+        except ConfigError as err:
+            raise SystemExit(f"step_time: variant {name!r}: {err}") from None
+        launches.append((name, settings, overrides))
+    rows = []
+    for name, settings, overrides in launches:
+        result = Path(f"/tmp/step_time_{os.getpid()}_{name}.json")
+        cmd = deepspeed_command(
+            args.ranks,
+            __file__,
+            [
+                *("--measure", "--result", str(result), "--config", args.config),
+                *("--steps", str(args.steps), "--warmup", str(args.warmup)),
+                "--loader" if args.loader else "--no-loader",
+                *sum((["--set", o] for o in overrides), []),
+            ],
+        )
+        print(f"[step_time] {name}: {' '.join(settings)}", flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        rows.append(summarize(name, settings, json.loads(result.read_text())))
+        result.unlink()
+    text = report(
+        rows,
+        config=args.config,
+        overrides=args.overrides,
+        ranks=args.ranks,
+        steps=args.steps,
+        warmup=args.warmup,
+        machine=args.machine,
+    )
     print(text)
     if args.out:
         Path(args.out).write_text(text)
 
 
-if __name__ == "__main__":
+class AddObjectives(argparse.Action):
+    """--objectives X Y: the variants X:objective.name=X and Y:objective.name=Y, in their place
+    among the --variant arguments."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        variants = list(getattr(namespace, self.dest) or [])
+        setattr(namespace, self.dest, variants + [(o, [f"objective.name={o}"]) for o in values])
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
-    p.add_argument("--objectives", nargs="+", default=["base", "base_indi_eff"])
+    p.add_argument("--variant", dest="variants", action="append", default=[], type=parse_variant)
+    p.add_argument(
+        "--objectives", dest="variants", nargs="+", action=AddObjectives, help="shortcut: one variant per objective"
+    )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--ranks", type=int, default=2)
@@ -152,5 +248,9 @@ if __name__ == "__main__":
     p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
-    a = p.parse_args()
+    return p
+
+
+if __name__ == "__main__":
+    a = parser().parse_args()
     measure(a) if a.measure else drive(a)
