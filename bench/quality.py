@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     variants = args.variant + [(o, [f"objective.name={o}"]) for o in args.objectives]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    run_ids, timings = [], []
+    run_ids, timings, failed = [], [], []
     for name, sets in variants:
         overrides = [
             *args.overrides,
@@ -57,15 +57,22 @@ def main(argv=None) -> int:
         print(f"[quality] {name}: {' '.join(sets)}", flush=True)
         started = time.time()
         with open(out / f"{name}.log", "w") as log:
-            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        if code:  # one failed run does not cost the others: it is named under the table
+            failed.append(f"{name}: exit code {code}, see {out / f'{name}.log'}")
+            print(f"[quality] {failed[-1]}", flush=True)
+            continue
         timings.append((name, time.time() - started))
         run_ids.append(json.loads((cfg.run_dir / "results.json").read_text())["mlflow_run_id"])
-    code = compare(["--experiment", args.experiment, "--runs", *run_ids, "--out", str(out), "--curves"])
+    code = (
+        compare(["--experiment", args.experiment, "--runs", *run_ids, "--out", str(out), "--curves"]) if run_ids else 1
+    )
     lines = ["", *md_head(["variant", "wall time (s), launch to exit"]), *[md_row([n, f"{t:.0f}"]) for n, t in timings]]
+    lines += [f"FAILED {line}" for line in failed]
     print("\n".join(lines))
     with open(out / "comparison.md", "a") as f:
         f.write("\n".join(lines) + "\n")
-    return code
+    return 1 if failed else code
 
 
 if __name__ == "__main__":
