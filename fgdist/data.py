@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import math
-import multiprocessing
 import random
 from dataclasses import dataclass
 
@@ -171,11 +170,9 @@ class TrainStream(IterableDataset):
             rank,
             skip_batches,
         )
+        self.transform = with_views(make_transform(cfg, train=True), cfg.views)
 
     def __iter__(self):
-        # Built here, in the worker: a closure does not pickle, and a forkserver worker
-        # (worker_context) receives the stream pickled.
-        transform = with_views(make_transform(self.cfg, train=True), self.cfg.views)
         info = get_worker_info()
         physical, workers = (info.id, info.num_workers) if info else (0, 1)
         # DataLoader takes batches round-robin from its workers, starting at worker 0. Batch j of
@@ -195,7 +192,7 @@ class TrainStream(IterableDataset):
                 continue
             # One generator per sample position: augmentations do not depend on what was skipped.
             rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, position))
-            image = _decode(sample, meta, transform, rng, self.cfg.on_corrupt)
+            image = _decode(sample, meta, self.transform, rng, self.cfg.on_corrupt)
             if image is None:
                 skipped_corrupt += 1
                 continue
@@ -303,14 +300,14 @@ class EvalStream(IterableDataset):
 
     def __init__(self, spec: StreamSpec, cfg: DataConfig):
         self.spec, self.cfg = spec, cfg
+        self.transform = make_transform(cfg, train=False)
 
     def __iter__(self):
-        transform = make_transform(self.cfg, train=False)  # in the worker: see TrainStream.__iter__
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         spec = StreamSpec(self.spec.urls[worker::workers], self.spec.instance_range, self.spec.modulo)
         for sample, meta in _read(spec, None):
-            image = _decode(sample, meta, transform, None, "fail")
+            image = _decode(sample, meta, self.transform, None, "fail")
             yield image, meta["super"], meta["fine"], meta["instance"], 0
 
 
@@ -332,33 +329,8 @@ def _eval_loader(spec: StreamSpec, cfg: DataConfig, batch_size: int) -> DataLoad
     return data_loader(EvalStream(spec, cfg), cfg, batch_size, min(cfg.num_workers, len(spec.urls)))
 
 
-def worker_context():
-    """How loader workers start: through the forkserver, not by forking the rank (docs/DESIGN.md,
-    "The data path").
-
-    A rank runs threads (gloo, DeepSpeed, MLflow's system metrics, the queue feeder threads of
-    earlier loaders, OpenMP pools); a worker forked from it inherits every lock one of them held at
-    the fork, held forever: the likely cause of two evaluation workers that never delivered a batch
-    in ~20 runs (bench/results/i11s_syn60_head/eff_ema.log: "DataLoader timed out" in evaluate on
-    rank 1, after data.worker_timeout). Forkserver workers fork from a single-threaded server that
-    the rank starts by fork+exec at its first loader, with fgdist.data (and torch) imported there
-    once: that start costs about 2 s per rank; a later loader's first batch comes as fast as with
-    fork (measured), so the training loader, built every epoch, starts its workers so too."""
-    multiprocessing.set_forkserver_preload(["fgdist.data"])  # read when the server starts
-    return multiprocessing.get_context("forkserver")
-
-
 def data_loader(stream: IterableDataset, cfg: DataConfig, batch_size: int, workers: int) -> DataLoader:
     """A DataLoader whose workers must deliver each batch within data.worker_timeout seconds: a
-    stuck worker becomes an error on its rank instead of a silent hang of every rank; its workers
-    start as worker_context says."""
+    stuck worker becomes an error on its rank instead of a silent hang of every rank."""
     timeout = cfg.worker_timeout if workers else 0  # PyTorch allows a timeout only with workers
-    context = worker_context() if workers else None  # PyTorch allows a context only with workers
-    return DataLoader(
-        stream,
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate,
-        timeout=timeout,
-        multiprocessing_context=context,
-    )
+    return DataLoader(stream, batch_size=batch_size, num_workers=workers, collate_fn=collate, timeout=timeout)

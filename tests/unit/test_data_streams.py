@@ -99,21 +99,6 @@ def test_eval_workers_embed_every_test_sample_exactly_once(shard_set, world):
     assert sorted(i for sets in per_rank.values() for i in sets[0]) == list(range(24))
 
 
-def test_forkserver_eval_worker_delivers_exactly_the_in_process_batches(shard_set):
-    """The evaluation stream pickled into a worker started through the forkserver (not forked from
-    this process) yields the batches the loader without workers yields: ids, labels, pixels."""
-    split = open_split(shard_set, "test")
-    in_process = list(eval_batches(split, data_cfg(num_workers=0), batch_size=5, rank=0, world_size=1))
-    loader = eval_batches(split, data_cfg(num_workers=1), batch_size=5, rank=0, world_size=1)
-    assert loader.num_workers == 1 and loader.multiprocessing_context.get_start_method() == "forkserver"
-    in_worker = list(loader)
-    assert len(in_worker) == len(in_process) == 5  # 24 test images
-    for a, b in zip(in_worker, in_process):
-        assert a.keys() == b.keys()
-        for key in ("images", "super", "fine", "instance"):
-            assert torch.equal(a[key], b[key]), key
-
-
 class _StuckStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         time.sleep(30)
