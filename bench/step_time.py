@@ -89,11 +89,11 @@ def measure(args) -> None:
     if args.loader:
         # The loader alone: this rank's batches for a whole epoch, decode and augment included.
         t = time.perf_counter()
-        count = sum(
+        rows = sum(
             b["images"].shape[0]
             for b in train_batches(trainer.train_split, trainer.plan, cfg.data, trainer.rank, epoch=1, seed=cfg.seed)
         )
-        loader_rate = count / (time.perf_counter() - t)
+        loader_rate = rows / cfg.data.views / (time.perf_counter() - t)  # images, as training's rate
     step = statistics.median(times)
     result = {
         "rank": trainer.rank,
