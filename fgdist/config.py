@@ -82,6 +82,10 @@ class ModelConfig(Section):
 class ObjectiveConfig(Section):
     name: Literal[OBJECTIVE_NAMES] = "base_indi_eff"  # fgdist/objective_table.py
     lambda_I: float = Field(1.0, ge=0.0)  # weight of the instance term where it is added (base_indi, base_indi_eff)
+    # cosine: lambda_I fades to 0 over the run, lambda_I * (1 + cos(pi * t)) / 2 at the fraction t
+    # of training done. The instance term's lead in fine R@1 peaks early and fades while its loss
+    # memorises (bench/RESULTS.md, issue 11); constant is the paper's.
+    lambda_I_schedule: Literal["constant", "cosine"] = "constant"
 
 
 class HeadConfig(Section):

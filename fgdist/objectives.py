@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fgdist.collectives import gather_counts, gather_rows
-from fgdist.config import RunConfig
+from fgdist.config import ObjectiveConfig, RunConfig
 from fgdist.head import InstanceHead
 from fgdist.kernels import grouped_lse
 from fgdist.model import instance_features
@@ -143,6 +143,13 @@ class InstanceLoss(nn.Module):
             )
 
 
+def lambda_I_at(objective: ObjectiveConfig, progress: float) -> float:
+    """lambda_I after the fraction `progress` (0 to 1) of training, by objective.lambda_I_schedule."""
+    if objective.lambda_I_schedule == "cosine":
+        return objective.lambda_I * (1.0 + math.cos(math.pi * progress)) / 2.0
+    return objective.lambda_I
+
+
 class Objective(nn.Module):
     """Loss parts of one step. `outputs` come from the engine's model (features and head
     logits), labels from the batch; `head` is this rank's instance-head slice, or None for an
@@ -151,6 +158,7 @@ class Objective(nn.Module):
     def __init__(self, cfg: RunConfig, plan: Plan, rank: int, head: InstanceHead | None):
         super().__init__()
         self.spec = OBJECTIVES[cfg.objective.name]
+        self.config = cfg.objective
         self.weights = self.spec.loss_weights(cfg.objective.lambda_I)
         self.instance = None
         if self.spec.instance is not None:
@@ -166,6 +174,12 @@ class Objective(nn.Module):
                 cfg.head.temperature,
                 cfg.head.kernel,
             )
+
+    def set_progress(self, progress: float) -> None:
+        """Where training stands (the fraction done, 0 to 1): the weights follow
+        objective.lambda_I_schedule. A function of the position alone, so a resumed run, on any
+        world size, weighs each step as the uninterrupted run did."""
+        self.weights = self.spec.loss_weights(lambda_I_at(self.config, progress))
 
     def forward(self, outputs: dict, super_ids, fine_ids, instance_ids) -> dict[str, torch.Tensor]:
         parts = {}

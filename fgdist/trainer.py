@@ -319,6 +319,8 @@ class Trainer:
         images = batch["images"].to(self.device, self.dtype, non_blocking=True)
         labels = [batch[k].to(self.device) for k in ("super", "fine", "instance")]
         outputs = self.engine(images)
+        pos = self.position
+        self.objective.set_progress((pos.epoch + pos.step / self.steps_per_epoch) / self.cfg.optim.epochs)
         parts = self.objective(outputs, *labels)
         parts["loss"] = poison_loss(parts["loss"], self.rank, self.position.global_step + 1)
         self.watch_finite(parts["loss"], self.position.global_step + 1)
@@ -430,6 +432,8 @@ class Trainer:
         metrics = {**state, "lr": self.engine.get_lr()[0], "images_per_s": images_per_s}
         if self.head is not None:
             metrics["head_lr"] = self.head.scheduler.get_last_lr()[0]
+        if self.cfg.objective.lambda_I_schedule != "constant" and self.spec.lambda_weighted:
+            metrics["lambda_I"] = self.objective.weights["instance_ce"]  # the last step's
         if self.cfg.data.on_corrupt == "skip":  # never silent: the run's total over all ranks
             metrics["corrupt_skipped"] = skipped
         metrics.update(self.sync_counter.take())  # FGDIST_SYNC_DEBUG=warn on CUDA: syncs_per_step

@@ -1,7 +1,8 @@
 """The instance options (issue 11) on real DeepSpeed CPU ranks, all at once (the combined
 recipe: strong augmentation, two views, projection MLP, cosine logits, feature init, ema head,
-projection features evaluated): a run killed mid-epoch and resumed equals the uninterrupted run,
-and the ema columns are re-cut like weights when a checkpoint is resumed on another world size."""
+cosine lambda_I schedule, projection features evaluated): a run killed mid-epoch and resumed
+equals the uninterrupted run, and the ema columns are re-cut like weights when a checkpoint is
+resumed on another world size."""
 
 import json
 import os
@@ -25,6 +26,7 @@ COMBINED = [
         "head.init=features",
         "head.update=ema",
         "head.ema_momentum=0.5",
+        "objective.lambda_I_schedule=cosine",
         "eval.features=projection",
         "optim.epochs=2",
         "checkpoint.every_steps=1",  # 2 steps per epoch: a checkpoint in the middle of each epoch

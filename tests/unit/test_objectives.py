@@ -63,3 +63,31 @@ def test_an_instance_objective_without_its_head_is_an_error():
     plan = make_plan(manifest_with_sizes(SIZES), world_size=1)
     with pytest.raises(ValueError, match="'base_indi_eff' has an instance term and needs the instance head"):
         Objective(cfg, plan, 0, None)
+
+
+@pytest.mark.parametrize(
+    "name, schedule, progress, weight",
+    [
+        ("base_indi_eff", "constant", 0.5, LAMBDA),
+        ("base_indi_eff", "cosine", 0.0, LAMBDA),
+        ("base_indi_eff", "cosine", 0.5, LAMBDA / 2),
+        ("base_indi_eff", "cosine", 1.0, 0.0),
+        ("base_indi", "cosine", 0.25, LAMBDA * (1 + 2**-0.5) / 2),
+        ("indi", "cosine", 0.5, 1.0),  # indi alone is not lambda-weighted (Eqn 3): no schedule
+    ],
+)
+def test_lambda_schedule_weighs_the_instance_term(name, schedule, progress, weight):
+    cfg = validate(
+        {"objective": {"name": name, "lambda_I": LAMBDA, "lambda_I_schedule": schedule}, "head": {"kernel": "torch"}},
+        "test",
+    )
+    plan = make_plan(manifest_with_sizes(SIZES), world_size=1)
+    objective = Objective(cfg, plan, 0, InstanceHead(plan, 0, DIM, seed=1))
+    objective.set_progress(progress)
+    instance_ids = torch.tensor([0, 4, 9])
+    super_ids = torch.bucketize(instance_ids, torch.tensor(SIZES).cumsum(0), right=True)
+    gen = torch.Generator().manual_seed(0)
+    outputs = {"features": torch.randn(3, DIM, generator=gen), "super_logits": torch.randn(3, 3, generator=gen)}
+    parts = objective(outputs, super_ids, instance_ids % 4, instance_ids)
+    want = parts.get("super_ce", 0.0) + weight * parts["instance_ce"]
+    assert float(parts["loss"].detach()) == pytest.approx(float(want), rel=1e-6)
