@@ -90,4 +90,4 @@ def test_lambda_schedule_weighs_the_instance_term(name, schedule, progress, weig
     outputs = {"features": torch.randn(3, DIM, generator=gen), "super_logits": torch.randn(3, 3, generator=gen)}
     parts = objective(outputs, super_ids, instance_ids % 4, instance_ids)
     want = parts.get("super_ce", 0.0) + weight * parts["instance_ce"]
-    assert float(parts["loss"].detach()) == pytest.approx(float(want), rel=1e-6)
+    assert float(parts["loss"].detach()) == pytest.approx(float(want.detach()), rel=1e-6)
