@@ -42,6 +42,11 @@ class Position:
     world_size: int  # the world size that reached this position
     mlflow_run_id: str | None
 
+    def epochs_done(self, steps_per_epoch: int) -> float:
+        """Epochs done, fractional. Steps per epoch change when a run resumes on another world
+        size, so the global step alone does not say where training stands."""
+        return self.epoch + self.step / steps_per_epoch
+
     @property
     def tag(self) -> str:
         """The checkpoint folder's name, e.g. epoch0003-step000000."""

@@ -158,7 +158,7 @@ class Objective(nn.Module):
     def __init__(self, cfg: RunConfig, plan: Plan, rank: int, head: InstanceHead | None):
         super().__init__()
         self.spec = OBJECTIVES[cfg.objective.name]
-        self.config = cfg.objective
+        self.objective_cfg = cfg.objective
         self.weights = self.spec.loss_weights(cfg.objective.lambda_I)
         self.instance = None
         if self.spec.instance is not None:
@@ -179,7 +179,7 @@ class Objective(nn.Module):
         """Where training stands (the fraction done, 0 to 1): the weights follow
         objective.lambda_I_schedule. A function of the position alone, so a resumed run, on any
         world size, weighs each step as the uninterrupted run did."""
-        self.weights = self.spec.loss_weights(lambda_I_at(self.config, progress))
+        self.weights = self.spec.loss_weights(lambda_I_at(self.objective_cfg, progress))
 
     def forward(self, outputs: dict, super_ids, fine_ids, instance_ids) -> dict[str, torch.Tensor]:
         parts = {}

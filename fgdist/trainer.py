@@ -319,8 +319,7 @@ class Trainer:
         images = batch["images"].to(self.device, self.dtype, non_blocking=True)
         labels = [batch[k].to(self.device) for k in ("super", "fine", "instance")]
         outputs = self.engine(images)
-        pos = self.position
-        self.objective.set_progress((pos.epoch + pos.step / self.steps_per_epoch) / self.cfg.optim.epochs)
+        self.objective.set_progress(self.position.epochs_done(self.steps_per_epoch) / self.cfg.optim.epochs)
         parts = self.objective(outputs, *labels)
         parts["loss"] = poison_loss(parts["loss"], self.rank, self.position.global_step + 1)
         self.watch_finite(parts["loss"], self.position.global_step + 1)
@@ -420,9 +419,7 @@ class Trainer:
                     f"epoch {pos.epoch + 1}/{cfg.optim.epochs} step {pos.step}/{self.steps_per_epoch} "
                     + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
                 )
-                # The epochs done, fractional, beside the step metrics: steps per epoch change
-                # when a run resumes on another world size, so the step alone does not say it.
-                epoch = pos.epoch + pos.step / self.steps_per_epoch
+                epoch = pos.epochs_done(self.steps_per_epoch)  # beside the step metrics
                 self.tracker.log_metrics({**metrics, "epoch": epoch}, step=pos.global_step)
                 window_start, window_images = time.time(), 0
 
