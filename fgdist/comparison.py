@@ -22,7 +22,6 @@ is. The trainer logs the fractional epoch beside each step's metrics (metric `ep
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import re
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from fgdist import cli
 from fgdist.figures import new_figure
 from fgdist.objective_table import OBJECTIVE_NAMES, OBJECTIVES
 from fgdist.retrieval_metrics import TITLES as MAP_TITLES
@@ -470,15 +470,13 @@ def plot_instance_ce(path: Path, runs: list[RunInfo], curves: dict[str, Instance
 
 # -- the command -------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="fgdist-compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = cli.parser("fgdist-compare", __doc__)
     p.add_argument("--experiment", required=True, help="MLflow experiment name")
     p.add_argument(
         "--runs", nargs="+", metavar="ID", help="only these run ids (default: all active runs of the experiment)"
     )
     p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
-    p.add_argument("--out", default=".", help="folder for comparison.csv, comparison.md, recall_at_k.png (default: .)")
+    p.add_argument("--out", default=".", help="folder for comparison.csv, comparison.md, recall_at_k.png")
     p.add_argument(
         "--curves",
         action="store_true",
@@ -494,8 +492,7 @@ def main(argv=None) -> int:
         client = open_client(uri)
         runs = load_runs(client, args.experiment, args.runs)
     except ComparisonError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.report(err)
     curves = instance_curves(client, runs)
     columns, rows = comparison_table(runs, curves)
     table = to_markdown(columns, rows)

@@ -12,16 +12,14 @@
 instance ids, which are sorted by super-class, so the queries cover the super-classes); the
 trainer calls it on rank 0 after the final evaluation and logs the files as MLflow artifacts.
 
-    fgdist-pictures --checkpoint runs/synthetic [--shards DIR] [--out DIR] [--queries 8]
+    fgdist-pictures --model runs/synthetic [--shards DIR] [--out DIR] [--num-queries 8]
     (or python -m fgdist.pictures ...)
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -33,6 +31,7 @@ import webdataset as wds
 from PIL import Image
 from torch import nn
 
+from fgdist import cli
 from fgdist.config import DataConfig, RunConfig
 from fgdist.data import MEAN, STD, eval_batches, make_transform
 from fgdist.figures import new_figure
@@ -372,23 +371,24 @@ def load_checkpoint_model(path: str | Path) -> LoadedCheckpoint:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="fgdist-pictures", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    p = cli.parser("fgdist-pictures", __doc__)
+    p.add_argument(
+        "--model", "--checkpoint", required=True, help="a run folder (newest checkpoint) or a checkpoint folder"
     )
-    p.add_argument("--checkpoint", required=True, help="a run folder (newest checkpoint) or a checkpoint folder")
     p.add_argument("--shards", help="shard set root (default: the run config's data.shards)")
     p.add_argument("--out", help="output folder (default: <run folder>/pictures)")
-    p.add_argument("--queries", type=int, default=8)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-queries", type=int, default=8, help="test images drawn as queries in the retrieval grid")
+    p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, cuda:1)")
     args = p.parse_args(argv)
     try:
-        model, cfg, folder = load_checkpoint_model(args.checkpoint)
+        model, cfg, folder = load_checkpoint_model(args.model)
         split = open_split(args.shards or cfg.data.shards, "test")
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.report(err)
     out = Path(args.out) if args.out else folder.parent.parent / "pictures"
-    paths = log_pictures(model.to(args.device), split, cfg.data, out, args.device, args.queries, cfg.eval.batch_size)
+    paths = log_pictures(
+        model.to(args.device), split, cfg.data, out, args.device, args.num_queries, cfg.eval.batch_size
+    )
     print(f"pictures of {folder}: " + ", ".join(str(p) for p in paths))
     return 0
 

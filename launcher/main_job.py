@@ -7,7 +7,6 @@ both runs side by side from MLflow.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fgdist import cli  # noqa: E402
 from fgdist.config import load_config  # noqa: E402
 from launcher.ports import free_port  # noqa: E402
 
@@ -28,7 +28,7 @@ def run(cmd: list[str]) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("main_job.py", __doc__)
     p.add_argument("--config", default=str(ROOT / "configs" / "synthetic_cpu.json"))
     p.add_argument("--num-gpus", type=int, default=2, help="ranks per machine (CPU processes without a GPU)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

@@ -17,7 +17,7 @@ def test_version_is_the_installed_packages():
     out = subprocess.run(
         [sys.executable, str(REPO / "launcher" / "train.py"), "--version"], capture_output=True, text=True, check=True
     ).stdout
-    assert out.strip() == f"fgdist {version('fgdist')}"
+    assert out.strip() == f"train.py (fgdist {version('fgdist')})"
 
 
 def test_objective_choices_come_from_the_objective_table(capsys):
