@@ -143,10 +143,15 @@ def _world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def _inputs(args) -> dict:
+    """What the output may not be, contain or lie inside (fgdist/output_folder.py)."""
+    return {"--model": args.model, "--shards": args.shards, "--images": args.images, "--manifest": args.manifest}
+
+
 def run(args) -> Path:
     rank, world_size = _world()
     out = Path(args.out)
-    check_free(out, args.overwrite)  # every rank, before any work
+    check_free(out, args.overwrite, _inputs(args))  # every rank, before any work
     embedder = load_model(args.model)
     if args.shards:
         source = {"kind": "shards", "root": str(Path(args.shards).resolve()), "split": args.split}
@@ -162,7 +167,7 @@ def run(args) -> Path:
         dist.init_process_group("gloo")
     try:
         if rank == 0:
-            begin(out, args.overwrite)
+            begin(out, args.overwrite, "embeddings", _inputs(args))
         barrier()
         partial = partial_path(out)
         failure = None

@@ -223,7 +223,7 @@ def export_model(embedder: ImageEmbedder, out: str | Path, source: str = "", ove
         "normalize": {"mean": MEAN.tolist(), "std": STD.tolist()},
         "source": source,
     }
-    with atomic_folder(out, overwrite) as partial:
+    with atomic_folder(out, overwrite, "export", {"--model": source}) as partial:
         save_file(state, str(partial / WEIGHTS))
         (partial / CONFIG).write_text(json.dumps(meta, indent=1))
     return Path(out)
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     try:
-        check_free(args.out, args.overwrite)  # before the model is read
+        check_free(args.out, args.overwrite, {"--model": args.model})  # before the model is read
         out = export_model(load_model(args.model), args.out, describe(args.model), args.overwrite)
     except ERRORS as err:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)

@@ -76,7 +76,7 @@ def set_nprobe(index, nprobe: int) -> None:
 def write_index(emb: Embeddings, source: str, out: str | Path, kind: str = "flat", overwrite: bool = False, **params):
     """Build an index over an embeddings dataset into the folder `out` (atomically)."""
     faiss = _faiss()
-    check_free(out, overwrite)
+    check_free(out, overwrite, {"--embeddings": source})
     started = time.time()
     index = build(emb.vectors.numpy(), kind, **{k: v for k, v in params.items() if k != "nprobe"})
     seconds = time.time() - started
@@ -99,7 +99,7 @@ def write_index(emb: Embeddings, source: str, out: str | Path, kind: str = "flat
         "images": emb.meta.get("images"),
         "build_seconds": seconds,
     }
-    with atomic_folder(out, overwrite) as partial:
+    with atomic_folder(out, overwrite, "index", {"--embeddings": source}) as partial:
         faiss.write_index(index, str(partial / INDEX))
         pq.write_table(rows, partial / ROWS)
         (partial / META).write_text(json.dumps(meta, indent=1))
@@ -156,7 +156,7 @@ def index_main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     try:
-        check_free(args.out, args.overwrite)
+        check_free(args.out, args.overwrite, {"--embeddings": args.embeddings})
         emb = read_embeddings(args.embeddings)
         params = {"nprobe": args.nprobe}
         if args.type == "ivfpq":

@@ -21,8 +21,24 @@ class OutputExistsError(FileExistsError):
     """The output folder exists and --overwrite was not given."""
 
 
+class NotFgdistOutputError(OutputExistsError):
+    """The output exists and fgdist did not write it (no marker, files added, a file or a link):
+    never replaced, --overwrite or not (fgdist/output_folder.py)."""
+
+
+class OutputIsInputError(ValueError):
+    """The output is, contains or lies inside one of the command's inputs; the message names both."""
+
+
 class DimensionMismatchError(ValueError):
     """Embeddings whose dimension differs from the index's (another model, or another width)."""
 
 
-ERRORS = (CheckpointError, UnknownRunError, ImageDecodeError, OutputExistsError, DimensionMismatchError)
+ERRORS = (
+    CheckpointError,
+    UnknownRunError,
+    ImageDecodeError,
+    OutputExistsError,
+    OutputIsInputError,
+    DimensionMismatchError,
+)

@@ -20,6 +20,7 @@ from PIL import Image
 FORMAT = "fgdist-shards/1"
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
+COLLECTION = "collection.json"  # the shard set root's: its name and splits
 IMAGE_EXTS = ("png", "jpg")
 # What Pillow raises for bytes that are not a whole image (UnidentifiedImageError is an OSError).
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)

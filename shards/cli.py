@@ -123,6 +123,7 @@ def cmd_build(args) -> int:
         shard_size=args.shard_size,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        inputs={"--path": args.path},
         **build_options,
     )
     for split, m in manifests.items():
@@ -199,7 +200,9 @@ def main(argv=None) -> int:
     b.add_argument(
         "--opt", type=_parse_opt, action="append", default=[], help="source or build option key=value (repeatable)"
     )
-    b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    b.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out that fgdist wrote (never another folder)"
+    )
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(run=cmd_build)
     for name, run, summary in (
