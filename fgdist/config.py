@@ -129,7 +129,7 @@ class EvalConfig(Section):
 
 
 class CheckpointConfig(Section):
-    every_epochs: int = Field(1, ge=0)  # 0: never
+    every_epochs: int = Field(1, ge=0)  # 0: only after the last epoch
     every_steps: int = Field(0, ge=0)  # also every this many global steps inside an epoch (0: never)
     keep: int = Field(2, ge=1)
 

@@ -123,8 +123,8 @@ def _from_checkpoint(path: Path) -> ImageEmbedder:
 
     try:
         model, cfg, _ = load_checkpoint_model(path)
-    except FileNotFoundError as err:
-        raise CheckpointError(f"{path}: {err}") from None
+    except FileNotFoundError as err:  # its message names the folder or file already
+        raise CheckpointError(str(err)) from None
     except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError) as err:  # truncated or foreign files
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {str(err)[:200]})") from None
     return embedder_from(model, cfg.model, cfg.data, cfg.eval.features)
@@ -230,15 +230,18 @@ def export_model(embedder: ImageEmbedder, out: str | Path, source: str = "", ove
 
 
 def signature(embedder: ImageEmbedder):
-    """Input: float32 N x 3 x S x S (the evaluation transform's output); output: N x d float32."""
+    """Input: float32 N x 3 x S x S (the evaluation transform's output); output: N x d float32.
+    The tensors are unnamed: MLflow hands a named input to the model as a dict, which the PyTorch
+    flavor refuses, so `pyfunc.predict(array)` and `mlflow models serve` ({"inputs": [...]}) would
+    fail (models logged with the named spec stay unservable; `load_model` still reads them)."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
     size = embedder.preprocessing["image_size"]
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size), "images")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embedder.dim), "embeddings")]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embedder.dim))]),
     )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -36,6 +37,8 @@ from fgdist.config import DataConfig, RunConfig
 from fgdist.data import MEAN, STD, eval_batches, make_transform
 from fgdist.figures import new_figure
 from fgdist.shardset import SplitDir, open_split
+
+log = logging.getLogger("fgdist.pictures")
 
 ATTENTION_LAYERS = ("layer3", "layer4")
 TOP_K = 5
@@ -332,29 +335,57 @@ class LoadedCheckpoint(NamedTuple):
     folder: Path  # the checkpoint folder read
 
 
-def load_checkpoint_model(path: str | Path) -> LoadedCheckpoint:
-    """The model, config and folder of a checkpoint, from a run folder (its newest checkpoint)
-    or one checkpoint folder (runs/NAME/checkpoints/TAG); layout in docs/DESIGN.md, "The
-    checkpoint layout"."""
+def newest_checkpoint(run_dir: Path) -> Path:
+    """A run folder's newest complete checkpoint; one error naming the folder when it has none."""
     from fgdist import checkpoint
+
+    folder = checkpoint.latest(run_dir / "checkpoints")
+    if folder is not None:
+        return folder
+    if (run_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{run_dir}: the run saved no checkpoint (no checkpoints/latest): it stopped before its first save, "
+            "or was trained by a version that did not save the last epoch"
+        )
+    raise FileNotFoundError(
+        f"{run_dir}: neither a checkpoint folder (with meta.json) nor a run folder with checkpoints/latest"
+    )
+
+
+def warn_if_not_final(folder: Path, cfg: RunConfig) -> None:
+    """Log a warning when a run folder's newest checkpoint is not the end of training (a run
+    stopped or still going, or one that finished before the last epoch always saved): its weights
+    are then not the final ones, which the MLflow model holds."""
+    from fgdist import checkpoint
+
+    position = checkpoint.read_position(folder)
+    if (position.epoch, position.step) == (cfg.optim.epochs, 0):
+        return
+    steps = f" and {position.step} steps" if position.step else ""
+    log.warning(
+        f"{folder.parent.parent}: the newest checkpoint ({folder.name}) is after epoch {position.epoch}{steps} "
+        f"of {cfg.optim.epochs}: not the end of training, so these are not the run's final weights"
+    )
+
+
+def load_checkpoint_model(path: str | Path) -> LoadedCheckpoint:
+    """The model, config and folder of a checkpoint, from a run folder (its newest checkpoint; a
+    logged warning when that is not the end of training) or one checkpoint folder
+    (runs/NAME/checkpoints/TAG); layout in docs/DESIGN.md, "The checkpoint layout"."""
     from fgdist.config import validate
     from fgdist.model import EmbeddingNet
 
     path = Path(path)
-    if (path / "meta.json").is_file():
-        folder, run_dir = path, path.parent.parent
-    else:
-        folder, run_dir = checkpoint.latest(path / "checkpoints"), path
-        if folder is None:
-            raise FileNotFoundError(
-                f"{path}: neither a checkpoint folder (with meta.json) nor a run folder with checkpoints/latest"
-            )
+    from_run = not (path / "meta.json").is_file()
+    folder, run_dir = (newest_checkpoint(path), path) if from_run else (path, path.parent.parent)
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(
             f"{config_path}: the run's config is missing (the trainer writes it into the run folder)"
         )
     cfg = validate(json.loads(config_path.read_text()), str(config_path))
+    if from_run:
+        warn_if_not_final(folder, cfg)
     states = sorted((folder / "engine").glob("**/mp_rank_00_model_states.pt"))
     if not states:
         raise FileNotFoundError(f"{folder / 'engine'}: no DeepSpeed model state (mp_rank_00_model_states.pt)")

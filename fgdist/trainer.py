@@ -61,9 +61,11 @@ def evaluates_after_epoch(cfg: RunConfig, epoch: int) -> bool:
 
 
 def saves_after_epoch(cfg: RunConfig, epoch: int) -> bool:
-    """Every checkpoint.every_epochs epochs (0: never)."""
+    """After the last epoch, and every checkpoint.every_epochs epochs (0: only after the last):
+    the run folder's newest checkpoint then holds the final weights, which export, embed and
+    pictures read from it, and which the MLflow model holds."""
     every = cfg.checkpoint.every_epochs
-    return every > 0 and epoch % every == 0
+    return epoch == cfg.optim.epochs or (every > 0 and epoch % every == 0)
 
 
 def saves_after_step(cfg: RunConfig, global_step: int, step: int, steps_per_epoch: int) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch.distributed as dist
@@ -42,6 +43,27 @@ def tiny_synthetic(out, **overrides) -> str:
     return str(out)
 
 
+def write_run_folder(run: Path, cfg, model, epoch: int | None = None) -> Path:
+    """A run folder laid out as the trainer writes it (config.json, one checkpoint with the
+    engine's model state and its meta.json, checkpoints/latest) holding `model`'s weights, saved
+    after `epoch` epochs (default: the config's last). Returns the checkpoint folder."""
+    import dataclasses
+    import json
+
+    import torch
+
+    from fgdist.checkpoint import Position
+
+    position = Position(cfg.optim.epochs if epoch is None else epoch, 0, 0, 1, None)
+    folder = run / "checkpoints" / position.tag
+    (folder / "engine" / "state").mkdir(parents=True)
+    torch.save({"module": model.state_dict()}, folder / "engine" / "state" / "mp_rank_00_model_states.pt")
+    (folder / "meta.json").write_text(json.dumps(dataclasses.asdict(position)))
+    (run / "checkpoints" / "latest").write_text(folder.name)
+    (run / "config.json").write_text(cfg.model_dump_json())
+    return folder
+
+
 def write_config(tmp_path, raw: dict) -> Path:
     """A run config file holding `raw`."""
     import json
@@ -55,6 +77,9 @@ def assert_no_shm_buffer_left(port: int) -> None:
     """Whatever its outcome, a run leaves no DeepSpeed shared-memory buffer behind (66 MB each)."""
     leaked = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not leaked, f"run on port {port} left /dev/shm/{leaked}"
+
+
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def launch_training(
@@ -103,3 +128,34 @@ TINY_TRAINING = [
     "--set",
     "eval.batch_size=16",
 ]
+
+
+@contextmanager
+def serving(cmd: list[str], cwd, env: dict, url: str, log: Path, timeout: float = 120):
+    """Run a server command in its own process group (servers fork workers), wait (at most
+    `timeout` s) until `url` answers 200, and kill the whole group when the block ends."""
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            assert proc.poll() is None, f"{cmd[:4]} exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline, f"{url} not up after {timeout} s:\n{log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        yield proc
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the group had already gone
+            pass
+        proc.wait(timeout=30)
