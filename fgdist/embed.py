@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import shutil
@@ -27,14 +26,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-from PIL import Image
 from tqdm import tqdm
 
 from fgdist.collectives import any_rank, barrier, sum_over_ranks
 from fgdist.embeddings_io import FORMAT, META, to_table
 from fgdist.export import ImageEmbedder, describe, eval_transform, load_model
+from fgdist.images import check_shape, open_image
 from fgdist.output_folder import begin, check_free, partial_path, publish
-from fgdist.search_errors import ERRORS, ImageDecodeError
+from fgdist.search_errors import ERRORS, ImageDecodeError, ImageTooSmallError
+from fgdist.shardset import DECODE_ERRORS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -81,12 +81,15 @@ def manifest_files(path: str | Path) -> list[ImageFile]:
 
 
 def decode(path: Path, transform) -> torch.Tensor:
-    """One image file through `transform` (export.eval_transform); a file that does not decode is named."""
+    """One image file through `transform` (export.eval_transform); a file that does not decode is
+    named (ImageDecodeError), and so is one too small or too elongated to embed (ImageTooSmallError)."""
     try:
-        with Image.open(io.BytesIO(path.read_bytes())) as img:
-            img.load()
-            return transform(img, None)
-    except (OSError, SyntaxError, ValueError) as err:
+        img = open_image(path.read_bytes())
+        check_shape(img.size, str(path))
+        return transform(img, None)
+    except ImageTooSmallError:
+        raise
+    except DECODE_ERRORS as err:
         raise ImageDecodeError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from None
 
 

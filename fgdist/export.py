@@ -34,6 +34,7 @@ from torch import nn
 
 from fgdist.config import DataConfig, ModelConfig
 from fgdist.data import MEAN, STD, make_transform
+from fgdist.images import check_shape
 from fgdist.model import build_backbone, feature_dim, projection_mlp
 from fgdist.output_folder import atomic_folder, check_free
 from fgdist.search_errors import ERRORS, CheckpointError, UnknownRunError
@@ -85,6 +86,10 @@ class ImageEmbedder(nn.Module):
         return F.normalize(features.float(), dim=1)
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        """PIL images of any mode and size, as evaluation reads them (fgdist/images.py, then the
+        evaluation transform); ImageTooSmallError names the first image too small or elongated."""
+        for i, img in enumerate(images):
+            check_shape(img.size, f"image {i} of {len(images)}")
         transform = eval_transform(self.preprocessing)
         return torch.stack([transform(img, None) for img in images])
 

@@ -18,7 +18,6 @@ trainer calls it on rank 0 after the final evaluation and logs the files as MLfl
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from fgdist import cli
 from fgdist.config import DataConfig, RunConfig
 from fgdist.data import MEAN, STD, eval_batches, make_transform
 from fgdist.figures import new_figure
+from fgdist.images import open_image
 from fgdist.shardset import SplitDir, open_split
 
 log = logging.getLogger("fgdist.pictures")
@@ -261,10 +261,8 @@ def read_images(split: SplitDir, data_cfg: DataConfig, instance_ids: list[int]) 
         meta = json.loads(sample["json"])
         if meta["instance"] not in wanted:
             continue
-        data = sample.get("png", sample.get("jpg"))
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            found[meta["instance"]] = TestImage(meta["instance"], meta["super"], meta["fine"], transform(img, None))
+        image = transform(open_image(sample.get("png", sample.get("jpg"))), None)
+        found[meta["instance"]] = TestImage(meta["instance"], meta["super"], meta["fine"], image)
     missing = wanted - found.keys()
     if missing:
         raise ValueError(f"{split.path}: instances {sorted(missing)[:5]} not found in its shards")

@@ -17,6 +17,11 @@ class ImageDecodeError(ValueError):
     """An input image that does not decode; the message names the file."""
 
 
+class ImageTooSmallError(ValueError):
+    """An input image too small or too elongated to mean anything (fgdist/images.py
+    `check_shape`); the message names the file and its size."""
+
+
 class OutputExistsError(FileExistsError):
     """The output folder exists and --overwrite was not given."""
 
@@ -38,6 +43,7 @@ ERRORS = (
     CheckpointError,
     UnknownRunError,
     ImageDecodeError,
+    ImageTooSmallError,
     OutputExistsError,
     OutputIsInputError,
     DimensionMismatchError,

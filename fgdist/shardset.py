@@ -9,13 +9,14 @@ builder in `shards/` writes it.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image
+
+from fgdist.images import open_image
 
 FORMAT = "fgdist-shards/1"
 MANIFEST = "manifest.json"
@@ -192,8 +193,7 @@ def image_problem(data: bytes) -> str | None:
     """Why encoded image bytes do not decode (fully, every pixel), or None when they do. The one
     test of a good image: the builder, `verify` and a resumed stream all apply it."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
+        open_image(data)
         return None
     except DECODE_ERRORS as err:
         return f"{type(err).__name__}: {err}"

@@ -20,16 +20,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from fgdist.images import check_shape, open_image
 from fgdist.output_folder import Inputs, atomic_folder
 from fgdist.shardset import (
     COLLECTION,
+    DECODE_ERRORS,
     INDEX,
     INDEX_COLUMNS,
     MANIFEST,
     Manifest,
     ShardInfo,
     SuperClassInfo,
-    image_problem,
     sample_key,
     sha256_of,
 )
@@ -53,14 +54,18 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _checked_bytes(record: Record) -> bytes:
-    """The record's encoded image, decoded once here: what goes into the tar is known to decode."""
+    """The record's encoded image, decoded once here: what goes into the tar is known to decode,
+    and to be large enough to train on (fgdist.images.check_shape, the test every query image
+    meets: such an image is an error naming its record, whatever on_corrupt says)."""
     try:
         data = record.load()
     except CorruptImageError as err:
         raise CorruptImageError(f"{record.origin}: {err}") from None
-    problem = image_problem(data)
-    if problem:
-        raise CorruptImageError(f"{record.origin}: cannot decode image ({problem})")
+    try:
+        size = open_image(data).size
+    except DECODE_ERRORS as err:
+        raise CorruptImageError(f"{record.origin}: cannot decode image ({type(err).__name__}: {err})") from None
+    check_shape(size, record.origin)
     return data
 
 

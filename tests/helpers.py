@@ -30,6 +30,15 @@ def init_gloo(rank: int, world_size: int, port: int) -> None:
 REPO = Path(__file__).resolve().parents[1]
 
 
+def shared_fixture(name: str) -> Path | None:
+    """`shared/fixtures/<name>` in the checkout or in a folder above it (a worktree of the project
+    sits below the folder that holds `shared/`), or None."""
+    for folder in (REPO, *REPO.parents):
+        if (folder / "shared" / "fixtures" / name).is_dir():
+            return folder / "shared" / "fixtures" / name
+    return None
+
+
 def tiny_synthetic(out, **overrides) -> str:
     """Build a tiny real shard set with the CLI (4 super-classes, 32 training images)."""
     import subprocess

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from fgdist.images import to_rgb
 from fgdist.shardset import DECODE_ERRORS
 
 
@@ -76,9 +77,10 @@ def jpeg_loader(path, shorter_side: int = 256, quality: int = 90) -> Callable[[]
     when the source is opened, so a bad value fails before any image is read.
 
     Real collections hold CMYK, grayscale and PNG files named `.jpg` (Oxford-IIIT Pet has all
-    three): everything is decoded and re-encoded as RGB JPEG, except a file that already is an RGB
-    JPEG small enough, whose bytes are kept as they are (no second lossy pass; the builder decodes
-    them, as it does every image it writes)."""
+    three): everything is decoded, made upright and RGB as evaluation reads it (fgdist.images.to_rgb)
+    and re-encoded as RGB JPEG, except a file that already is an RGB JPEG small enough, whose bytes
+    are kept as they are (no second lossy pass; its EXIF orientation goes with them, and the
+    readers apply it; the builder decodes them, as it does every image it writes)."""
     if isinstance(shorter_side, bool) or not isinstance(shorter_side, int) or shorter_side < 1:
         raise ValueError(f"shorter_side must be a positive integer, got {shorter_side!r}")
     if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 95:
@@ -108,9 +110,11 @@ def jpeg_loader(path, shorter_side: int = 256, quality: int = 90) -> Callable[[]
                     # JPEG decoders can scale by 1/2, 1/4, 1/8 while decoding (never below `size`):
                     # most of the work for large photos saved before the exact resize.
                     image.draft("RGB", size)
-                    rgb = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+                    drafted = image.size
+                    rgb = to_rgb(image)  # upright: a quarter turn swaps the sides
+                    rgb = rgb.resize(size if rgb.size == drafted else size[::-1], Image.Resampling.BICUBIC)
                 else:
-                    rgb = image.convert("RGB")
+                    rgb = to_rgb(image)
         except DECODE_ERRORS as err:
             raise CorruptImageError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from None
         buf = io.BytesIO()
