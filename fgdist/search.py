@@ -431,12 +431,18 @@ def search_image(idx: Index, model_source: str, args) -> None:
 
 def search_file(idx: Index, model_source: str, args) -> None:
     """--queries: results written to --out, metrics printed where the queries have labels."""
-    from fgdist.export import load_model
     from fgdist.search_batch import metric_lines, recall_ks, search_queries
 
-    embedder = load_model(model_source)
     metrics = search_queries(
-        idx, embedder, args.queries, args.out, args.k, args.batch_size, args.metrics, args.overwrite, args.quiet
+        idx,
+        model_source,
+        args.queries,
+        args.out,
+        args.k,
+        args.batch_size,
+        args.metrics,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
     )
     print(f"results written to {args.out}")
     for line in metric_lines(metrics, recall_ks(args.k)):

@@ -36,7 +36,8 @@ LABELS = ("super", "fine")
 QUERY_FIELDS = ("key", "path", *LABELS, "super_name", "fine_name")
 RESULT_COLUMNS = (*(f"query_{f}" for f in QUERY_FIELDS), *RESULT_FIELDS)
 PART = "part-00000.parquet"
-CHUNK = 4096  # queries embedded and searched at once: bounds the memory of a long query list
+CHUNK = 4096  # queries embedded at once: bounds the memory of a long query list
+SEARCH_BUDGET = 1 << 24  # (query, neighbour) pairs one search returns at most (~200 MB): MAP@R may look deep
 RECALL_KS = (1, 2, 4, 8)
 
 
@@ -62,7 +63,7 @@ class QueryLabels:
 
     def __init__(self, files: list, idx: Index):
         self.labelled = {name: np.array([_has_label(f, name) for f in files], dtype=bool) for name in LABELS}
-        self.ids = {name: np.array([_index_id(f, name, idx) for f in files], dtype=np.int64) for name in LABELS}
+        self.ids = {name: _index_ids(files, name, _name_to_id(idx, name)) for name in LABELS}
 
     def scored(self, idx: Index, refuse: bool) -> list[str]:
         """The labels metrics are computed for: on some query and on some index row. None and
@@ -81,12 +82,16 @@ def _has_label(file, name: str) -> bool:
     return getattr(file, name) >= 0 or getattr(file, f"{name}_name") is not None
 
 
-def _index_id(file, name: str, idx: Index) -> int:
-    class_name = getattr(file, f"{name}_name")
-    ids = _name_to_id(idx, name)
-    if class_name is None or not ids:
-        return getattr(file, name)
-    return ids.get(class_name, -1)
+def _index_ids(files: list, name: str, index_ids: dict[str, int]) -> np.ndarray:
+    """By class name where the index has names (-1 for a name it lacks), else the query's own id."""
+    ids = [
+        index_ids.get(getattr(f, f"{name}_name"), -1)
+        if index_ids and getattr(f, f"{name}_name") is not None
+        # no name to match: the id as it is
+        else getattr(f, name)
+        for f in files
+    ]
+    return np.array(ids, dtype=np.int64)
 
 
 def _name_to_id(idx: Index, name: str) -> dict[str, int]:
@@ -99,16 +104,27 @@ def gallery_labels(idx: Index, name: str) -> np.ndarray:
 
 
 def search_queries(
-    idx: Index, embedder, queries: str, out: str, k: int, batch_size: int, metrics: bool, overwrite=False, quiet=False
+    idx: Index,
+    model_source: str,
+    queries: str,
+    out: str,
+    k: int,
+    batch_size: int,
+    metrics: bool,
+    *,
+    overwrite=False,
+    quiet=False,
 ) -> dict[str, float]:
     """Embed, search and write the results of every query in `queries`; returns the metrics
     (empty without labels), as `to_metrics` names them, with `<label>_queries` counts."""
     from fgdist.embed import embed_batches, file_batches
+    from fgdist.export import load_model
 
     check_free(out, overwrite)
     files = query_files(queries)
     labels = QueryLabels(files, idx)
-    scored = labels.scored(idx, refuse=metrics)  # before any embedding
+    scored = labels.scored(idx, refuse=metrics)  # every refusal before the model is loaded
+    embedder = load_model(model_source)
     ks = recall_ks(k)
     sums = {}
     bar = tqdm(total=len(files), unit="query", desc="search", disable=quiet)
@@ -116,12 +132,15 @@ def search_queries(
         for start in range(0, len(files), CHUNK):
             chunk = files[start : start + CHUNK]
             table = embed_batches(embedder, file_batches(chunk, embedder, batch_size), batch_size, False, bar)
-            rows = slice(start, start + len(chunk))
-            depth = search_depth(idx, labels, rows, scored, k)
-            scores, order = idx.search(vectors_of(table), depth)
-            writer.write_table(result_table(idx, chunk, labels, rows, scores[:, :k], order[:, :k]))
-            for name in scored:
-                add_sums(sums, name, labels, rows, order, idx, ks)
+            vectors = vectors_of(table)
+            depth = search_depth(idx, labels, slice(start, start + len(chunk)), scored, k)
+            step = max(1, SEARCH_BUDGET // depth)
+            for sub in range(0, len(chunk), step):
+                rows = slice(start + sub, start + min(sub + step, len(chunk)))
+                scores, order = idx.search(vectors[sub : sub + step], depth)
+                writer.write_table(result_table(idx, files[rows], labels, rows, scores[:, :k], order[:, :k]))
+                for name in scored:
+                    add_sums(sums, name, labels, rows, order, idx, ks)
     bar.close()
     return {
         **to_metrics(sums, ks),

@@ -317,3 +317,22 @@ def test_grid_outlines_unknown_labels_grey_not_green(tmp_path):
     retrieval_grid([image(2, -1)], [labelled], tmp_path / "known.png")
     for colour in (CORRECT, WRONG, UNKNOWN):
         assert outline_pixels(tmp_path / "known.png", colour) > 100
+
+
+def test_batch_results_do_not_depend_on_how_queries_are_split(tmp_path, capsys, monkeypatch):
+    """Queries embedded CHUNK at a time and searched SEARCH_BUDGET // depth at a time give the
+    same rows and metrics as one pass."""
+    from fgdist import search_batch
+
+    run, photos, emb_dir, index_dir = embedded_tree(tmp_path)
+    argv = ["--index", str(index_dir), "--queries", str(photos), "--k", "4", "--quiet"]
+    capsys.readouterr()
+    assert search_main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    whole = capsys.readouterr().out.splitlines()[1:]
+    monkeypatch.setattr(search_batch, "CHUNK", 3)
+    monkeypatch.setattr(search_batch, "SEARCH_BUDGET", 5)  # depth 4 or 5: one query per search
+    assert search_main([*argv, "--out", str(tmp_path / "split")]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == whole and len(whole) == 2
+    a, b = (pq.read_table(tmp_path / name).to_pylist() for name in ("whole", "split"))
+    assert len(a) == len(TREE) * 4 and [r["key"] for r in a] == [r["key"] for r in b]
+    assert [r["score"] for r in a] == pytest.approx([r["score"] for r in b], abs=1e-5)
