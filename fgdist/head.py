@@ -175,3 +175,7 @@ class InstanceHead(nn.Module):
             self.optimizer.state[self.weight]["momentum_buffer"] = momentum.to(self.weight.device)
         if self.scheduler is not None and slices and slices[0]["scheduler"] is not None:
             self.scheduler.load_state_dict(slices[0]["scheduler"])
+            # MultiStepLR scales the optimizer's lr only when it passes a milestone; the fresh
+            # optimizer holds the base lr, so a resume after a milestone would train at it.
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = lr

@@ -120,6 +120,27 @@ def test_a_step_after_recut_equals_the_step_on_the_original_cut(small_init_block
     assert torch.allclose(line(two, "momentum"), line(hs, "momentum"), atol=1e-7)
 
 
+def test_a_resume_after_a_milestone_keeps_the_lowered_lr(small_init_block):
+    """Saved after the first milestone (1 step per epoch, milestones [1, 2]): the loaded head
+    trains at lr x gamma, and its next step is the original head's next step."""
+    hs = heads(3, OPTIM, steps_per_epoch=1)
+    grad = torch.randn(N, DIM, generator=torch.Generator().manual_seed(7))
+    for h in hs:
+        h.weight.grad = grad[h.column_begin : h.column_end] * 3
+        h.step(3)
+    assert all(h.optimizer.param_groups[0]["lr"] == 0.05 for h in hs)
+    slices = [h.slice_state() for h in hs]
+    (one,) = heads(1, OPTIM, steps_per_epoch=1)
+    one.load_slices(slices, where="ckpt")
+    assert one.optimizer.param_groups[0]["lr"] == 0.05
+    for group, world in ((hs, 3), ([one], 1)):
+        for h in group:
+            h.weight.grad = grad[h.column_begin : h.column_end] * world
+            h.step(world)
+    assert torch.allclose(line([one]), line(hs), atol=1e-7)
+    assert one.optimizer.param_groups[0]["lr"] == 0.025  # the second milestone, from the right lr
+
+
 def test_slices_without_momentum_load_weights_only(small_init_block):
     hs = heads(3)  # no optimizer: slice_state has momentum None
     slices = [h.slice_state() for h in hs]
