@@ -27,10 +27,14 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     shards: str = "data/synthetic"  # the shard set root (with train/ and test/)
-    # Read the tars from elsewhere (the manifests still come from `shards`): any URL WebDataset
-    # opens, e.g. "pipe:curl -s http://host/fmnist" or "http://host/fmnist"; a shared file
-    # system needs nothing: point `shards` at it.
+    # Read the tars from a URL: "http(s)://host/fmnist" (read with retries, fgdist/remote.py) or
+    # anything webdataset opens ("pipe:curl -s http://host/fmnist"), the file's path appended
+    # ("/train/train-000000.tar"). The manifests and indexes are read from `shards`, fetched from the URL into it
+    # when missing. A shared file system needs nothing: point `shards` at it.
     shards_url: str | None = None
+    # an HTTP read that fails is retried from the byte it reached for this many seconds without
+    # progress, then the run stops with an error naming the URL (0: no retry)
+    url_retry_seconds: float = Field(60.0, ge=0.0)
     routing: Literal["by_superclass", "shuffled"] = "by_superclass"
     batch_size: int = Field(64, ge=1)  # per rank
     num_workers: int = Field(2, ge=0)

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -31,7 +30,8 @@ from fgdist.augment import SINGLE_CHANNEL_MODES, random_resized_crop, strong_aug
 from fgdist.config import DataConfig
 from fgdist.images import open_image, to_rgb
 from fgdist.partition import Plan
-from fgdist.shardset import DECODE_ERRORS, ShardInfo, SplitDir, image_problem
+from fgdist.remote import TarReader
+from fgdist.shardset import DECODE_ERRORS, ShardInfo, SplitDir, image_problem, open_split, reader_for
 
 # ImageNet statistics: right for pretrained ResNets and harmless for the small data sets.
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -134,12 +134,12 @@ def _seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-def _read(spec: StreamSpec, shard_order_seed: int | None):
+def _read(spec: StreamSpec, shard_order_seed: int | None, reader: TarReader):
     """Raw samples (undecoded) of a spec, in shard order shuffled by `shard_order_seed`."""
     urls = list(spec.urls)
     if shard_order_seed is not None:
         random.Random(shard_order_seed).shuffle(urls)
-    for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
+    for sample in reader.samples(urls):
         meta = json.loads(sample["json"])
         iid = meta["instance"]
         if spec.instance_range and not spec.instance_range[0] <= iid < spec.instance_range[1]:
@@ -176,7 +176,16 @@ def _is_corrupt(sample) -> bool:
 class TrainStream(IterableDataset):
     """The endless, shuffled sample stream of one rank for one epoch."""
 
-    def __init__(self, specs: list[StreamSpec], cfg: DataConfig, seed: int, epoch: int, rank: int, skip_batches: int):
+    def __init__(
+        self,
+        specs: list[StreamSpec],
+        cfg: DataConfig,
+        seed: int,
+        epoch: int,
+        rank: int,
+        skip_batches: int,
+        reader: TarReader | None = None,
+    ):
         self.specs, self.cfg, self.seed, self.epoch, self.rank, self.skip_batches = (
             specs,
             cfg,
@@ -185,6 +194,7 @@ class TrainStream(IterableDataset):
             rank,
             skip_batches,
         )
+        self.reader = reader or TarReader(cfg.url_retry_seconds)
         self.transform = with_views(make_transform(cfg, train=True), cfg.views)
 
     def __iter__(self):
@@ -222,7 +232,7 @@ class TrainStream(IterableDataset):
             rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, passes))
             buffer: list = []
             count = 0
-            for item in _read(spec, rng.getrandbits(31)):
+            for item in _read(spec, rng.getrandbits(31), self.reader):
                 count += 1
                 buffer.append(item)
                 if len(buffer) >= self.cfg.shuffle_buffer:
@@ -256,9 +266,14 @@ def collate(items):
     }
 
 
-def shard_urls(split: SplitDir, shards: list[ShardInfo], cfg: DataConfig) -> list[str]:
-    if cfg.shards_url:
-        return [f"{cfg.shards_url.rstrip('/')}/{split.path.name}/{s.file}" for s in shards]
+def open_data_split(cfg: DataConfig, split: str, shards: str | None = None) -> SplitDir:
+    """A split of the configured shard set (`shards` overrides data.shards; the tars are read from
+    data.shards_url when it is set)."""
+    return open_split(shards or cfg.shards, split, cfg.shards_url, cfg.url_retry_seconds)
+
+
+def shard_urls(split: SplitDir, shards: list[ShardInfo]) -> list[str]:
+    """Where the shards are read: local paths, or URLs when the split was opened with one."""
     return [split.shard_path(s) for s in shards]
 
 
@@ -292,8 +307,8 @@ def rank_specs(
         lo, hi = plan.column_range(rank)
         shards = plan.shards_for_rank(split.manifest, rank)
         held = [min(s.instance_end, hi) - max(s.instance_begin, lo) for s in shards]
-        return fill_slots(list(zip(shard_urls(split, shards, cfg), held)), capacities, (lo, hi))
-    shards = list(zip(shard_urls(split, split.manifest.shards, cfg), [s.count for s in split.manifest.shards]))
+        return fill_slots(list(zip(shard_urls(split, shards), held)), capacities, (lo, hi))
+    shards = list(zip(shard_urls(split, split.manifest.shards), [s.count for s in split.manifest.shards]))
     random.Random(_seed(seed, epoch)).shuffle(shards)  # the same deal on every rank
     return fill_slots(shards, capacities * plan.world_size)[rank * workers : (rank + 1) * workers]
 
@@ -303,7 +318,7 @@ def train_batches(split: SplitDir, plan: Plan, cfg: DataConfig, rank: int, epoch
     steps = steps_per_epoch(split.manifest.num_instances, plan.world_size, cfg.batch_size)
     workers = max(cfg.num_workers, 1)
     specs = rank_specs(split, plan, cfg, rank, epoch, seed, workers)
-    stream = TrainStream(specs, cfg, seed, epoch, rank, skip_batches=start_step)
+    stream = TrainStream(specs, cfg, seed, epoch, rank, start_step, reader_for(split, cfg.url_retry_seconds))
     batches = iter(data_loader(stream, cfg, cfg.batch_size, cfg.num_workers))
     for _ in range(start_step, steps):
         yield next(batches)
@@ -313,35 +328,37 @@ class EvalStream(IterableDataset):
     """A rank's slice of a split, decoded once, for embedding. DataLoader workers split the
     rank's shards between them (never more workers than shards): each sample is read once."""
 
-    def __init__(self, spec: StreamSpec, cfg: DataConfig):
+    def __init__(self, spec: StreamSpec, cfg: DataConfig, reader: TarReader | None = None):
         self.spec, self.cfg = spec, cfg
+        self.reader = reader or TarReader(cfg.url_retry_seconds)
         self.transform = make_transform(cfg, train=False)
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         spec = StreamSpec(self.spec.urls[worker::workers], self.spec.instance_range, self.spec.modulo)
-        for sample, meta in _read(spec, None):
+        for sample, meta in _read(spec, None, self.reader):
             image = _decode(sample, meta, self.transform, None, "fail")
             yield image, meta["super"], meta["fine"], meta["instance"], 0
 
 
 def eval_batches(split: SplitDir, cfg: DataConfig, batch_size: int, rank: int, world_size: int):
-    urls = shard_urls(split, split.manifest.shards, cfg)
-    return _eval_loader(deal(urls, rank, world_size), cfg, batch_size)
+    urls = shard_urls(split, split.manifest.shards)
+    return _eval_loader(split, deal(urls, rank, world_size), cfg, batch_size)
 
 
 def own_column_batches(split: SplitDir, plan: Plan, cfg: DataConfig, batch_size: int, rank: int):
     """Each training image whose instance column `rank` owns, once, with the evaluation transform
     (head.init=features). The by_superclass reader whatever the routing: the rank that writes a
     column reads its image, so no rows cross ranks, split super-classes included."""
-    urls = shard_urls(split, plan.shards_for_rank(split.manifest, rank), cfg)
-    return _eval_loader(deal(urls, 0, 1, plan.column_range(rank)), cfg, batch_size)
+    urls = shard_urls(split, plan.shards_for_rank(split.manifest, rank))
+    return _eval_loader(split, deal(urls, 0, 1, plan.column_range(rank)), cfg, batch_size)
 
 
-def _eval_loader(spec: StreamSpec, cfg: DataConfig, batch_size: int) -> DataLoader:
+def _eval_loader(split: SplitDir, spec: StreamSpec, cfg: DataConfig, batch_size: int) -> DataLoader:
     """Every sample of `spec` once, with the evaluation transform; each worker reads its own shards."""
-    return data_loader(EvalStream(spec, cfg), cfg, batch_size, min(cfg.num_workers, len(spec.urls)))
+    stream = EvalStream(spec, cfg, reader_for(split, cfg.url_retry_seconds))
+    return data_loader(stream, cfg, batch_size, min(cfg.num_workers, len(spec.urls)))
 
 
 def data_loader(stream: IterableDataset, cfg: DataConfig, batch_size: int, workers: int) -> DataLoader:

@@ -1,6 +1,7 @@
 """Embed images with a trained model into a Parquet dataset (see fgdist/embeddings_io.py).
 
     fgdist-embed --model runs/synthetic --shards data/synthetic --split test --out emb/test
+    fgdist-embed --model runs/sop --shards data/sop --shards-url http://storage/sop --out emb/sop   # tars over HTTP
     fgdist-embed --model <mlflow run id> --images photos/ --out emb/photos --fp16
     fgdist-embed --model exported/m --manifest images.csv --out emb/mine     # columns path[,super[,fine]]
     torchrun --nproc_per_node 2 -m fgdist.embed --model ... --out ...        # or deepspeed --num_gpus 2
@@ -115,14 +116,17 @@ def file_batches(files: list[ImageFile], embedder: ImageEmbedder, batch_size: in
         }
 
 
-def shard_batches(root: str, split_name: str, embedder: ImageEmbedder, batch_size: int, rank: int, world_size: int):
+def shard_batches(
+    root: str, split_name: str, embedder: ImageEmbedder, batch_size: int, rank: int, world_size: int, url=None
+):
     """This rank's share of a shard split, dealt out exactly as the evaluation deals it, with the
-    class names of the shard manifest and each image's `source` from the shard index."""
+    class names of the shard manifest and each image's `source` from the shard index. With `url`
+    the tars are read from there (data.shards_url), the manifest and index fetched when missing."""
     from fgdist.config import DataConfig
     from fgdist.data import eval_batches
     from fgdist.shardset import open_split, sample_key
 
-    split = open_split(root, split_name)
+    split = open_split(root, split_name, url)
     super_names = [s.name for s in split.manifest.super_classes]
     cfg = DataConfig(shards=str(root), num_workers=1, **embedder.preprocessing)
     sources = shard_sources(split)
@@ -193,7 +197,9 @@ def run(args) -> Path:
     embedder = load_model(args.model)
     if args.shards:
         source = {"kind": "shards", "root": str(Path(args.shards).resolve()), "split": args.split}
-        batches = shard_batches(args.shards, args.split, embedder, args.batch_size, rank, world_size)
+        if args.shards_url:
+            source["url"] = args.shards_url
+        batches = shard_batches(args.shards, args.split, embedder, args.batch_size, rank, world_size, args.shards_url)
         total = None
     else:
         files = folder_files(args.images) if args.images else manifest_files(args.manifest)
@@ -256,6 +262,9 @@ def parse_args(argv=None):
         "--manifest", help="a CSV or Parquet file with columns path[,super[,fine]] (names or integer ids)"
     )
     p.add_argument("--split", default="test", help="the shard split to embed (default: test)")
+    p.add_argument(
+        "--shards-url", help="with --shards: read the tars from this URL (manifest and index fetched into --shards)"
+    )
     p.add_argument("--out", required=True, help="the output folder (a Parquet dataset)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--fp16", action="store_true", help="store embeddings as float16 (half the size)")

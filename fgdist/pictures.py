@@ -12,7 +12,7 @@
 instance ids, which are sorted by super-class, so the queries cover the super-classes); the
 trainer calls it on rank 0 after the final evaluation and logs the files as MLflow artifacts.
 
-    fgdist-pictures --model runs/synthetic [--shards DIR] [--out DIR] [--num-queries 8]
+    fgdist-pictures --model runs/synthetic [--shards DIR] [--shards-url URL] [--out DIR] [--num-queries 8]
     (or python -m fgdist.pictures ...)
 """
 
@@ -27,16 +27,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-import webdataset as wds
 from PIL import Image
 from torch import nn
 
 from fgdist import cli
 from fgdist.config import DataConfig, RunConfig
-from fgdist.data import MEAN, STD, eval_batches, make_transform
+from fgdist.data import MEAN, STD, eval_batches, make_transform, open_data_split
 from fgdist.figures import new_figure
 from fgdist.images import open_image
-from fgdist.shardset import SplitDir, open_split
+from fgdist.shardset import SplitDir, open_split, reader_for
 
 log = logging.getLogger("fgdist.pictures")
 
@@ -267,8 +266,8 @@ def read_images(split: SplitDir, data_cfg: DataConfig, instance_ids: list[int]) 
     transform = make_transform(data_cfg, train=False)
     shards = [s for s in split.manifest.shards if any(s.instance_begin <= i < s.instance_end for i in wanted)]
     found: dict[int, TestImage] = {}
-    pipeline = wds.DataPipeline(wds.SimpleShardList([split.shard_path(s) for s in shards]), wds.tarfile_to_samples())
-    for sample in pipeline:
+    reader = reader_for(split, data_cfg.url_retry_seconds)
+    for sample in reader.samples([split.shard_path(s) for s in shards]):
         meta = json.loads(sample["json"])
         if meta["instance"] not in wanted:
             continue
@@ -410,19 +409,27 @@ def load_checkpoint_model(path: str | Path) -> LoadedCheckpoint:
     return LoadedCheckpoint(model, cfg, folder)
 
 
+def _test_split(args, cfg) -> SplitDir:
+    """The test split of --shards/--shards-url, or else of the run config's data section."""
+    if args.shards or args.shards_url:
+        return open_split(args.shards or cfg.data.shards, "test", args.shards_url, cfg.data.url_retry_seconds)
+    return open_data_split(cfg.data, "test")
+
+
 def main(argv=None) -> int:
     p = cli.parser("fgdist-pictures", __doc__)
     p.add_argument(
         "--model", "--checkpoint", required=True, help="a run folder (newest checkpoint) or a checkpoint folder"
     )
-    p.add_argument("--shards", help="shard set root (default: the run config's data.shards)")
+    p.add_argument("--shards", help="shard set root (default: the run config's data.shards and data.shards_url)")
+    p.add_argument("--shards-url", help="read the tars from this URL (data.shards_url; manifests fetched when missing)")
     p.add_argument("--out", help="output folder (default: <run folder>/pictures)")
     p.add_argument("--num-queries", type=int, default=8, help="test images drawn as queries in the retrieval grid")
     p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, cuda:1)")
     args = p.parse_args(argv)
     try:
         model, cfg, folder = load_checkpoint_model(args.model)
-        split = open_split(args.shards or cfg.data.shards, "test")
+        split = _test_split(args, cfg)
     except (FileNotFoundError, ValueError) as err:
         return cli.report(err)
     out = Path(args.out) if args.out else folder.parent.parent / "pictures"

@@ -342,7 +342,7 @@ def neighbour_images(idx: Index, rows: list[int], preprocessing: dict):
         from fgdist.config import DataConfig
         from fgdist.shardset import open_split
 
-        split = open_split(images["root"], images["split"])
+        split = open_split(images["root"], images["split"], images.get("url"))
         found = read_images(split, DataConfig(shards=images["root"], **preprocessing), [r["instance"] for r in records])
         return [found[r["instance"]] for r in records]
     if images.get("kind") in ("folder", "manifest"):

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from fgdist.images import open_image
+from fgdist.remote import ShardReadError, ShardStream, TarReader, fetch_file, join_url
 
 FORMAT = "fgdist-shards/1"
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 COLLECTION = "collection.json"  # the shard set root's: its name and splits
+PART = "part.json"  # the root of one part of a partitioned build (`shards build --part I/N`)
 IMAGE_EXTS = ("png", "jpg")
 # What Pillow raises for bytes that are not a whole image (UnidentifiedImageError is an OSError).
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -94,13 +95,15 @@ class Manifest:
 
 @dataclass(frozen=True)
 class SplitDir:
-    """One split of a shard set: its folder and its manifest."""
+    """One split of a shard set: its folder (manifest and index), its manifest, and the URL its
+    tars are read from (None: from the folder)."""
 
     path: Path
     manifest: Manifest
+    url: str | None = None
 
     def shard_path(self, shard: ShardInfo) -> str:
-        return str(self.path / shard.file)
+        return f"{self.url}/{shard.file}" if self.url else str(self.path / shard.file)
 
 
 def sha256_of(path: Path) -> str:
@@ -111,14 +114,24 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def open_split(root: str | Path, split: str) -> SplitDir:
-    """Open `root/split`, checking that the manifest is consistent and its tars are present."""
+def open_split(root: str | Path, split: str, url: str | None = None, retry_seconds: float = 60.0) -> SplitDir:
+    """Open `root/split`, checking that the manifest is consistent and its tars are present.
+
+    With `url` (data.shards_url) the tars are read from `url/split/`; the manifest and index are
+    read from `root/split/`, fetched from the URL first if they are not there (fgdist/remote.py)."""
     path = Path(root) / split
     manifest_path = path / MANIFEST
+    if url:
+        fetch_small_files(url, Path(root), split, retry_seconds)
     if not manifest_path.is_file():
-        raise ShardSetError(f"{manifest_path}: no manifest (is {root} a shard set built by `python -m shards build`?)")
+        hint = " (one part of a partitioned build: merge the parts first)" if (Path(root) / PART).is_file() else ""
+        raise ShardSetError(
+            f"{manifest_path}: no manifest (is {root} a shard set built by `python -m shards build`?){hint}"
+        )
     manifest = Manifest.from_json(manifest_path.read_text(), str(manifest_path))
     check_manifest(manifest, str(manifest_path))
+    if url:
+        return SplitDir(path, manifest, f"{url.rstrip('/')}/{split}")
     for shard in manifest.shards:
         if not (path / shard.file).is_file():
             raise ShardSetError(f"{manifest_path}: shard {shard.file} is listed but missing from {path}")
@@ -127,6 +140,21 @@ def open_split(root: str | Path, split: str) -> SplitDir:
     if stray:
         raise ShardSetError(f"{manifest_path}: tar files not in the manifest: {', '.join(stray)}")
     return SplitDir(path, manifest)
+
+
+def fetch_small_files(url: str, root: Path, split: str, retry_seconds: float) -> None:
+    """`collection.json` and the split's `index.parquet` and `manifest.json` from `url` into
+    `root`, those missing; the manifest last, so a manifest on disk means its index is there too."""
+    if (root / split / MANIFEST).is_file():
+        return
+    for name in (COLLECTION, f"{split}/{INDEX}", f"{split}/{MANIFEST}"):
+        fetch_file(join_url(url, name), root / name, retry_seconds)
+
+
+def reader_for(split: SplitDir, retry_seconds: float) -> TarReader:
+    """The reader of a split's shards: those read through a URL are checked against the manifest."""
+    checksums = {split.shard_path(s): s.sha256 for s in split.manifest.shards} if split.url else {}
+    return TarReader(retry_seconds, checksums)
 
 
 def check_manifest(manifest: Manifest, where: str) -> None:
@@ -158,34 +186,47 @@ def check_manifest(manifest: Manifest, where: str) -> None:
         raise ShardSetError(f"{where}: shards hold {expected} samples, manifest says {manifest.num_instances}")
 
 
-def verify_split(split: SplitDir) -> list[str]:
-    """Deep check of every shard against the manifest: checksum, readable tar, members and
-    their instance ids. Returns one problem per line (empty when all is well)."""
+def verify_split(split: SplitDir, retry_seconds: float = 60.0) -> list[str]:
+    """Deep check of every shard against the manifest, each read once (through the split's URL
+    when it has one): checksum, readable tar, members and their instance ids. Returns one
+    problem per line (empty when all is well)."""
     problems = []
     for shard in split.manifest.shards:
-        path = split.path / shard.file
-        if sha256_of(path) != shard.sha256:
-            problems.append(f"{path}: checksum does not match the manifest")
-        keys = []
-        try:
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, ext = member.name.split(".", 1)
-                    keys.append(key)
-                    problem = image_problem(tar.extractfile(member).read()) if ext in IMAGE_EXTS else None
-                    if problem:
-                        problems.append(f"{path}: member {member.name}: corrupt image ({problem})")
-        except (tarfile.TarError, EOFError, OSError) as err:
-            problems.append(f"{path}: unreadable or truncated tar ({err})")
-            continue
-        unique = list(dict.fromkeys(keys))
-        if len(unique) != shard.count:
-            problems.append(f"{path}: {len(unique)} samples, manifest says {shard.count}")
-        ids = [int(k) for k in unique if k.isdigit()]
-        if ids != list(range(shard.instance_begin, shard.instance_begin + len(ids))):
-            problems.append(f"{path}: instance ids are not the contiguous range starting at {shard.instance_begin}")
+        problems += _shard_problems(split.shard_path(shard), shard, retry_seconds)
+    return problems
+
+
+def _shard_problems(where: str, shard: ShardInfo, retry_seconds: float) -> list[str]:
+    problems, keys = [], []
+    try:
+        stream = ShardStream(where, retry_seconds, hashed=True)
+    except (ShardReadError, OSError) as err:
+        return [f"{where}: cannot open ({err})"]
+    try:
+        for name, data in stream.members():
+            key, _, ext = name.partition(".")
+            keys.append(key)
+            problem = image_problem(data) if ext in IMAGE_EXTS else None
+            if problem:
+                problems.append(f"{where}: member {name}: corrupt image ({problem})")
+    except ShardReadError as err:
+        problems.append(str(err))
+        keys = None
+    try:
+        if stream.sha256() != shard.sha256:
+            problems.insert(0, f"{where}: checksum does not match the manifest")
+    except ShardReadError:  # the stream itself failed: reported above
+        pass
+    finally:
+        stream.close(quietly=True)
+    if keys is None:
+        return problems
+    unique = list(dict.fromkeys(keys))
+    if len(unique) != shard.count:
+        problems.append(f"{where}: {len(unique)} samples, manifest says {shard.count}")
+    ids = [int(k) for k in unique if k.isdigit()]
+    if ids != list(range(shard.instance_begin, shard.instance_begin + len(ids))):
+        problems.append(f"{where}: instance ids are not the contiguous range starting at {shard.instance_begin}")
     return problems
 
 

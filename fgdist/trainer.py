@@ -24,7 +24,7 @@ import torch
 from fgdist import checkpoint
 from fgdist.collectives import gather_rows, world
 from fgdist.config import ModelConfig, RunConfig
-from fgdist.data import eval_batches, own_column_batches, steps_per_epoch, train_batches
+from fgdist.data import eval_batches, open_data_split, own_column_batches, steps_per_epoch, train_batches
 from fgdist.deepspeed_shm import unlink_deepspeed_shm_buffer
 from fgdist.evaluation import evaluate
 from fgdist.export import log_trained_model
@@ -42,7 +42,6 @@ from fgdist.model import (
 from fgdist.objective_table import OBJECTIVES
 from fgdist.objectives import Objective, instance_ce_chance, softmax_group_sizes
 from fgdist.partition import make_plan
-from fgdist.shardset import open_split
 from fgdist.sync_debug import SyncCounter
 from fgdist.tracking import Tracker, flatten, resolve_uri
 
@@ -194,8 +193,8 @@ class Trainer:
         import deepspeed
 
         cfg, spec = self.cfg, self.spec
-        self.train_split = open_split(cfg.data.shards, "train")
-        self.test_split = open_split(cfg.data.shards, "test")
+        self.train_split = open_data_split(cfg.data, "train")
+        self.test_split = open_data_split(cfg.data, "test")
         manifest = self.train_split.manifest
         self.num_instances = manifest.num_instances
         self.plan = make_plan(manifest, self.world_size, where=str(self.train_split.path))

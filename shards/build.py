@@ -6,13 +6,23 @@ and never the source's own folder (fgdist/output_folder.py).
 
 Bad data fails here, not hours into training: every image is decoded once, from the bytes about
 to be written (`on_corrupt`: fail naming the record, or skip and list it in the manifest), and a
-collection without a test split is refused unless `test_fraction` draws one."""
+collection without a test split is refused unless `test_fraction` draws one.
+
+Scale: the shards are fixed by the listing before any image is read (`plan_jobs`: each holds
+up to shard_size consecutive records of one super-class, its first instance id the records
+before it), so `workers` forked processes encode them in any order, and `build_part` encodes
+part i of n on one machine; shards/assemble.py gives the final ids and joins parts. Serial,
+parallel and partitioned builds write the same files."""
 
 from __future__ import annotations
 
-import io
+import hashlib
+import inspect
 import json
+import multiprocessing
 import tarfile
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +32,8 @@ from tqdm import tqdm
 
 from fgdist.images import check_shape, open_image
 from fgdist.output_folder import Inputs, atomic_folder
-from fgdist.shardset import (
-    COLLECTION,
-    DECODE_ERRORS,
-    INDEX,
-    INDEX_COLUMNS,
-    MANIFEST,
-    Manifest,
-    ShardInfo,
-    SuperClassInfo,
-    sample_key,
-    sha256_of,
-)
+from fgdist.shardset import DECODE_ERRORS, INDEX, INDEX_COLUMNS, Manifest, sample_key, sha256_of
+from shards.assemble import ShardResult, add_member, assemble_split, sample_meta, write_collection, write_part
 from shards.sources import Collection, CorruptImageError, Record
 
 # The build's own `--opt` keys (every source takes them): name -> what it does. Their defaults
@@ -43,14 +43,6 @@ BUILD_OPTIONS = {
     "test_fraction": "for a source without test rows: draw this fraction (0 < F < 1) of its images as the test split",
     "split_seed": "the seed of the test_fraction draw",
 }
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # reproducible tars: same input, same bytes, same checksum
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(data))
 
 
 def _checked_bytes(record: Record) -> bytes:
@@ -69,83 +61,128 @@ def _checked_bytes(record: Record) -> bytes:
     return data
 
 
-class _ShardWriter:
-    """Tars of one super-class, each at most `shard_size` samples; `add` rolls to the next."""
+# -- the plan: fixed by the listing before any image is read ---------------------------------------
+@dataclass(frozen=True)
+class ShardJob:
+    """One tar to write: records [begin, end) of its split's listing, all of one super-class."""
 
-    def __init__(self, out: Path, split: str, super_id: int, shard_size: int, shards: list[ShardInfo]):
-        self.out, self.split, self.super_id, self.shard_size, self.shards = out, split, super_id, shard_size, shards
-        self.tar, self.file, self.first, self.count = None, "", 0, 0
+    split: str
+    number: int
+    super_id: int
+    first_id: int  # its first instance id when no image before it is skipped
+    begin: int
+    end: int
 
-    def add(self, instance_id: int, record: Record, data: bytes) -> str:
-        if self.tar is not None and self.count == self.shard_size:
-            self.close()
-        if self.tar is None:
-            self.file = f"{self.split}-{len(self.shards):06d}.tar"
-            self.tar = tarfile.open(self.out / self.file, "w", format=tarfile.USTAR_FORMAT)
-            self.first, self.count = instance_id, 0
-        key = sample_key(instance_id)
-        meta = {"instance": instance_id, "super": record.super_id, "fine": record.fine_id}
-        _add_member(self.tar, f"{key}.{record.ext}", data)
-        _add_member(self.tar, f"{key}.json", json.dumps(meta).encode())
-        self.count += 1
-        return self.file
-
-    def close(self) -> None:
-        if self.tar is None:
-            return
-        self.tar.close()
-        end = self.first + self.count
-        self.shards.append(
-            ShardInfo(self.file, self.super_id, self.first, end, self.count, sha256_of(self.out / self.file))
-        )
-        self.tar = None
+    @property
+    def file(self) -> str:
+        return f"{self.split}-{self.number:06d}.tar"
 
 
-def _write_split(
-    split: str, records: list[Record], collection: Collection, out: Path, shard_size: int, progress: bool, on_corrupt
-) -> Manifest:
-    out.mkdir(parents=True)
-    by_super: list[list[Record]] = [[] for _ in collection.super_names]
-    for record in records:  # source order kept inside a super-class
-        if not 0 <= record.super_id < len(by_super):
+def sorted_by_super(records: list[Record], collection: Collection) -> list[Record]:
+    """The split's listing: sorted by super-class, the source's order kept inside one."""
+    for record in records:
+        if not 0 <= record.super_id < len(collection.super_names):
             raise ValueError(
-                f"{record.origin}: super id {record.super_id} outside the class table ({len(by_super)} classes)"
+                f"{record.origin}: super id {record.super_id} outside the class table "
+                f"({len(collection.super_names)} classes)"
             )
-        by_super[record.super_id].append(record)
-    super_infos, shard_infos, skipped = [], [], []
+    return sorted(records, key=lambda record: record.super_id)  # stable
+
+
+def plan_jobs(split: str, listing: list[Record], shard_size: int) -> list[ShardJob]:
+    """At most `shard_size` consecutive records of one super-class per shard."""
+    jobs, begin = [], 0
+    while begin < len(listing):
+        super_id, end = listing[begin].super_id, begin
+        while end < len(listing) and end - begin < shard_size and listing[end].super_id == super_id:
+            end += 1
+        jobs.append(ShardJob(split, len(jobs), super_id, begin, begin, end))
+        begin = end
+    return jobs
+
+
+def part_of(jobs: list[ShardJob], part: tuple[int, int]) -> list[ShardJob]:
+    """Part i of n: the jobs whose first record falls in the i-th n-th of the listing (contiguous,
+    about equal in images)."""
+    index, count = part
+    total = jobs[-1].end if jobs else 0
+    return [job for job in jobs if min(count - 1, job.begin * count // total) == index]
+
+
+def listing_digest(collection: Collection, listings: dict[str, list[Record]], settings: dict) -> str:
+    """What a partitioned build's parts must share: the class tables, every record's labels, type
+    and origin in listing order, and the build's settings (source, options, shard size)."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps([collection.name, collection.super_names, collection.fine_names, collection.fine_to_super]).encode()
+    )
+    for split, listing in listings.items():
+        h.update(f"\n{split}\n".encode())
+        for record in listing:
+            h.update(f"{record.super_id}\t{record.fine_id}\t{record.ext}\t{record.origin}\n".encode())
+    return h.hexdigest()
+
+
+# -- encoding: one job per call, in this process or a worker ----------------------------------------
+# What worker processes read: set before they are forked (records hold closures, which do not
+# pickle), so a job crosses to them as a few integers.
+_WORK: dict = {}
+
+
+def _encode(job: ShardJob) -> tuple[ShardResult, dict[str, list]]:
+    """Write one shard's tar: (its result, its index rows as columns)."""
+    listing, folder, on_corrupt = _WORK["listings"][job.split], _WORK["folders"][job.split], _WORK["on_corrupt"]
     index = {column: [] for column in INDEX_COLUMNS}
-    bar = tqdm(total=len(records), desc=f"{collection.name} {split}", unit="img", disable=not progress)
-    next_id = 0  # instance ids: sorted by super-class, contiguous, assigned to the images kept
-    for super_id, (name, members) in enumerate(zip(collection.super_names, by_super)):
-        begin = next_id
-        writer = _ShardWriter(out, split, super_id, shard_size, shard_infos)
-        for record in members:
-            bar.update(1)
+    skipped, instance = [], job.first_id
+    path = folder / job.file
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for record in listing[job.begin : job.end]:
             try:
                 data = _checked_bytes(record)
             except CorruptImageError as err:
                 if on_corrupt == "fail":
                     raise CorruptImageError(f"{err}; pass --opt on_corrupt=skip to leave such images out") from None
                 skipped.append(record.origin)
-                bar.set_postfix(skipped=len(skipped))
                 continue
-            file = writer.add(next_id, record, data)
-            key = sample_key(next_id)
-            row = (key, next_id, record.super_id, record.fine_id, file, f"{key}.{record.ext}", record.origin)
+            key = sample_key(instance)
+            add_member(tar, f"{key}.{record.ext}", data)
+            add_member(tar, f"{key}.json", sample_meta(instance, record.super_id, record.fine_id))
+            row = (key, instance, record.super_id, record.fine_id, job.file, f"{key}.{record.ext}", record.origin)
             for column, value in zip(INDEX_COLUMNS, row):
                 index[column].append(value)
-            next_id += 1
-        writer.close()
-        super_infos.append(SuperClassInfo(super_id, name, begin, next_id))
-    bar.close()
-    if next_id == 0:
-        raise ValueError(f"{collection.name} {split}: no image to write ({len(skipped)} skipped as undecodable)")
-    pq.write_table(pa.table(index), out / INDEX)
-    manifest = Manifest(
-        split, next_id, super_infos, list(collection.fine_names), list(collection.fine_to_super), shard_infos, skipped
-    )
-    (out / MANIFEST).write_text(manifest.to_json())
-    return manifest
+            instance += 1
+    count = instance - job.first_id
+    if count == 0:
+        path.unlink()
+    sha256 = sha256_of(path) if count else ""
+    return ShardResult(job.number, job.file, job.super_id, job.first_id, count, sha256, skipped), index
+
+
+def _encoded(jobs: list[ShardJob], workers: int, pool, bar) -> list[tuple[ShardResult, pa.Table | None]]:
+    """Every job's result in listing order (a worker's error, the first in listing order, is raised here)."""
+    results = map(_encode, jobs) if workers == 1 else pool.imap(_encode, jobs)
+    done, skipped = [], 0
+    for job, (result, index) in zip(jobs, results):
+        done.append((result, pa.table(index) if result.count else None))
+        bar.update(job.end - job.begin)
+        if result.skipped:
+            skipped += len(result.skipped)
+            bar.set_postfix(skipped=skipped)
+    return done
+
+
+@contextmanager
+def _workers(count: int, listings: dict, folders: dict, on_corrupt: str):
+    """A pool of `count` forked encoders (None for 1: encode in this process)."""
+    _WORK.update(listings=listings, folders=folders, on_corrupt=on_corrupt)
+    try:
+        if count == 1:
+            yield None
+        else:
+            with multiprocessing.get_context("fork").Pool(count) as pool:
+                yield pool
+    finally:
+        _WORK.clear()
 
 
 def with_test_split(collection: Collection, test_fraction: float | None, split_seed: int) -> dict[str, list[Record]]:
@@ -182,6 +219,33 @@ def with_test_split(collection: Collection, test_fraction: float | None, split_s
     }
 
 
+def _plan(collection: Collection, shard_size, on_corrupt, workers, test_fraction, split_seed):
+    """(listing per split, shard jobs per split), after checking the settings."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if on_corrupt not in ("fail", "skip"):
+        raise ValueError(f"on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    splits = with_test_split(collection, test_fraction, split_seed)
+    listings = {split: sorted_by_super(records, collection) for split, records in splits.items()}
+    return listings, {split: plan_jobs(split, listing, shard_size) for split, listing in listings.items()}
+
+
+def _encode_splits(collection, listings, jobs, partial, workers, on_corrupt, progress):
+    """{split: [(result, index rows)]}: the jobs encoded into partial/<split>/."""
+    folders = {split: partial / split for split in jobs}
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+    encoded = {}
+    with _workers(workers, listings, folders, on_corrupt) as pool:
+        for split, split_jobs in jobs.items():
+            images = sum(job.end - job.begin for job in split_jobs)
+            with tqdm(total=images, desc=f"{collection.name} {split}", unit="img", disable=not progress) as bar:
+                encoded[split] = _encoded(split_jobs, workers, pool, bar)
+    return encoded
+
+
 def build_shards(
     collection: Collection,
     out: str | Path,
@@ -192,20 +256,48 @@ def build_shards(
     test_fraction: float | None = None,
     split_seed: int = 0,
     inputs: Inputs | None = None,
+    workers: int = 1,
 ) -> dict[str, Manifest]:
-    """Build `collection` into the shard set `out` (fgdist/output_folder.py: written whole or not at
-    all; an existing `out` is replaced only with `overwrite` and only if fgdist wrote it; `inputs`,
-    e.g. {"--path": root}, are never written over)."""
-    out = Path(out)
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    if on_corrupt not in ("fail", "skip"):
-        raise ValueError(f"on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
-    splits = with_test_split(collection, test_fraction, split_seed)
+    """Build `collection` into the shard set `out` with `workers` encoding processes
+    (fgdist/output_folder.py: written whole or not at all; an existing `out` is replaced only
+    with `overwrite` and only if fgdist wrote it; `inputs`, e.g. {"--path": root}, are never
+    written over). Any number of workers writes the same files."""
+    listings, jobs = _plan(collection, shard_size, on_corrupt, workers, test_fraction, split_seed)
     with atomic_folder(out, overwrite, "shards", inputs) as partial:
+        encoded = _encode_splits(collection, listings, jobs, partial, workers, on_corrupt, progress)
         manifests = {
-            split: _write_split(split, records, collection, partial / split, shard_size, progress, on_corrupt)
-            for split, records in splits.items()
+            split: assemble_split(split, collection, [(*r, partial / split) for r in results], partial / split)
+            for split, results in encoded.items()
         }
-        (partial / COLLECTION).write_text(json.dumps({"name": collection.name, "splits": sorted(manifests)}, indent=1))
+        write_collection(partial, collection.name, manifests)
     return manifests
+
+
+def build_part(
+    collection: Collection, out: str | Path, part: tuple[int, int], source: dict | None = None, **options
+) -> dict[str, list[ShardResult]]:
+    """Build part `part` = (i, n) of `collection` into the folder `out` (an fgdist output like a
+    shard set), for `merge_parts` to join with the other n - 1. `options`: build_shards' keyword
+    arguments. `source` (the source's name and options) goes into the listing digest, which every
+    part of one build must share."""
+    index, count = part
+    if not 0 <= index < count:
+        raise ValueError(f"part must be I/N with 0 <= I < N, got {index}/{count}")
+    bound = inspect.signature(build_shards).bind(collection, out, **options)
+    bound.apply_defaults()
+    o = bound.arguments
+    listings, all_jobs = _plan(
+        collection, o["shard_size"], o["on_corrupt"], o["workers"], o["test_fraction"], o["split_seed"]
+    )
+    jobs = {split: part_of(split_jobs, part) for split, split_jobs in all_jobs.items()}
+    settings = {key: o[key] for key in ("shard_size", "on_corrupt", "test_fraction", "split_seed")} | {"source": source}
+    with atomic_folder(out, o["overwrite"], "shards-part", o["inputs"]) as partial:
+        encoded = _encode_splits(collection, listings, jobs, partial, o["workers"], o["on_corrupt"], o["progress"])
+        for split, results in encoded.items():
+            tables = [rows for _, rows in results if rows is not None]
+            if tables:
+                pq.write_table(pa.concat_tables(tables).combine_chunks(), partial / split / INDEX)
+        results = {split: [result for result, _ in done] for split, done in encoded.items()}
+        counts = {split: len(split_jobs) for split, split_jobs in all_jobs.items()}
+        write_part(partial, part, listing_digest(collection, listings, settings), collection, counts, results)
+    return results

@@ -1,12 +1,17 @@
-"""Build, inspect and verify fgdist shard sets (docs/DESIGN.md, "Shards").
+"""Build, merge, inspect and verify fgdist shard sets (docs/DESIGN.md, "Shards").
 
 examples:
   python -m shards build --source synthetic --out data/synthetic
   python -m shards build --source fashion-mnist --out data/fmnist
   python -m shards build --source manifest --path images.csv --out data/mine --opt test_fraction=0.2
   python -m shards build --source pets --path oxford-iiit-pet --out data/pets --opt shorter_side=256
+  python -m shards build --source folder --path photos/ --out data/mine --workers 8
+  python -m shards build --source folder --path photos/ --out parts/0 --part 0/2   # one machine each,
+  python -m shards build --source folder --path photos/ --out parts/1 --part 1/2   # then:
+  python -m shards merge parts/0 parts/1 --out data/mine
   python -m shards inspect data/fmnist
   python -m shards verify data/fmnist
+  python -m shards verify data/sop --url http://storage/sop   # the tars as training will stream them
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ import importlib.metadata
 import inspect
 import json
 import sys
+import time
 
 import fgdist
 from fgdist.shardset import ShardSetError, open_split, verify_split
-from shards.build import BUILD_OPTIONS, build_shards
+from shards.assemble import merge_parts
+from shards.build import BUILD_OPTIONS, build_part, build_shards
 from shards.sources import SourceError
 from shards.sources.cifar100 import open_cifar100
 from shards.sources.fashion_mnist import open_fashion_mnist
@@ -117,21 +124,45 @@ def options_table() -> str:
 
 def cmd_build(args) -> int:
     collection, build_options = _open_source(args)
-    manifests = build_shards(
-        collection,
-        args.out,
-        shard_size=args.shard_size,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-        inputs={"--path": args.path},
-        **build_options,
-    )
+    started = time.perf_counter()
+    common = dict(shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.quiet, workers=args.workers)
+    common |= dict(inputs={"--path": args.path}, **build_options)
+    if args.part is not None:
+        source = {"source": args.source, "path": args.path, "opt": sorted(map(str, args.opt))}
+        results = build_part(collection, args.out, args.part, source=source, **common)
+        images = sum(r.count for split in results.values() for r in split)
+        for split, split_results in results.items():
+            written = sum(r.count for r in split_results)
+            print(
+                f"{args.out}/{split}: part {args.part[0]}/{args.part[1]}: {written} images, {len(split_results)} shards"
+            )
+    else:
+        manifests = build_shards(collection, args.out, **common)
+        images = sum(m.num_instances for m in manifests.values())
+        _print_manifests(args.out, manifests)
+    seconds = time.perf_counter() - started
+    print(f"{images} images in {seconds:.1f} s ({images / seconds:.0f} images/s, {args.workers} worker(s))")
+    return 0
+
+
+def _print_manifests(out, manifests) -> None:
     for split, m in manifests.items():
         print(
-            f"{args.out}/{split}: {m.num_instances} samples, {len(m.shards)} shards, {m.num_super} super-classes, "
+            f"{out}/{split}: {m.num_instances} samples, {len(m.shards)} shards, {m.num_super} super-classes, "
             f"{m.num_fine} fine classes" + _skipped_note(m)
         )
+
+
+def cmd_merge(args) -> int:
+    _print_manifests(args.out, merge_parts(args.parts, args.out, args.overwrite))
     return 0
+
+
+def _parse_part(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    if not sep or not index.isdigit() or not count.isdigit() or not int(index) < int(count):
+        raise argparse.ArgumentTypeError(f"--part wants I/N with 0 <= I < N, got {text!r}")
+    return int(index), int(count)
 
 
 def _skipped_note(manifest) -> str:
@@ -143,7 +174,7 @@ def _skipped_note(manifest) -> str:
 
 def cmd_inspect(args) -> int:
     for split in args.splits:
-        s = open_split(args.dir, split)
+        s = open_split(args.dir, split, args.url)
         m = s.manifest
         print(
             f"{s.path}: {m.num_instances} samples in {len(m.shards)} shards, {m.num_super} super-classes, "
@@ -161,15 +192,16 @@ def cmd_inspect(args) -> int:
 def cmd_verify(args) -> int:
     bad = 0
     for split in args.splits:
+        where = f"{args.url.rstrip('/')}/{split}" if args.url else f"{args.dir}/{split}"
         try:
-            problems = verify_split(open_split(args.dir, split))
+            problems = verify_split(open_split(args.dir, split, args.url))
         except ShardSetError as err:
             problems = [str(err)]
         for p in problems:
             print(f"FAIL {p}")
         bad += len(problems)
         if not problems:
-            print(f"ok   {args.dir}/{split}")
+            print(f"ok   {where}")
     return 1 if bad else 0
 
 
@@ -185,7 +217,7 @@ def main(argv=None) -> int:
         prog="python -m shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s (fgdist) {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,inspect,verify}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,merge,inspect,verify}")
     b = sub.add_parser(
         "build",
         help="build a shard set from a source (build --help lists every source's options)",
@@ -204,13 +236,32 @@ def main(argv=None) -> int:
         "--overwrite", action="store_true", help="replace an existing --out that fgdist wrote (never another folder)"
     )
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--workers", type=int, default=1, help="encoding processes (default: %(default)s)")
+    b.add_argument(
+        "--part",
+        type=_parse_part,
+        metavar="I/N",
+        help="build part I of N into --out (one machine each), then `merge` the parts",
+    )
     b.set_defaults(run=cmd_build)
+    m = sub.add_parser(
+        "merge",
+        help="join the parts of a build made with --part I/N into one shard set",
+        description="Join the parts of a build made with --part I/N into the shard set a single build writes.",
+    )
+    m.add_argument("parts", nargs="+", help="the part folders (every part once, any order)")
+    m.add_argument("--out", required=True, help="the shard set's folder (written atomically; the parts are kept)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing --out that fgdist wrote")
+    m.set_defaults(run=cmd_merge)
     for name, run, summary in (
         ("inspect", cmd_inspect, "print a shard set's splits, super-classes and shard counts"),
         ("verify", cmd_verify, "check every shard: checksums, truncated tars, undecodable images, instance ids"),
     ):
         p = sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
-        p.add_argument("dir", help="the shard set's folder")
+        p.add_argument(
+            "dir", help="the shard set's folder (with --url: of its manifests and indexes, fetched if missing)"
+        )
+        p.add_argument("--url", help="read the tars from this URL (as data.shards_url does)")
         p.add_argument("--splits", nargs="+", default=["train", "test"], help="the splits to " + name)
         p.set_defaults(run=run)
     args = parser.parse_args(argv)

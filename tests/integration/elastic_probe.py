@@ -18,7 +18,7 @@ from launcher.train import parse_args, run_config  # noqa: E402
 
 def fixed_batch_loss(trainer: Trainer) -> float:
     split = trainer.train_split
-    stream = EvalStream(deal(shard_urls(split, split.manifest.shards, trainer.cfg.data), 0, 1), trainer.cfg.data)
+    stream = EvalStream(deal(shard_urls(split, split.manifest.shards), 0, 1), trainer.cfg.data)
     batch = collate(list(stream))  # every training image: each rank owns some of them
     lo, hi = trainer.plan.column_range(trainer.rank)
     mine = (batch["instance"] >= lo) & (batch["instance"] < hi)

@@ -212,7 +212,7 @@ def test_feature_init_writes_each_column_from_its_image_on_one_and_two_ranks(ini
     # The oracle: every training image embedded on its own, in eval mode, by instance id.
     split = open_split(init_shards, "train")
     cfg = DataConfig(shards=init_shards, num_workers=0)
-    batch = collate(list(EvalStream(deal(shard_urls(split, split.manifest.shards, cfg), 0, 1), cfg)))
+    batch = collate(list(EvalStream(deal(shard_urls(split, split.manifest.shards), 0, 1), cfg)))
     with torch.no_grad():
         features = F.normalize(TinyNet(3, 6, projection=True).eval()(batch["images"])["projection"], dim=1)
     expected = torch.empty_like(columns)

@@ -109,12 +109,10 @@ def test_shuffled_routing_covers_every_instance_once_per_rank_set(uneven, world,
 def test_tars_read_through_a_pipe_url_give_the_same_stream(uneven):
     """data.shards_url: tars come from any URL WebDataset opens (here `pipe:cat`), manifests
     from the local copy."""
-    local = validate({"data": {"batch_size": 4, "num_workers": 0, "image_size": 16}}, "t").data
-    piped = validate(
-        {"data": {"batch_size": 4, "num_workers": 0, "image_size": 16, "shards_url": f"pipe:cat {uneven.path.parent}"}},
-        "t",
-    ).data
+    cfg = validate({"data": {"batch_size": 4, "num_workers": 0, "image_size": 16}}, "t").data
+    piped = open_split(uneven.path.parent, "train", f"pipe:cat {uneven.path.parent}")
+    assert piped.shard_path(piped.manifest.shards[0]).startswith("pipe:cat ")
     plan = make_plan(uneven.manifest, 2)
-    a = [b["instance"].tolist() for b in train_batches(uneven, plan, local, 1, epoch=0, seed=0)]
-    b = [b["instance"].tolist() for b in train_batches(uneven, plan, piped, 1, epoch=0, seed=0)]
+    a = [b["instance"].tolist() for b in train_batches(uneven, plan, cfg, 1, epoch=0, seed=0)]
+    b = [b["instance"].tolist() for b in train_batches(piped, plan, cfg, 1, epoch=0, seed=0)]
     assert a == b and len(a) == steps_per_epoch(36, 2, 4)
