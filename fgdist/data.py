@@ -11,6 +11,9 @@ a rank with fewer samples resamples some and collectives never wait on a rank th
 Each epoch's stream is a pure function of (seed, epoch, rank, worker): a resume replays it, and
 passes the batches already trained without augmenting them (with data.on_corrupt=skip it decodes
 them, to count the undecodable samples that took no place in a batch).
+
+Shards are read by fgdist/remote.py: from the shard set's folder, or from data.shards_url
+(`open_data_split`), a remote shard checked against its manifest checksum as it streams.
 """
 
 from __future__ import annotations
