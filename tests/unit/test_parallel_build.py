@@ -89,6 +89,8 @@ def test_parallel_and_partitioned_builds_write_the_serial_builds_files(tmp_path,
     # The parts hold different shards, and a tar's headers carry nothing of when or by whom it was written.
     tars = [sorted(p.name for p in (tmp_path / f"part{i}" / "train").glob("*.tar")) for i in (0, 1)]
     assert tars[0] and tars[1] and not set(tars[0]) & set(tars[1])
+    merged = folders[2] / "train" / tars[1][0]
+    assert merged.stat().st_ino == (tmp_path / "part1" / "train" / tars[1][0]).stat().st_ino  # linked, not copied
     with tarfile.open(folders[0] / "train" / tars[1][0]) as tar:
         assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in tar} == {(0, 0, 0, "", "", 0o644)}
 
