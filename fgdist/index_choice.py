@@ -297,6 +297,8 @@ def make_index(
     """Choose (kind 'auto') or take the structure, build it, and set its search breadth (`nprobe`
     when given, else tuned to target_recall). Returns the index and what index.json records."""
     n, d = vectors.shape
+    if not 0 < target_recall <= 1:
+        raise ValueError(f"--target-recall {target_recall}: a recall@10 in (0, 1]")
     if kind == "auto":
         flat_ms = estimate_flat_ms(vectors)
         choice = choose(n, d, memory_budget, latency_budget_ms, flat_ms, structure.get("nlist"))

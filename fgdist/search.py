@@ -140,18 +140,37 @@ def index_main(argv=None) -> int:
     )
     p.add_argument("--embeddings", required=True, help="an fgdist-embed output folder")
     p.add_argument("--out", required=True)
-    p.add_argument("--type", choices=("auto",) + KINDS, default="auto", help="auto: chosen from the budgets below")
-    p.add_argument("--memory-budget", type=size_arg, help="most memory the index may take, e.g. 2GB (auto)")
-    p.add_argument("--latency-budget-ms", type=float, default=10.0, help="Flat only while a query fits this (auto)")
-    p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 vs exact that tunes --nprobe")
+    p.add_argument(
+        "--type",
+        choices=("auto",) + KINDS,
+        default="auto",
+        help="auto: chosen from the budgets below (default: %(default)s)",
+    )
+    p.add_argument(
+        "--memory-budget", type=size_arg, help="most memory the index may take, e.g. 2GB (auto; default: none)"
+    )
+    p.add_argument(
+        "--latency-budget-ms",
+        type=float,
+        default=10.0,
+        help="Flat only while a query takes at most this (auto; default: %(default)s)",
+    )
+    p.add_argument(
+        "--target-recall",
+        type=float,
+        default=0.95,
+        help="recall@10 vs exact that tunes --nprobe (default: %(default)s)",
+    )
     p.add_argument("--nlist", type=int, help="IVF lists (default: about sqrt(N))")
-    p.add_argument("--m", type=int, help="PQ bytes a vector (divides the dimension; default d/8)")
-    p.add_argument("--nbits", type=int, default=8, help="bits per PQ code")
-    p.add_argument("--hnsw-m", type=int, default=32, help="HNSW links a vector")
+    p.add_argument(
+        "--m", type=int, help="PQ sub-vectors: m x nbits bits a vector (divides the dimension; default: d/8)"
+    )
+    p.add_argument("--nbits", type=int, default=8, help="bits per PQ code (default: %(default)s)")
+    p.add_argument("--hnsw-m", type=int, default=32, help="HNSW links a vector (default: %(default)s)")
     p.add_argument(
         "--nprobe", type=int, help="IVF lists (HNSW: efSearch) per query (default: tuned to --target-recall)"
     )
-    p.add_argument("--train-size", type=int, default=100_000, help="IVF training vectors")
+    p.add_argument("--train-size", type=int, default=100_000, help="IVF training vectors (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     try:

@@ -141,5 +141,7 @@ def test_fgdist_index_refuses_a_budget_nothing_fits(tmp_path, capsys):
     with pytest.raises(SystemExit):
         index_main([*args[:4], "--memory-budget", "lots"])
     assert "--memory-budget: memory budget 'lots'" in capsys.readouterr().err
+    assert index_main([*args[:4], "--target-recall", "95"]) == 2
+    assert "--target-recall 95.0: a recall@10 in (0, 1]" in capsys.readouterr().err
     assert index_main([*args[:4], "--type", "ivfflat", "--nlist", "5000"]) == 2
     assert "3000 training vectors cannot train nlist=5000 lists; lower --nlist" in capsys.readouterr().err
