@@ -201,6 +201,8 @@ def estimate_flat_ms(vectors: np.ndarray, slice_rows: int = 50_000, queries: int
         started = time.perf_counter()
         flat.search(q[None], 10)
         times.append(time.perf_counter() - started)
+    if not times:  # an empty embeddings set: nothing to scan
+        return 0.0
     return min(times) * 1000 * len(vectors) / len(part)
 
 
@@ -281,7 +283,7 @@ def query_ms(index, vectors: np.ndarray, queries: int = 20) -> float:
         started = time.perf_counter()
         index.search(np.ascontiguousarray(q[None], dtype=np.float32), 10)
         times.append(time.perf_counter() - started)
-    return float(np.median(times)) * 1000
+    return float(np.median(times)) * 1000 if times else 0.0
 
 
 def make_index(
