@@ -44,6 +44,20 @@ def test_layout_grouped_by_superclass_with_contiguous_ids(synthetic):
     assert verify_split(split) == []
 
 
+def test_a_larger_synthetic_test_split_keeps_the_training_images_bit_identical(synthetic, tmp_path):
+    """The generator draws every training image before any test image: more test images per fine
+    class (the main job's larger test split) leave the training shards byte for byte the same."""
+    larger = tmp_path / "larger"
+    build_shards(open_synthetic(**{**SMALL, "test_per_fine": 5}), larger, shard_size=4, progress=False)
+    small_train, large_train = open_split(synthetic, "train").manifest, open_split(larger, "train").manifest
+    assert [s.sha256 for s in large_train.shards] == [s.sha256 for s in small_train.shards]
+    assert pq.read_table(larger / "train" / "index.parquet").equals(
+        pq.read_table(synthetic / "train" / "index.parquet")
+    )
+    assert open_split(larger, "test").manifest.num_instances == 5 * 8  # 5 per fine class, 8 fine classes
+    assert open_split(synthetic, "test").manifest.num_instances == 2 * 8
+
+
 def test_refuses_existing_output_without_overwrite(synthetic, capsys):
     assert shards_main(["build", "--source", "synthetic", "--out", str(synthetic), "--quiet"]) == 2
     assert "exists" in capsys.readouterr().err
