@@ -103,3 +103,24 @@ TINY_TRAINING = [
     "--set",
     "eval.batch_size=16",
 ]
+
+
+def wait_for_http(url: str, proc, log: Path, timeout_s: float = 120) -> None:
+    """Poll `url` until it answers 200; fail (with the end of `log`) if the server process `proc`
+    exits first or `timeout_s` passes."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args[:4]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            pass  # not listening yet
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer within {timeout_s} s:\n{log.read_text()[-3000:]}")
