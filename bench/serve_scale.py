@@ -128,6 +128,11 @@ class Served:
     def rss(self) -> int:
         return psutil.Process(self.proc.pid).memory_info().rss
 
+    def searched(self) -> tuple[int, int]:
+        """(batches, queries) the server has searched so far."""
+        health = requests.get(self.url + "/health", timeout=30).json()
+        return health["batches"], health["queries"]
+
     def __exit__(self, *exc):
         self.proc.terminate()
         self.proc.wait(timeout=60)
@@ -225,7 +230,7 @@ def main() -> int:
             embeddings = synthetic_embeddings(work / "embeddings", args.n, args.d, model)
             catalogue = f"{args.n:,} x {args.d} clustered random vectors, a random ResNet-18 of width {args.d // 8}"
         lines = header(args, meta, catalogue)
-        columns = ["index", "build s", "server RSS MiB", "clients", "q/s", "p50 ms", "p99 ms", "errors"]
+        columns = ["index", "build s", "server RSS MiB", "clients", "q/s", "p50 ms", "p99 ms", "mean batch", "errors"]
         lines += md_head([*columns, f"recall@{K} vs {specs[0]}"])
         print("\n".join(lines), flush=True)
         truth = None
@@ -236,9 +241,17 @@ def main() -> int:
                 found = neighbours_of(server.url, pngs)
                 truth = truth or found
                 for clients in args.clients:
+                    before = server.searched()
                     r = load(server.url, pngs, clients, args.requests)
+                    batches, queries = (after - b for after, b in zip(server.searched(), before))
                     cells = [spec, f"{build_s:.1f}", f"{server.rss() / 2**20:,.0f}", str(clients), f"{r['qps']:.1f}"]
-                    cells += [f"{r['p50']:.1f}", f"{r['p99']:.1f}", str(r["errors"]), f"{recall(found, truth):.3f}"]
+                    cells += [
+                        f"{r['p50']:.1f}",
+                        f"{r['p99']:.1f}",
+                        f"{queries / max(batches, 1):.1f}",
+                        str(r["errors"]),
+                    ]
+                    cells.append(f"{recall(found, truth):.3f}")
                     lines.append(md_row(cells))
                     print(lines[-1], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@
 
 The model (`fgdist.load_model`) and the index (`fgdist.search.open_index`) are loaded once; then
 
-    GET  /health               200 {"status": "ok", "count", "dim", "type", "model", "index", "k_max"}
+    GET  /health               200 {"status": "ok", "count", "dim", "type", "model", "index", "k_max",
+                               "batches", "queries": searched so far}
     POST /search?k=K           a multipart form with the image file in the field `image`
     GET  /search?key=KEY&k=K   search from an image of the index (what a click on the page asks)
         both answer {"neighbours": [{"rank", "key", "score", "super", "fine", "super_name",
@@ -108,6 +109,7 @@ class Batcher:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="fgdist-search")
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
+        self.batches = self.queries = 0  # searched so far (their ratio: the mean batch, in /health)
 
     def start(self) -> None:
         self.queue = asyncio.Queue()
@@ -132,6 +134,7 @@ class Batcher:
             waiting = [item for item in batch if not item[2].done()]  # a client gone is skipped
             if not waiting:
                 continue
+            self.batches, self.queries = self.batches + 1, self.queries + len(waiting)
             try:
                 results = await loop.run_in_executor(self.executor, self._search, waiting)
             except Exception as err:  # every waiting client learns it, and the loop goes on
@@ -175,6 +178,8 @@ def index_image(index, key: str) -> bytes:
         return index.image_bytes(key)
     except KeyError:
         raise RequestError(404, f"no image with key {key!r} in the index") from None
+    except (FileNotFoundError, ValueError) as err:  # its file is gone, or the index records no image source
+        raise RequestError(404, f"the image of key {key!r} cannot be read: {err}") from None
 
 
 async def read_upload(request, limits: Limits) -> tuple[bytes, str]:
@@ -256,7 +261,7 @@ def create_app(embedder, index, limits: Limits, description: dict):
         return Response(data, media_type=content_type(data), headers={"Cache-Control": "max-age=3600"})
 
     async def health(request):
-        return JSONResponse(health_body)
+        return JSONResponse({**health_body, "batches": batcher.batches, "queries": batcher.queries})
 
     async def home(request):
         return HTMLResponse(page)

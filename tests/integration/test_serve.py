@@ -21,7 +21,8 @@ from PIL import Image
 
 from fgdist.config import RunConfig
 from fgdist.embed import main as embed_main
-from fgdist.export import embedder_from, export_model
+from fgdist.embeddings_io import read_embeddings
+from fgdist.export import embedder_from, export_model, load_model
 from fgdist.model import EmbeddingNet
 from fgdist.search import index_main, search_main
 from tests.helpers import REPO, free_port, wait_for_http
@@ -59,7 +60,10 @@ def catalogue(tmp_path_factory):
                 photo(gen, s, f).save(root / "photos" / super_name / fine_name / f"{i}.png")
     photo(gen, 1, 1).resize((40, 40)).save(root / "query.png")
     emb, index = root / "emb", root / "index"
-    assert embed_main(["--model", str(root / "model"), "--images", str(root / "photos"), "--out", str(emb)]) == 0
+    assert (
+        embed_main(["--model", str(root / "model"), "--images", str(root / "photos"), "--out", str(emb), "--quiet"])
+        == 0
+    )
     assert index_main(["--embeddings", str(emb), "--out", str(index)]) == 0
     return root
 
@@ -98,13 +102,23 @@ def server(catalogue):
         proc.wait(timeout=30)
 
 
-def cli_neighbours(index: Path, image: Path, k: int, capsys) -> list[tuple[str, float]]:
-    """(key, score) of fgdist-search's printed table."""
+def printed_neighbours(index: Path, image: Path, k: int, capsys) -> list[dict]:
+    """fgdist-search --image's table, one dict per row (its header names the fields; scores .4f)."""
     capsys.readouterr()
     assert search_main(["--index", str(index), "--image", str(image), "--k", str(k)]) == 0
-    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
-    header = rows[0]
-    return [(row[header.index("key")], float(row[header.index("score")])) for row in rows[1 : k + 1]]
+    header, *rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    return [dict(zip(header, row)) for row in rows[:k]]
+
+
+def exact_neighbours(catalogue: Path, image: Path, k: int) -> tuple[list[str], np.ndarray]:
+    """(keys, scores) of the k nearest embeddings by brute force: the query embedded by the model
+    the index was built with, against every catalogue embedding."""
+    emb, embedder = read_embeddings(catalogue / "emb"), load_model(catalogue / "model")
+    with Image.open(image) as img:
+        query = embedder(embedder.preprocess([img]))[0]
+    scores = emb.vectors @ query
+    best = scores.topk(k)
+    return [emb.keys[i] for i in best.indices], best.values.detach().numpy()
 
 
 def test_health_describes_the_index(server, catalogue):
@@ -118,14 +132,17 @@ def test_health_describes_the_index(server, catalogue):
 def test_the_api_answers_what_fgdist_search_prints(server, catalogue, query, capsys):
     image, k = catalogue / query, 5
     served = server.search_file(image, k)
-    printed = cli_neighbours(catalogue / "index", image, k, capsys)
-    assert [n["key"] for n in served] == [key for key, _ in printed]
     assert [n["rank"] for n in served] == list(range(1, k + 1))
-    assert np.allclose([n["score"] for n in served], [score for _, score in printed], atol=1e-4)  # printed .4f
-    for n in served:
+    printed = printed_neighbours(catalogue / "index", image, k, capsys)
+    for n, row in zip(served, printed, strict=True):
         assert set(n) == {"rank", "key", "score", "super", "fine", "super_name", "fine_name", "path"}
+        assert {f: str(v) for f, v in n.items() if f != "score"} == {f: v for f, v in row.items() if f != "score"}
+        assert abs(n["score"] - float(row["score"])) <= 5e-5  # printed with 4 decimals
         super_name, fine_name, _ = n["key"].split("/")
         assert (n["super_name"], n["fine_name"], n["path"]) == (super_name, fine_name, n["key"])
+    keys, scores = exact_neighbours(catalogue, image, k)
+    assert [n["key"] for n in served] == keys
+    assert np.allclose([n["score"] for n in served], scores, atol=1e-5)
 
 
 def test_a_search_from_an_index_image_is_the_search_with_its_file(server, catalogue):
