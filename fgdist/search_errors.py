@@ -25,4 +25,16 @@ class DimensionMismatchError(ValueError):
     """Embeddings whose dimension differs from the index's (another model, or another width)."""
 
 
-ERRORS = (CheckpointError, UnknownRunError, ImageDecodeError, OutputExistsError, DimensionMismatchError)
+class IndexFolderError(FileNotFoundError):
+    """An fgdist-index folder that is missing, partial or unreadable (its index.json, index.faiss
+    or rows.parquet); the message names the file."""
+
+
+ERRORS = (
+    CheckpointError,
+    UnknownRunError,
+    ImageDecodeError,
+    OutputExistsError,
+    DimensionMismatchError,
+    IndexFolderError,
+)
