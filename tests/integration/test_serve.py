@@ -256,3 +256,45 @@ def drop_file(page, path: Path) -> str:
     )
     page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
     return name
+
+
+def test_concurrent_queries_each_get_their_own_neighbours(server, catalogue):
+    """Queries searched in one batch are answered as if alone, each with its own k."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = sorted((catalogue / "photos").rglob("*.png"))
+    jobs = [(image, 1 + i % K_MAX) for i, image in enumerate(images)]
+    alone = [server.search_file(image, k) for image, k in jobs]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda job: server.search_file(*job), jobs * 2))
+    for want, got in zip(alone * 2, together):
+        assert [n["key"] for n in got] == [n["key"] for n in want]
+        assert np.allclose([n["score"] for n in got], [n["score"] for n in want], atol=1e-5)
+    health = server.get("/health").json()
+    assert health["queries"] >= len(jobs) * 3 and 1 <= health["batches"] <= health["queries"]
+
+
+@pytest.mark.parametrize(
+    "flags,words",
+    [
+        (["--index", "no/such/index"], "no/such/index"),
+        (["--device", "warp9"], "--device warp9"),
+        (["--model", "no/such/model"], "no/such/model"),
+    ],
+)
+def test_a_server_that_cannot_start_says_why(catalogue, flags, words, capsys):
+    from fgdist.serve import main
+
+    args = ["--index", str(catalogue / "index"), *flags]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and err.count("\n") == 1
+
+
+def test_a_model_of_another_dimension_is_refused(catalogue, tmp_path, capsys):
+    from fgdist.serve import main
+
+    cfg = RunConfig.model_validate({"model": {"width": 8}, "data": {"image_size": 16, "shards": str(tmp_path)}})
+    export_model(embedder_from(EmbeddingNet(cfg.model, 2, None), cfg.model, cfg.data, "backbone"), tmp_path / "m")
+    assert main(["--index", str(catalogue / "index"), "--model", str(tmp_path / "m")]) == 2
+    assert "DimensionMismatchError" in capsys.readouterr().err
