@@ -297,8 +297,13 @@ def create_app(embedder, index, limits: Limits, description: dict):
 
 
 # -- command line -------------------------------------------------------------------------------
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written, and every default in --help."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every default in --help (but no "default: None")."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, argparse.SUPPRESS):
+            return action.help
+        return f"{action.help} (default: %(default)s)"
 
 
 def parse_args(argv=None):
@@ -306,11 +311,18 @@ def parse_args(argv=None):
     p.add_argument("--index", required=True, help="an fgdist-index folder")
     p.add_argument("--model", help="the model that embeds the queries (default: the one the index was built with)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1)")
-    p.add_argument("--k-max", type=int, default=100, help="the largest k a request may ask for")
-    p.add_argument("--max-upload-mb", type=float, default=20.0, help="uploads over this size are refused (413)")
-    p.add_argument("--max-batch", type=int, default=32, help="queries embedded and searched together at most")
+    p.add_argument("--k-max", type=int, default=Limits.k_max, help="the largest k a request may ask for")
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=Limits.max_upload_bytes / 2**20,
+        help="uploads over this size are refused (413)",
+    )
+    p.add_argument(
+        "--max-batch", type=int, default=Limits.max_batch, help="queries embedded and searched together at most"
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = p.parse_args(argv)
     for flag in ("k_max", "max_batch", "max_upload_mb"):
