@@ -5,6 +5,11 @@
     fgdist-embed --model exported/m --manifest images.csv --out emb/mine     # columns path[,super[,fine]]
     torchrun --nproc_per_node 2 -m fgdist.embed --model ... --out ...        # or deepspeed --num_gpus 2
 
+Labels are read as `shards build` reads them (shared code in shards/sources/files.py): `--images`
+takes `<super>/<fine>/` subfolders as classes (other images are unlabelled, -1), `--manifest` the
+columns path[,super[,fine]] (names, or integer ids kept as they are); with `--shards` the names
+come from the shard manifest and each image's path from the shard index's `source`.
+
 Every rank embeds its share (shards dealt out as in evaluation, files by position) with the
 evaluation transform and writes its own `part-<rank>.parquet` into `.<out>.partial`; once all
 ranks have written, rank 0 adds `_embeddings.json` and renames the folder to `out`. A rank that

@@ -57,6 +57,12 @@ def to_table(
     return pa.Table.from_arrays(columns, schema=schema(dim, fp16))
 
 
+def vectors_of(table: pa.Table) -> np.ndarray:
+    """The `embedding` column of a table in this schema as an N x d float32 array."""
+    column = table.column("embedding").combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size).astype(np.float32)
+
+
 @dataclass
 class Embeddings:
     """A whole embeddings dataset in memory, rows sorted by (instance, key)."""
@@ -87,9 +93,7 @@ def read_embeddings(path: str | Path) -> Embeddings:
     table = pq.read_table(path).sort_by([("instance", "ascending"), ("key", "ascending")])
     if table.num_rows != meta["count"]:
         raise ValueError(f"{path}: {table.num_rows} rows, {META} says {meta['count']}")
-    column = table.column("embedding").combine_chunks()
-    dim = column.type.list_size
-    vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
+    vectors = vectors_of(table)
     return Embeddings(
         keys=table.column("key").to_pylist(),
         instance=torch.from_numpy(table.column("instance").to_numpy().copy()),

@@ -83,9 +83,29 @@ def retrieval_sums(
         self_rows = torch.arange(self_offset + start, self_offset + stop, device=device) if excluded else None
         order = ranked(queries[start:stop], gallery, depth, self_rows)  # one sort serves every label
         for name, g_labels in gallery_labels.items():
-            y = query_labels[name][start:stop]
-            rel = (g_labels[order] == y[:, None]) & (y[:, None] >= 0)
-            add_chunk(sums[name], rel, r[name][start:stop], ks)
+            add_chunk(sums[name], relevant(order, query_labels[name][start:stop], g_labels), r[name][start:stop], ks)
+    return sums
+
+
+def relevant(order: torch.Tensor, y: torch.Tensor, gallery_labels: torch.Tensor) -> torch.Tensor:
+    """rel[i, j]: the j-th ranked gallery row of query i (order[i, j]; -1: none) has its label y[i]."""
+    found = order >= 0
+    return (gallery_labels[order.clamp_min(0)] == y[:, None]) & (y[:, None] >= 0) & found
+
+
+@torch.no_grad()
+def ranking_sums(
+    order: torch.Tensor, query_labels: dict[str, torch.Tensor], gallery_labels: dict[str, torch.Tensor], ks: list[int]
+) -> dict[str, torch.Tensor]:
+    """`retrieval_sums`' layout from rankings made elsewhere (a faiss index): order[i] is query i's
+    gallery rows best first, -1 past the last one the index found. The queries are not gallery
+    rows. Complete metrics need order at least max(R, max ks) deep (`relevant_counts`); a shorter
+    ranking (an approximate index) scores the rows it has, R staying the count of the label."""
+    sums = {}
+    for name, g_labels in gallery_labels.items():
+        y = query_labels[name]
+        sums[name] = torch.zeros(len(ks) + 4, dtype=torch.float64, device=order.device)
+        add_chunk(sums[name], relevant(order, y, g_labels), relevant_counts(g_labels, y, False), ks)
     return sums
 
 
@@ -138,6 +158,7 @@ TITLES = {
 
 def main(argv=None) -> int:
     from fgdist.embeddings_io import read_embeddings
+    from fgdist.search_errors import UnlabelledQueriesError
 
     p = argparse.ArgumentParser(
         prog="python -m fgdist.retrieval_metrics",
@@ -157,7 +178,15 @@ def main(argv=None) -> int:
     if q.vectors.shape[1] != g.vectors.shape[1]:
         print(f"error: query dimension {q.vectors.shape[1]} != gallery dimension {g.vectors.shape[1]}", file=sys.stderr)
         return 2
-    labels = [name for name in ("super", "fine") if (g.labels[name] >= 0).any()]
+    labels = [name for name in ("super", "fine") if (g.labels[name] >= 0).any() and (q.labels[name] >= 0).any()]
+    if not labels:
+        gallery = args.gallery or args.queries
+        err = UnlabelledQueriesError(
+            f"no super or fine label on both the queries {args.queries} and the gallery {gallery}: "
+            "retrieval metrics need labelled queries and a labelled gallery"
+        )
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
     sums = retrieval_sums(
         q.vectors,
         {n: q.labels[n] for n in labels},

@@ -3,6 +3,7 @@
     fgdist-index --embeddings emb/test --out index/test                              # exact (Flat)
     fgdist-index --embeddings emb/test --out index/ivf --type ivfpq --nlist 1024 --m 16 --nbits 8
     fgdist-search --index index/test --image Q.jpg --k 10 [--grid out.png] [--fine 3]
+    fgdist-search --index index/test --queries queries/ --out results.parquet --k 10   # or a CSV manifest
 
 Scores are inner products of L2-normalized vectors, i.e. cosine similarities, as in evaluation.
 `Flat` is exact; `IVF<nlist>,PQ<m>x<nbits>` clusters the vectors into nlist lists, stores each
@@ -198,9 +199,10 @@ class Index:
     def neighbours(self, queries: np.ndarray, k: int) -> list[list[dict]]:
         """Per query (Q x d, L2-normalized), its neighbours best first, each a dict of RESULT_FIELDS."""
         scores, rows = self.search(queries, k)
-        return [self._results(s[r >= 0], r[r >= 0]) for s, r in zip(scores, rows)]
+        return [self.results(s[r >= 0], r[r >= 0]) for s, r in zip(scores, rows)]
 
-    def _results(self, scores: np.ndarray, rows: np.ndarray) -> list[dict]:
+    def results(self, scores: np.ndarray, rows: np.ndarray) -> list[dict]:
+        """One query's neighbours as RESULT_FIELDS dicts, from its scores and index rows (all found)."""
         records = self.rows.take(rows).select(["key", *RESULT_FIELDS[3:]]).to_pylist()
         return [
             {"rank": rank, "key": record["key"], "score": float(score), **{n: record[n] for n in RESULT_FIELDS[3:]}}
@@ -351,45 +353,100 @@ def neighbour_images(idx: Index, rows: list[int], preprocessing: dict):
 
 def search_main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="fgdist-search", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="fgdist-search",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="--queries: see fgdist/search_batch.py (results columns, labels, metrics).",
     )
     p.add_argument("--index", required=True, help="an fgdist-index folder")
-    p.add_argument("--image", required=True, help="the query image")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--model", help="the model that embeds the query (default: the one the index was built with)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--image", help="one query image: its neighbours are printed")
+    what.add_argument("--queries", help="a folder of query images or a CSV/Parquet manifest (with --out)")
+    p.add_argument("--k", type=int, default=10, help="neighbours per query")
+    p.add_argument("--model", help="the model that embeds the queries (default: the one the index was built with)")
     p.add_argument("--nprobe", type=int, help="IVF lists to scan (default: the index's)")
-    p.add_argument("--grid", help="draw the query and its neighbours into this PNG")
-    p.add_argument("--fine", type=int, default=-1, help="the query's fine class, for the grid's outlines")
-    p.add_argument("--super", type=int, default=-1, help="the query's super-class, where there are no fine labels")
+    p.add_argument("--grid", help="--image: draw the query and its neighbours into this PNG")
+    p.add_argument("--fine", type=int, default=-1, help="--image: the query's fine class, for the grid's outlines")
+    p.add_argument("--super", type=int, default=-1, help="--image: its super-class, where there are no fine labels")
+    p.add_argument("--out", help="--queries: the results, a Parquet dataset folder (one row per query and rank)")
+    p.add_argument("--metrics", action="store_true", help="--queries: refuse unlabelled queries instead of no metrics")
+    p.add_argument("--batch-size", type=int, default=256, help="--queries: images embedded at once")
+    p.add_argument("--overwrite", action="store_true", help="--queries: replace an existing --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    from fgdist.embed import decode
-    from fgdist.export import eval_transform, load_model
-    from fgdist.pictures import TestImage, retrieval_grid
-
     try:
-        if args.k < 1:  # before the index and the model are loaded
-            raise ValueError(f"--k {args.k}: k must be >= 1")
+        check_search_args(args)
         idx = open_index(args.index)
         model_source = args.model or idx.model_source
         if not model_source:
             raise ValueError(f"{args.index}: the index records no model; pass --model")
-        embedder = load_model(model_source)
-        query = decode(Path(args.image), eval_transform(embedder.preprocessing))
         if args.nprobe:
             set_nprobe(idx.index, args.nprobe)
-        found = idx.neighbours(embedder(query[None]).detach().numpy(), args.k)[0]
-        print("\t".join(PRINTED))
-        for n in found:
-            print("\t".join(f"{n[f]:.4f}" if f == "score" else "" if n[f] is None else str(n[f]) for f in PRINTED))
-        if args.grid:
-            shown = neighbour_images(idx, [idx.row_number(n["key"]) for n in found], embedder.preprocessing)
-            q = TestImage(-1, args.super, args.fine, query)
-            retrieval_grid([q], [[(t, n["score"]) for t, n in zip(shown, found)]], args.grid)
-            print(f"grid written to {args.grid}")
+        if args.queries:
+            search_file(idx, model_source, args)
+        else:
+            search_image(idx, model_source, args)
     except ERRORS + (FileNotFoundError, ValueError) as err:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def check_search_args(args) -> None:
+    """Flags that do not go together, before the index and the model are loaded."""
+    if args.k < 1:
+        raise ValueError(f"--k {args.k}: k must be >= 1")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.queries and not args.out:
+        raise ValueError("--queries needs --out (the results folder)")
+    image_only = [f for f, v in (("--grid", args.grid), ("--fine", args.fine >= 0), ("--super", args.super >= 0)) if v]
+    if args.queries and image_only:
+        raise ValueError(f"{', '.join(image_only)}: only with --image")
+    queries_only = [
+        f for f, v in (("--out", args.out), ("--metrics", args.metrics), ("--overwrite", args.overwrite)) if v
+    ]
+    if args.image and queries_only:
+        raise ValueError(f"{', '.join(queries_only)}: only with --queries")
+
+
+def search_image(idx: Index, model_source: str, args) -> None:
+    """One query: its neighbours printed as a table (PRINTED), and drawn with --grid."""
+    from fgdist.embed import decode
+    from fgdist.export import eval_transform, load_model
+    from fgdist.pictures import TestImage, retrieval_grid
+
+    embedder = load_model(model_source)
+    query = decode(Path(args.image), eval_transform(embedder.preprocessing))
+    found = idx.neighbours(embedder(query[None]).detach().numpy(), args.k)[0]
+    print("\t".join(PRINTED))
+    for n in found:
+        print("\t".join(f"{n[f]:.4f}" if f == "score" else "" if n[f] is None else str(n[f]) for f in PRINTED))
+    if args.grid:
+        shown = neighbour_images(idx, [idx.row_number(n["key"]) for n in found], embedder.preprocessing)
+        q = TestImage(-1, args.super, args.fine, query)
+        retrieval_grid([q], [[(t, n["score"]) for t, n in zip(shown, found)]], args.grid)
+        print(f"grid written to {args.grid}")
+
+
+def search_file(idx: Index, model_source: str, args) -> None:
+    """--queries: results written to --out, metrics printed where the queries have labels."""
+    from fgdist.search_batch import metric_lines, recall_ks, search_queries
+
+    metrics = search_queries(
+        idx,
+        model_source,
+        args.queries,
+        args.out,
+        args.k,
+        args.batch_size,
+        args.metrics,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
+    print(f"results written to {args.out}")
+    for line in metric_lines(metrics, recall_ks(args.k)):
+        print(line)
 
 
 if __name__ == "__main__":

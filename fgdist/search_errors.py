@@ -30,6 +30,10 @@ class IndexFolderError(FileNotFoundError):
     or rows.parquet); the message names the file."""
 
 
+class UnlabelledQueriesError(ValueError):
+    """Retrieval metrics asked of queries (or a gallery) without labels: there is nothing to score."""
+
+
 ERRORS = (
     CheckpointError,
     UnknownRunError,
@@ -37,4 +41,5 @@ ERRORS = (
     OutputExistsError,
     DimensionMismatchError,
     IndexFolderError,
+    UnlabelledQueriesError,
 )

@@ -7,11 +7,13 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from fgdist.embed import main as embed_main
 from fgdist.embeddings_io import read_embeddings
 from fgdist.export import load_model
+from fgdist.retrieval_metrics import retrieval_sums, to_metrics
 from fgdist.search import RESULT_FIELDS, index_main, open_index, search_main
 from fgdist.search_errors import IndexFolderError
 from shards.build import build_shards
@@ -206,3 +208,131 @@ def test_k_below_one_is_one_named_error(tmp_path, capsys):
         assert search_main(["--index", str(index_dir), "--image", str(photos / "loose.png"), "--k", k]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and f"--k {k}: k must be >= 1" in err
+
+
+def printed_neighbours(capsys, index_dir, image, k):
+    capsys.readouterr()
+    assert search_main(["--index", str(index_dir), "--image", str(image), "--k", str(k)]) == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    return [dict(zip(header.split("\t"), line.split("\t"))) for line in lines]
+
+
+def test_batch_queries_equal_single_queries_and_score_by_class_name(tmp_path, capsys):
+    run, photos, emb_dir, index_dir = embedded_tree(tmp_path)
+    # Queries of their own: `mug` is super id 0 in their own class table but 1 in the index's; `tea`
+    # is a class the index does not have.
+    queries = tmp_path / "queries"
+    for name, source in [("mug/white/q1.png", "mug/white/4.png"), ("kettle/red/q2.png", "kettle/red/1.png")]:
+        (queries / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(photos / source, queries / name)
+    write_image(queries / "tea/green/q3.png", 99)
+    out = tmp_path / "results.parquet"
+    capsys.readouterr()
+    argv = ["--index", str(index_dir), "--queries", str(queries), "--out", str(out), "--k", "3", "--quiet"]
+    assert search_main([*argv, "--batch-size", "2"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    results = pq.read_table(out).to_pylist()
+    assert len(results) == 3 * 3
+    for query in ("kettle/red/q2.png", "mug/white/q1.png", "tea/green/q3.png"):
+        mine = [r for r in results if r["query_key"] == query]
+        single = printed_neighbours(capsys, index_dir, queries / query, 3)
+        assert [r["key"] for r in mine] == [s["key"] for s in single] and [r["rank"] for r in mine] == [1, 2, 3]
+        assert [r["score"] for r in mine] == pytest.approx([float(s["score"]) for s in single], abs=1e-4)
+        assert all(r["query_path"] == query and r["query_super_name"] == query.split("/")[0] for r in mine)
+        assert [r["path"] for r in mine] == [s["path"] for s in single]
+    mug = next(r for r in results if r["query_key"] == "mug/white/q1.png")
+    assert (mug["query_super"], mug["query_fine"], mug["key"], mug["super_name"]) == (1, 2, "mug/white/4.png", "mug")
+    tea = next(r for r in results if r["query_key"] == "tea/green/q3.png")
+    assert (tea["query_super"], tea["query_fine"], tea["query_fine_name"]) == (-1, -1, "tea/green")
+
+    # The printed metrics are those of retrieval_metrics over the exact similarities, with the
+    # query labels in the index's ids (tea: a labelled query without a relevant row).
+    gallery = read_embeddings(emb_dir)
+    embedder = load_model(run)
+    names = ["kettle/red/q2.png", "mug/white/q1.png", "tea/green/q3.png"]
+    q = embedder(embedder.preprocess([Image.open(queries / n) for n in names])).detach()
+    labels = {"super": torch.tensor([0, 1, -1]), "fine": torch.tensor([1, 2, -1])}
+    ks = [1, 2]
+    want = to_metrics(retrieval_sums(q, labels, gallery.vectors, gallery.labels, ks), ks)
+    lines = {line.split(":")[0]: line for line in printed}
+    for name in ("super", "fine"):
+        line = lines[name]
+        assert "R@4" not in line and line.endswith("(3 labelled queries)")
+        for k in ks:
+            assert f"R@{k} {want[f'{name}_recall_at_{k}']:.2f}" in line
+        assert f"MAP@R {want[f'{name}_map_at_r']:.2f}" in line
+        assert f"R-precision {want[f'{name}_r_precision']:.2f}" in line
+
+
+def test_unlabelled_queries_refuse_metrics_and_print_none_without(tmp_path, capsys):
+    run, photos, emb_dir, index_dir = embedded_tree(tmp_path)
+    manifest = tmp_path / "queries.csv"
+    manifest.write_text("path\nphotos/loose.png\nphotos/mug/white/4.png\n")
+    argv = ["--index", str(index_dir), "--queries", str(manifest), "--k", "2", "--quiet"]
+    capsys.readouterr()
+    assert search_main([*argv, "--out", str(tmp_path / "r1"), "--metrics"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: UnlabelledQueriesError: --metrics: the queries")
+    assert not (tmp_path / "r1").exists()
+    assert search_main([*argv, "--out", str(tmp_path / "r2")]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"results written to {tmp_path / 'r2'}"]
+    results = pq.read_table(tmp_path / "r2").to_pylist()
+    assert [r["query_path"] for r in results] == ["photos/loose.png"] * 2 + ["photos/mug/white/4.png"] * 2
+    assert results[2]["key"] == "mug/white/4.png" and results[2]["query_super"] == -1
+    # an existing output is refused; --queries without --out, --out with --image are named
+    assert search_main([*argv, "--out", str(tmp_path / "r2")]) == 2
+    assert "OutputExistsError" in capsys.readouterr().err
+    assert search_main(argv) == 2 and "--queries needs --out" in capsys.readouterr().err
+    image = ["--index", str(index_dir), "--image", str(photos / "loose.png"), "--out", str(tmp_path / "r3")]
+    assert search_main(image) == 2 and "--out: only with --queries" in capsys.readouterr().err
+
+    from fgdist.retrieval_metrics import main as metrics_main
+
+    assert embed_main(["--model", str(run), "--manifest", str(manifest), "--out", str(tmp_path / "q"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert metrics_main(["--queries", str(tmp_path / "q"), "--gallery", str(emb_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "UnlabelledQueriesError" in err
+
+
+def outline_pixels(path, colour: str) -> int:
+    rgb = tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
+    with Image.open(path) as img:
+        return int((np.asarray(img.convert("RGB")).reshape(-1, 3) == rgb).all(axis=1).sum())
+
+
+def test_grid_outlines_unknown_labels_grey_not_green(tmp_path):
+    """-1 == -1 is not "the same super-class": unknown labels are outlined grey."""
+    from fgdist.pictures import CORRECT, UNKNOWN, WRONG, TestImage, retrieval_grid
+
+    torch.manual_seed(0)
+    image = lambda s, f: TestImage(0, s, f, torch.randn(3, 16, 16))  # noqa: E731
+    found = [(image(-1, -1), 0.9), (image(-1, -1), 0.8)]
+    retrieval_grid([image(-1, -1)], [found], tmp_path / "unknown.png")
+    assert (
+        outline_pixels(tmp_path / "unknown.png", CORRECT) == 0
+        and outline_pixels(tmp_path / "unknown.png", UNKNOWN) > 100
+    )
+    labelled = [(image(2, -1), 0.9), (image(3, -1), 0.8), (image(-1, -1), 0.7)]
+    retrieval_grid([image(2, -1)], [labelled], tmp_path / "known.png")
+    for colour in (CORRECT, WRONG, UNKNOWN):
+        assert outline_pixels(tmp_path / "known.png", colour) > 100
+
+
+def test_batch_results_do_not_depend_on_how_queries_are_split(tmp_path, capsys, monkeypatch):
+    """Queries embedded CHUNK at a time and searched SEARCH_BUDGET // depth at a time give the
+    same rows and metrics as one pass."""
+    from fgdist import search_batch
+
+    run, photos, emb_dir, index_dir = embedded_tree(tmp_path)
+    argv = ["--index", str(index_dir), "--queries", str(photos), "--k", "4", "--quiet"]
+    capsys.readouterr()
+    assert search_main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    whole = capsys.readouterr().out.splitlines()[1:]
+    monkeypatch.setattr(search_batch, "CHUNK", 3)
+    monkeypatch.setattr(search_batch, "SEARCH_BUDGET", 5)  # depth 4 or 5: one query per search
+    assert search_main([*argv, "--out", str(tmp_path / "split")]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == whole and len(whole) == 2
+    a, b = (pq.read_table(tmp_path / name).to_pylist() for name in ("whole", "split"))
+    assert len(a) == len(TREE) * 4 and [r["key"] for r in a] == [r["key"] for r in b]
+    assert [r["score"] for r in a] == pytest.approx([r["score"] for r in b], abs=1e-5)
