@@ -60,10 +60,8 @@ def catalogue(tmp_path_factory):
                 photo(gen, s, f).save(root / "photos" / super_name / fine_name / f"{i}.png")
     photo(gen, 1, 1).resize((40, 40)).save(root / "query.png")
     emb, index = root / "emb", root / "index"
-    assert (
-        embed_main(["--model", str(root / "model"), "--images", str(root / "photos"), "--out", str(emb), "--quiet"])
-        == 0
-    )
+    embed_args = ["--model", str(root / "model"), "--images", str(root / "photos"), "--out", str(emb), "--quiet"]
+    assert embed_main(embed_args) == 0
     assert index_main(["--embeddings", str(emb), "--out", str(index)]) == 0
     return root
 
