@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from fgdist import cli
 from fgdist.collectives import any_rank, barrier, sum_over_ranks
 from fgdist.embeddings_io import FORMAT, META, TEXT_COLUMNS, to_table
 from fgdist.export import ImageEmbedder, describe, eval_transform, load_model
@@ -162,7 +162,7 @@ def embed_batches(embedder: ImageEmbedder, batches, batch_size: int, fp16: bool,
         for batch in batches:
             images = batch["images"]
             padding = images.new_zeros((batch_size - len(images), *images.shape[1:]))
-            vectors.append(embedder(torch.cat([images, padding]))[: len(images)])
+            vectors.append(embedder(torch.cat([images, padding]))[: len(images)].cpu())
             keys += batch["key"]
             instance.append(batch["instance"])
             supers.append(batch["super"])
@@ -190,7 +190,7 @@ def run(args) -> Path:
     rank, world_size = _world()
     out = Path(args.out)
     check_free(out, args.overwrite, _inputs(args))  # every rank, before any work
-    embedder = load_model(args.model)
+    embedder = load_model(args.model).to(cli.torch_device(args.device))
     if args.shards:
         source = {"kind": "shards", "root": str(Path(args.shards).resolve()), "split": args.split}
         batches = shard_batches(args.shards, args.split, embedder, args.batch_size, rank, world_size)
@@ -245,9 +245,7 @@ def run(args) -> Path:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="fgdist-embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = cli.parser("fgdist-embed", __doc__)
     p.add_argument("--model", required=True, help="a run, checkpoint or export folder, an MLflow run id or model URI")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--shards", help="a shard set root (with --split)")
@@ -255,11 +253,14 @@ def parse_args(argv=None):
     what.add_argument(
         "--manifest", help="a CSV or Parquet file with columns path[,super[,fine]] (names or integer ids)"
     )
-    p.add_argument("--split", default="test", help="the shard split to embed (default: test)")
+    p.add_argument("--split", default="test", help="the shard split to embed")
     p.add_argument("--out", required=True, help="the output folder (a Parquet dataset)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument(
+        "--device", default="auto", help="where the model runs: auto (this rank's GPU if there is one), cpu, cuda:1"
+    )
     p.add_argument("--fp16", action="store_true", help="store embeddings as float16 (half the size)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that fgdist wrote")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # appended by the deepspeed launcher
     return p.parse_args(argv)
@@ -267,14 +268,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> int:
         out = run(args)
-    except ERRORS + (FileNotFoundError, ValueError) as err:
-        print(f"error: rank {_world()[0]}: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
-    if _world()[0] == 0:
-        print(f"embeddings written to {out}")
-    return 0
+        if _world()[0] == 0:
+            print(f"embeddings written to {out}")
+        return 0
+
+    return cli.run_reporting(body, ERRORS + (FileNotFoundError, ValueError), where=f"rank {_world()[0]}: ")
 
 
 if __name__ == "__main__":

@@ -19,19 +19,19 @@ gallery row (a stable sort), for Recall@k as for MAP@R, so the metrics are a fun
 The metrics are means of per-query values (first rank, AP@R, R-precision), which
 `retrieval_pass` returns beside the sums (evaluation writes them: `fgdist.per_query`).
 
-`python -m fgdist.retrieval_metrics --queries Q --gallery G` scores a query set against a
+`python -m fgdist.retrieval_metrics --embeddings Q --gallery G` scores a query set against a
 different gallery set (two `fgdist-embed` outputs); evaluation (`fgdist.evaluation.evaluate`)
 uses the test split for both, and all its retrieval metrics come from one `retrieval_pass`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Sequence
 
 import torch
+
+from fgdist import cli
 
 SUB_CHUNK = 256  # query rows sorted at once at most: their full sort against n rows is the peak memory
 
@@ -250,36 +250,28 @@ TITLES = {
 
 
 def main(argv=None) -> int:
-    from fgdist.embeddings_io import read_embeddings
-    from fgdist.search_errors import UnlabelledQueriesError
-
-    p = argparse.ArgumentParser(
-        prog="python -m fgdist.retrieval_metrics",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--queries", required=True, help="an fgdist-embed output (the query set)")
-    p.add_argument("--gallery", help="an fgdist-embed output (default: the query set, each query excluded)")
-    p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8])
+    p = cli.parser("python -m fgdist.retrieval_metrics", __doc__)
+    p.add_argument("--embeddings", required=True, help="an fgdist-embed output: the queries")
+    p.add_argument("--gallery", help="an fgdist-embed output: the gallery (default: the queries, each query excluded)")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8], help="the k of Recall@k")
     args = p.parse_args(argv)
-    try:
-        q = read_embeddings(args.queries)
-        g = read_embeddings(args.gallery) if args.gallery else q
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return cli.run_reporting(lambda: _score(args), (FileNotFoundError, ValueError))
+
+
+def _score(args) -> int:
+    from fgdist.embeddings_io import read_embeddings
+    from fgdist.search_errors import DimensionMismatchError, UnlabelledQueriesError
+
+    q = read_embeddings(args.embeddings)
+    g = read_embeddings(args.gallery) if args.gallery else q
     if q.vectors.shape[1] != g.vectors.shape[1]:
-        print(f"error: query dimension {q.vectors.shape[1]} != gallery dimension {g.vectors.shape[1]}", file=sys.stderr)
-        return 2
+        raise DimensionMismatchError(f"query dimension {q.vectors.shape[1]} != gallery dimension {g.vectors.shape[1]}")
     labels = [name for name in ("super", "fine") if (g.labels[name] >= 0).any() and (q.labels[name] >= 0).any()]
     if not labels:
-        gallery = args.gallery or args.queries
-        err = UnlabelledQueriesError(
-            f"no super or fine label on both the queries {args.queries} and the gallery {gallery}: "
-            "retrieval metrics need labelled queries and a labelled gallery"
+        raise UnlabelledQueriesError(
+            f"no super or fine label on both the queries {args.embeddings} and the gallery "
+            f"{args.gallery or args.embeddings}: retrieval metrics need labelled queries and a labelled gallery"
         )
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
     sums = retrieval_sums(
         q.vectors,
         {n: q.labels[n] for n in labels},

@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fgdist import cli
 from fgdist.embeddings_io import TEXT_COLUMNS, Embeddings, read_embeddings
 from fgdist.output_folder import atomic_folder, check_free
 from fgdist.search_errors import ERRORS, DimensionMismatchError, IndexFolderError
@@ -352,12 +353,8 @@ def neighbour_images(idx: Index, rows: list[int], preprocessing: dict):
 
 
 def search_main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="fgdist-search",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="--queries: see fgdist/search_batch.py (results columns, labels, metrics).",
-    )
+    p = cli.parser("fgdist-search", __doc__)
+    p.epilog = "--queries: see fgdist/search_batch.py (results columns, labels, metrics)."
     p.add_argument("--index", required=True, help="an fgdist-index folder")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", help="one query image: its neighbours are printed")
@@ -371,24 +368,24 @@ def search_main(argv=None) -> int:
     p.add_argument("--out", help="--queries: the results, a Parquet dataset folder (one row per query and rank)")
     p.add_argument("--metrics", action="store_true", help="--queries: refuse unlabelled queries instead of no metrics")
     p.add_argument("--batch-size", type=int, default=256, help="--queries: images embedded at once")
-    p.add_argument("--overwrite", action="store_true", help="--queries: replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", help="--queries: replace an --out that fgdist wrote")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    try:
-        check_search_args(args)
-        idx = open_index(args.index)
-        model_source = args.model or idx.model_source
-        if not model_source:
-            raise ValueError(f"{args.index}: the index records no model; pass --model")
-        if args.nprobe:
-            set_nprobe(idx.index, args.nprobe)
-        if args.queries:
-            search_file(idx, model_source, args)
-        else:
-            search_image(idx, model_source, args)
-    except ERRORS + (FileNotFoundError, ValueError) as err:
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
+    return cli.run_reporting(lambda: _search(args), ERRORS + (FileNotFoundError, ValueError))
+
+
+def _search(args) -> int:
+    check_search_args(args)
+    idx = open_index(args.index)
+    model_source = args.model or idx.model_source
+    if not model_source:
+        raise ValueError(f"{args.index}: the index records no model; pass --model")
+    if args.nprobe:
+        set_nprobe(idx.index, args.nprobe)
+    if args.queries:
+        search_file(idx, model_source, args)
+    else:
+        search_image(idx, model_source, args)
     return 0
 
 

@@ -34,7 +34,6 @@ throughput grows with concurrency while a lone query is not delayed (no waiting 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import io
@@ -49,7 +48,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from fgdist import __version__
+from fgdist import cli
 from fgdist.search_errors import ERRORS, DimensionMismatchError
 
 log = logging.getLogger("fgdist.serve")
@@ -297,22 +296,13 @@ def create_app(embedder, index, limits: Limits, description: dict):
 
 
 # -- command line -------------------------------------------------------------------------------
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written, and every default in --help (but no "default: None")."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, argparse.SUPPRESS):
-            return action.help
-        return f"{action.help} (default: %(default)s)"
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="fgdist-serve", description=__doc__, formatter_class=HelpFormatter)
+    p = cli.parser("fgdist-serve", __doc__)
     p.add_argument("--index", required=True, help="an fgdist-index folder")
     p.add_argument("--model", help="the model that embeds the queries (default: the one the index was built with)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
-    p.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1)")
+    p.add_argument("--device", default="auto", help="where the model runs: auto (a GPU if there is one), cpu, cuda:1")
     p.add_argument("--k-max", type=int, default=Limits.k_max, help="the largest k a request may ask for")
     p.add_argument(
         "--max-upload-mb",
@@ -323,7 +313,6 @@ def parse_args(argv=None):
     p.add_argument(
         "--max-batch", type=int, default=Limits.max_batch, help="queries embedded and searched together at most"
     )
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = p.parse_args(argv)
     for flag in ("k_max", "max_batch", "max_upload_mb"):
         if getattr(args, flag) <= 0:
@@ -346,11 +335,9 @@ def load(args):
         raise DimensionMismatchError(
             f"model {source} embeds {embedder.dim}-dim vectors, the index {args.index} holds {index.dim}-dim ones"
         )
-    try:
-        embedder = embedder.to(torch.device(args.device))
-    except (RuntimeError, AssertionError) as err:  # a malformed device, or CUDA absent
-        raise ValueError(f"--device {args.device}: {err}") from None
-    return embedder, index, {"model": str(source), "index": str(Path(args.index).resolve()), "device": args.device}
+    device = cli.torch_device(args.device)
+    embedder = embedder.to(device)
+    return embedder, index, {"model": str(source), "index": str(Path(args.index).resolve()), "device": str(device)}
 
 
 def setup_logging() -> None:
@@ -369,8 +356,7 @@ def main(argv=None) -> int:
     try:
         embedder, index, description = load(args)
     except ERRORS + (FileNotFoundError, ValueError, LookupError, ImportError) as err:
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
+        return cli.report(err)
     limits = Limits(args.k_max, int(args.max_upload_mb * 2**20), args.max_batch)
     app = create_app(embedder, index, limits, description)
     log.info(
