@@ -39,9 +39,7 @@ from fgdist.images import check_shape, open_image
 from fgdist.output_folder import begin, check_free, partial_path, publish
 from fgdist.search_errors import ERRORS, ImageDecodeError, ImageTooSmallError
 from fgdist.shardset import DECODE_ERRORS
-from shards.sources.files import ListedImage, class_tables, read_manifest, tree_labels
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+from shards.sources.files import IMAGE_SUFFIXES, ListedImage, class_tables, read_manifest, tree_images, tree_labels
 
 
 @dataclass(frozen=True)
@@ -67,12 +65,13 @@ def _image_files(listed: list[ListedImage]) -> list[ImageFile]:
 
 def folder_files(root: str | Path) -> list[ImageFile]:
     """Every image under `root`, sorted by relative path (the key). An image at
-    `root/<super>/<fine>/` has those labels, as `shards build --source folder` reads them (the
-    fine class named `super/fine`); any other image (at the root, or at another depth) has none (-1)."""
+    `root/<super>/<fine>/` or `root/<super>/` has those labels, as `shards build --source folder`
+    reads them (the fine class named `super/fine`); any other image (at the root, or deeper) has
+    none (-1)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such image folder")
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = tree_images(root)
     if not paths:
         raise FileNotFoundError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)})")
     relative = [p.relative_to(root) for p in paths]
