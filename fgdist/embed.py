@@ -88,6 +88,8 @@ def manifest_files(path: str | Path) -> list[ImageFile]:
 def decode(path: Path, transform) -> torch.Tensor:
     """One image file through `transform` (export.eval_transform); a file that does not decode is
     named (ImageDecodeError), and so is one too small or too elongated to embed (ImageTooSmallError)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {'is a directory, not an image' if path.is_dir() else 'no such image file'}")
     try:
         img = open_image(path.read_bytes())
         check_shape(img.size, str(path))
