@@ -30,7 +30,7 @@ ERASE_P = 0.5
 ERASE_AREA = (0.02, 0.33)
 ERASE_RATIO = (0.3, 3.3)
 # PIL modes of single-channel images (before the pipeline converts everything to RGB).
-SINGLE_CHANNEL_MODES = {"1", "L", "LA", "I", "I;16", "F", "P"}
+SINGLE_CHANNEL_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "P"}
 
 
 def random_resized_crop(img: Image.Image, rng: random.Random, size: int, scale: tuple[float, float]) -> Image.Image:

@@ -28,6 +28,7 @@ import torch
 from fgdist.collectives import barrier, world
 from fgdist.faults import kill_point
 from fgdist.head import InstanceHead
+from fgdist.search_errors import CheckpointError
 
 LATEST = "latest"
 
@@ -130,7 +131,11 @@ def latest(directory: Path) -> Path | None:
 
 
 def read_position(folder: Path) -> Position:
-    return Position(**json.loads((folder / "meta.json").read_text()))
+    path = folder / "meta.json"
+    try:
+        return Position(**json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as err:  # truncated, or not the keys save() writes
+        raise CheckpointError(f"{path}: not a checkpoint position ({err})") from None
 
 
 def load(folder: Path, engine, head: InstanceHead | None, rank: int) -> Position:

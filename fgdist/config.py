@@ -38,7 +38,8 @@ class DataConfig(Section):
     # crop_flip: the paper's CIFAR recipe; resized_crop_flip: the ImageNet recipe; strong
     # (fgdist/augment.py): colour images get a random resized crop (crop_scale), flip, colour
     # jitter and random grayscale, single-channel images a random resized crop, a small affine
-    # and random erasing; evaluation resizes the shorter side to image_size and center-crops.
+    # and random erasing. Evaluation (every mode) resizes the shorter side to image_size (to
+    # `resize` for resized_crop_flip) and center-crops image_size (fgdist/data.py eval_side).
     augment: Literal["crop_flip", "resized_crop_flip", "strong", "none"] = "crop_flip"
     image_size: int = Field(32, ge=8)  # the crop fed to the network
     padding: int = Field(4, ge=0)  # crop_flip: zero padding before the random crop (CIFAR: 32 from 40)
@@ -129,7 +130,7 @@ class EvalConfig(Section):
 
 
 class CheckpointConfig(Section):
-    every_epochs: int = Field(1, ge=0)  # 0: never
+    every_epochs: int = Field(1, ge=0)  # 0: only after the last epoch
     every_steps: int = Field(0, ge=0)  # also every this many global steps inside an epoch (0: never)
     keep: int = Field(2, ge=1)
 

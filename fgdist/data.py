@@ -16,7 +16,6 @@ them, to count the undecodable samples that took no place in a batch).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import random
@@ -30,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fgdist.augment import SINGLE_CHANNEL_MODES, random_resized_crop, strong_augment, with_views
 from fgdist.config import DataConfig
+from fgdist.images import open_image, to_rgb
 from fgdist.partition import Plan
 from fgdist.shardset import DECODE_ERRORS, ShardInfo, SplitDir, image_problem
 
@@ -59,26 +59,43 @@ def _resized_crop_flip(img: Image.Image, rng: random.Random, size: int) -> Image
     return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
 
 
-def _center(img: Image.Image, size: int, resize: int | None) -> Image.Image:
-    if resize is not None:
-        w, h = img.size
-        scale = resize / min(w, h)
-        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+def resize_shorter_side(img: Image.Image, side: int, size: int) -> Image.Image:
+    """The shorter side scaled to `side`, the aspect kept, neither side below `size` (the crop to
+    come). An image already that size is returned as it is."""
+    w, h = img.size
+    scale = side / min(w, h)
+    target = (max(size, round(w * scale)), max(size, round(h * scale)))
+    return img if target == img.size else img.resize(target, Image.BILINEAR)
+
+
+def _center(img: Image.Image, size: int, side: int) -> Image.Image:
+    """The evaluation geometry: the shorter side resized to `side`, the central size x size crop."""
+    img = resize_shorter_side(img, side, size)
     w, h = img.size
     x, y = (w - size) // 2, (h - size) // 2
     return img if (w, h) == (size, size) else img.crop((x, y, x + size, y + size))
 
 
-def make_transform(cfg: DataConfig, train: bool):
-    """PIL image + rng -> normalized CHW float tensor."""
+def eval_side(cfg: DataConfig) -> int:
+    """The shorter side evaluation resizes an image to before its central image_size crop:
+    data.resize for resized_crop_flip (the ImageNet recipe: 256, then 224), image_size otherwise.
+    Data already at image_size (CIFAR at 32, Fashion-MNIST at 28) is left as it is."""
+    return cfg.resize if cfg.augment == "resized_crop_flip" else cfg.image_size
 
-    eval_resize = {"resized_crop_flip": cfg.resize, "strong": cfg.image_size}.get(cfg.augment)
+
+def make_transform(cfg: DataConfig, train: bool):
+    """PIL image (any mode; fgdist.images.to_rgb reads it) + rng -> normalized CHW float tensor.
+    crop_flip training scales the shorter side to image_size first, as evaluation does, so an
+    image larger than the configured size is seen whole in both (at its native size, a no-op)."""
+
+    side = eval_side(cfg)
     erase_fill = tuple(round(255 * float(v)) for v in MEAN)  # zero after normalization
 
     def transform(img: Image.Image, rng: random.Random) -> torch.Tensor:
         single_channel = img.mode in SINGLE_CHANNEL_MODES
-        img = img.convert("RGB")
+        img = to_rgb(img)
         if train and cfg.augment == "crop_flip":
+            img = resize_shorter_side(img, cfg.image_size, cfg.image_size)
             img = _crop_flip(img, rng, cfg.image_size, cfg.padding)
         elif train and cfg.augment == "resized_crop_flip":
             img = _resized_crop_flip(img, rng, cfg.image_size)
@@ -87,7 +104,7 @@ def make_transform(cfg: DataConfig, train: bool):
                 img, rng, cfg.image_size, tuple(cfg.crop_scale), single_channel, erase_fill, colour=cfg.colour
             )
         else:
-            img = _center(img, cfg.image_size, eval_resize)
+            img = _center(img, cfg.image_size, side)
         array = (np.asarray(img, dtype=np.float32) / 255.0 - MEAN) / STD
         return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
@@ -141,9 +158,7 @@ def _decode(sample, meta, transform, rng, on_corrupt):
     try:
         if data is None:
             raise OSError("no png or jpg member")
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return transform(img, rng)
+        return transform(open_image(data), rng)
     except DECODE_ERRORS as err:
         if on_corrupt == "fail":
             raise CorruptSampleError(

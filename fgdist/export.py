@@ -19,12 +19,10 @@ f(x) or the projection of f(x).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import pickle
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -32,8 +30,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from fgdist import cli
 from fgdist.config import DataConfig, ModelConfig
 from fgdist.data import MEAN, STD, make_transform
+from fgdist.images import check_shape
 from fgdist.model import build_backbone, feature_dim, projection_mlp
 from fgdist.output_folder import atomic_folder, check_free
 from fgdist.search_errors import ERRORS, CheckpointError, UnknownRunError
@@ -85,6 +85,10 @@ class ImageEmbedder(nn.Module):
         return F.normalize(features.float(), dim=1)
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        """PIL images of any mode and size, as evaluation reads them (fgdist/images.py, then the
+        evaluation transform); ImageTooSmallError names the first image too small or elongated."""
+        for i, img in enumerate(images):
+            check_shape(img.size, f"image {i} of {len(images)}")
         transform = eval_transform(self.preprocessing)
         return torch.stack([transform(img, None) for img in images])
 
@@ -123,8 +127,8 @@ def _from_checkpoint(path: Path) -> ImageEmbedder:
 
     try:
         model, cfg, _ = load_checkpoint_model(path)
-    except FileNotFoundError as err:
-        raise CheckpointError(f"{path}: {err}") from None
+    except FileNotFoundError as err:  # its message names the folder or file already
+        raise CheckpointError(str(err)) from None
     except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError) as err:  # truncated or foreign files
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {str(err)[:200]})") from None
     return embedder_from(model, cfg.model, cfg.data, cfg.eval.features)
@@ -223,22 +227,25 @@ def export_model(embedder: ImageEmbedder, out: str | Path, source: str = "", ove
         "normalize": {"mean": MEAN.tolist(), "std": STD.tolist()},
         "source": source,
     }
-    with atomic_folder(out, overwrite) as partial:
+    with atomic_folder(out, overwrite, "export", {"--model": source}) as partial:
         save_file(state, str(partial / WEIGHTS))
         (partial / CONFIG).write_text(json.dumps(meta, indent=1))
     return Path(out)
 
 
 def signature(embedder: ImageEmbedder):
-    """Input: float32 N x 3 x S x S (the evaluation transform's output); output: N x d float32."""
+    """Input: float32 N x 3 x S x S (the evaluation transform's output); output: N x d float32.
+    The tensors are unnamed: MLflow hands a named input to the model as a dict, which the PyTorch
+    flavor refuses, so `pyfunc.predict(array)` and `mlflow models serve` ({"inputs": [...]}) would
+    fail (models logged with the named spec stay unservable; `load_model` still reads them)."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
     size = embedder.preprocessing["image_size"]
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size), "images")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embedder.dim), "embeddings")]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embedder.dim))]),
     )
 
 
@@ -270,21 +277,19 @@ def log_trained_model(model: nn.Module, cfg, tracker) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="fgdist-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = cli.parser("fgdist-export", __doc__)
     p.add_argument("--model", required=True, help="a run or checkpoint folder, an MLflow run id or model URI")
     p.add_argument("--out", required=True, help="the export folder to write")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that fgdist wrote")
     args = p.parse_args(argv)
-    try:
-        check_free(args.out, args.overwrite)  # before the model is read
+
+    def body() -> int:
+        check_free(args.out, args.overwrite, {"--model": args.model})  # before the model is read
         out = export_model(load_model(args.model), args.out, describe(args.model), args.overwrite)
-    except ERRORS as err:
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
-    print(f"exported {args.model} to {out}")
-    return 0
+        print(f"exported {args.model} to {out}")
+        return 0
+
+    return cli.run_reporting(body, ERRORS)
 
 
 if __name__ == "__main__":

@@ -6,22 +6,20 @@
   forward hooks, upsampled to the image and overlaid: one row per image, image | layer3 | layer4.
 - A retrieval grid as in the paper's Figure 3: each query with its top-5 neighbours in the test
   split by cosine similarity of f(x); a neighbour of the query's fine class is outlined in green,
-  one of another fine class in red.
+  one of another fine class in red, one whose label (or whose query's) is unknown in grey.
 
 `log_pictures` draws both for a fixed set of test images (evenly spaced over the test split's
 instance ids, which are sorted by super-class, so the queries cover the super-classes); the
 trainer calls it on rank 0 after the final evaluation and logs the files as MLflow artifacts.
 
-    fgdist-pictures --checkpoint runs/synthetic [--shards DIR] [--out DIR] [--queries 8]
+    fgdist-pictures --model runs/synthetic [--shards DIR] [--out DIR] [--num-queries 8]
     (or python -m fgdist.pictures ...)
 """
 
 from __future__ import annotations
 
-import argparse
-import io
 import json
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -33,14 +31,19 @@ import webdataset as wds
 from PIL import Image
 from torch import nn
 
+from fgdist import cli
 from fgdist.config import DataConfig, RunConfig
 from fgdist.data import MEAN, STD, eval_batches, make_transform
 from fgdist.figures import new_figure
+from fgdist.images import open_image
 from fgdist.shardset import SplitDir, open_split
+
+log = logging.getLogger("fgdist.pictures")
 
 ATTENTION_LAYERS = ("layer3", "layer4")
 TOP_K = 5
 CORRECT, WRONG, QUERY = "#1a9850", "#d73027", "#222222"  # green, red, dark grey outlines
+UNKNOWN = "#b0b0b0"  # light grey: a neighbour whose label, or whose query's, is unknown
 DPI = 100  # with the cell sizes below: a 32x32 image shows at about 128 pixels
 DISPLAY = 128  # pixels per grid cell side at least: 32x32 images are shown enlarged
 
@@ -187,7 +190,7 @@ def retrieval_grid(
 ) -> Path:
     """Each query (left, dark outline) with its neighbours in rank order, each outlined green if
     it has the query's fine class (the super-class where the data set has no fine labels), red
-    if not, titled with its class and cosine similarity."""
+    if not, grey if either label is unknown, titled with its class and cosine similarity."""
     if not queries:
         raise ValueError("retrieval_grid: no queries")
     names = names or Names()
@@ -209,15 +212,25 @@ def retrieval_grid(
                 ax.set_visible(False)
                 continue
             t, sim = found[col - 1]
-            same = t.fine == q.fine if by_fine else t.super == q.super
             label = names.fine(t.fine) if by_fine else names.super(t.super)
-            _show(ax, _enlarge(to_rgb(t.image), size), f"{label} {sim:.2f}", CORRECT if same else WRONG)
+            outline = outline_colour(q.fine, t.fine) if by_fine else outline_colour(q.super, t.super)
+            _show(ax, _enlarge(to_rgb(t.image), size), f"{label} {sim:.2f}", outline)
     label = "fine class" if by_fine else "super-class (no fine labels)"
-    fig.suptitle(f"top-{k} neighbours by cosine similarity: green = same {label}, red = other", fontsize=9)
+    fig.suptitle(
+        f"top-{k} neighbours by cosine similarity: green = same {label}, red = other, grey = label unknown", fontsize=9
+    )
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
     return path
+
+
+def outline_colour(query_label: int, found_label: int) -> str:
+    """Green for the query's class, red for another; grey where either label is unknown (-1):
+    two unknown labels are not the same class."""
+    if query_label < 0 or found_label < 0:
+        return UNKNOWN
+    return CORRECT if found_label == query_label else WRONG
 
 
 @dataclass
@@ -259,10 +272,8 @@ def read_images(split: SplitDir, data_cfg: DataConfig, instance_ids: list[int]) 
         meta = json.loads(sample["json"])
         if meta["instance"] not in wanted:
             continue
-        data = sample.get("png", sample.get("jpg"))
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            found[meta["instance"]] = TestImage(meta["instance"], meta["super"], meta["fine"], transform(img, None))
+        image = transform(open_image(sample.get("png", sample.get("jpg"))), None)
+        found[meta["instance"]] = TestImage(meta["instance"], meta["super"], meta["fine"], image)
     missing = wanted - found.keys()
     if missing:
         raise ValueError(f"{split.path}: instances {sorted(missing)[:5]} not found in its shards")
@@ -333,29 +344,57 @@ class LoadedCheckpoint(NamedTuple):
     folder: Path  # the checkpoint folder read
 
 
-def load_checkpoint_model(path: str | Path) -> LoadedCheckpoint:
-    """The model, config and folder of a checkpoint, from a run folder (its newest checkpoint)
-    or one checkpoint folder (runs/NAME/checkpoints/TAG); layout in docs/DESIGN.md, "The
-    checkpoint layout"."""
+def newest_checkpoint(run_dir: Path) -> Path:
+    """A run folder's newest complete checkpoint; one error naming the folder when it has none."""
     from fgdist import checkpoint
+
+    folder = checkpoint.latest(run_dir / "checkpoints")
+    if folder is not None:
+        return folder
+    if (run_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{run_dir}: the run saved no checkpoint (no checkpoints/latest): it stopped before its first save, "
+            "or was trained by a version that did not save the last epoch"
+        )
+    raise FileNotFoundError(
+        f"{run_dir}: neither a checkpoint folder (with meta.json) nor a run folder with checkpoints/latest"
+    )
+
+
+def warn_if_not_final(folder: Path, cfg: RunConfig) -> None:
+    """Log a warning when a run folder's newest checkpoint is not the end of training (a run
+    stopped or still going, or one that finished before the last epoch always saved): its weights
+    are then not the final ones, which the MLflow model holds."""
+    from fgdist import checkpoint
+
+    position = checkpoint.read_position(folder)
+    if (position.epoch, position.step) == (cfg.optim.epochs, 0):
+        return
+    steps = f" and {position.step} steps" if position.step else ""
+    log.warning(
+        f"{folder.parent.parent}: the newest checkpoint ({folder.name}) is after epoch {position.epoch}{steps} "
+        f"of {cfg.optim.epochs}: not the end of training, so these are not the run's final weights"
+    )
+
+
+def load_checkpoint_model(path: str | Path) -> LoadedCheckpoint:
+    """The model, config and folder of a checkpoint, from a run folder (its newest checkpoint; a
+    logged warning when that is not the end of training) or one checkpoint folder
+    (runs/NAME/checkpoints/TAG); layout in docs/DESIGN.md, "The checkpoint layout"."""
     from fgdist.config import validate
     from fgdist.model import EmbeddingNet
 
     path = Path(path)
-    if (path / "meta.json").is_file():
-        folder, run_dir = path, path.parent.parent
-    else:
-        folder, run_dir = checkpoint.latest(path / "checkpoints"), path
-        if folder is None:
-            raise FileNotFoundError(
-                f"{path}: neither a checkpoint folder (with meta.json) nor a run folder with checkpoints/latest"
-            )
+    from_run = not (path / "meta.json").is_file()
+    folder, run_dir = (newest_checkpoint(path), path) if from_run else (path, path.parent.parent)
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(
             f"{config_path}: the run's config is missing (the trainer writes it into the run folder)"
         )
     cfg = validate(json.loads(config_path.read_text()), str(config_path))
+    if from_run:
+        warn_if_not_final(folder, cfg)
     states = sorted((folder / "engine").glob("**/mp_rank_00_model_states.pt"))
     if not states:
         raise FileNotFoundError(f"{folder / 'engine'}: no DeepSpeed model state (mp_rank_00_model_states.pt)")
@@ -372,23 +411,24 @@ def load_checkpoint_model(path: str | Path) -> LoadedCheckpoint:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="fgdist-pictures", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    p = cli.parser("fgdist-pictures", __doc__)
+    p.add_argument(
+        "--model", "--checkpoint", required=True, help="a run folder (newest checkpoint) or a checkpoint folder"
     )
-    p.add_argument("--checkpoint", required=True, help="a run folder (newest checkpoint) or a checkpoint folder")
     p.add_argument("--shards", help="shard set root (default: the run config's data.shards)")
     p.add_argument("--out", help="output folder (default: <run folder>/pictures)")
-    p.add_argument("--queries", type=int, default=8)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-queries", type=int, default=8, help="test images drawn as queries in the retrieval grid")
+    p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, cuda:1)")
     args = p.parse_args(argv)
     try:
-        model, cfg, folder = load_checkpoint_model(args.checkpoint)
+        model, cfg, folder = load_checkpoint_model(args.model)
         split = open_split(args.shards or cfg.data.shards, "test")
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.report(err)
     out = Path(args.out) if args.out else folder.parent.parent / "pictures"
-    paths = log_pictures(model.to(args.device), split, cfg.data, out, args.device, args.queries, cfg.eval.batch_size)
+    paths = log_pictures(
+        model.to(args.device), split, cfg.data, out, args.device, args.num_queries, cfg.eval.batch_size
+    )
     print(f"pictures of {folder}: " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -9,7 +9,6 @@ builder in `shards/` writes it.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tarfile
 from dataclasses import asdict, dataclass, field
@@ -17,9 +16,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from fgdist.images import open_image
+
 FORMAT = "fgdist-shards/1"
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
+COLLECTION = "collection.json"  # the shard set root's: its name and splits
 IMAGE_EXTS = ("png", "jpg")
 # What Pillow raises for bytes that are not a whole image (UnidentifiedImageError is an OSError).
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -191,8 +193,7 @@ def image_problem(data: bytes) -> str | None:
     """Why encoded image bytes do not decode (fully, every pixel), or None when they do. The one
     test of a good image: the builder, `verify` and a resumed stream all apply it."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
+        open_image(data)
         return None
     except DECODE_ERRORS as err:
         return f"{type(err).__name__}: {err}"
@@ -201,3 +202,10 @@ def image_problem(data: bytes) -> str | None:
 def sample_key(instance_id: int) -> str:
     """A sample's key in its tar: the zero-padded instance id (no dots: WebDataset splits on them)."""
     return f"{instance_id:010d}"
+
+
+def split_fingerprint(split: SplitDir) -> str:
+    """sha256 of the split's shards as its manifest lists them (file, checksum, count): the same
+    for every copy of one split (builds are reproducible), different for any other split."""
+    shards = [(s.file, s.sha256, s.count) for s in split.manifest.shards]
+    return hashlib.sha256(json.dumps(shards).encode()).hexdigest()

@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
+from fgdist import cli  # noqa: E402
 from fgdist.config import ConfigError, RunConfig, load_config, parse_override  # noqa: E402
 from fgdist.objective_table import OBJECTIVE_NAMES  # noqa: E402
 from launcher.ports import free_port  # noqa: E402
@@ -29,16 +29,8 @@ from launcher.ports import free_port  # noqa: E402
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
 
 
-def installed_version() -> str:
-    try:
-        return version("fgdist")
-    except PackageNotFoundError:
-        return "(not installed: run from a checkout)"
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"fgdist {installed_version()}")
+    p = cli.parser("train.py", __doc__)
     p.add_argument("--config", required=True, help="a JSON run config (configs/*.json)")
     p.add_argument(
         "--objective",
@@ -99,8 +91,7 @@ def main(argv=None) -> int:
         cfg = run_config(args)
         single_process_env()
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.report(err)
     from fgdist.trainer import Trainer
 
     Trainer(cfg, resume=args.resume).train()

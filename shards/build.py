@@ -1,7 +1,8 @@
 """Write a collection as a shard set: per split, tars grouped by super-class with contiguous
 instance ids, a Parquet index and a manifest. Everything is written into a temporary folder
 beside the output and renamed into place at the end, so a failed build leaves nothing that looks
-like a shard set.
+like a shard set; an existing output is replaced only with overwrite and only if fgdist wrote it,
+and never the source's own folder (fgdist/output_folder.py).
 
 Bad data fails here, not hours into training: every image is decoded once, from the bytes about
 to be written (`on_corrupt`: fail naming the record, or skip and list it in the manifest), and a
@@ -11,8 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -21,14 +20,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from fgdist.images import check_shape, open_image
+from fgdist.output_folder import Inputs, atomic_folder
 from fgdist.shardset import (
+    COLLECTION,
+    DECODE_ERRORS,
     INDEX,
     INDEX_COLUMNS,
     MANIFEST,
     Manifest,
     ShardInfo,
     SuperClassInfo,
-    image_problem,
     sample_key,
     sha256_of,
 )
@@ -52,14 +54,18 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _checked_bytes(record: Record) -> bytes:
-    """The record's encoded image, decoded once here: what goes into the tar is known to decode."""
+    """The record's encoded image, decoded once here: what goes into the tar is known to decode,
+    and to be large enough to train on (fgdist.images.check_shape, the test every query image
+    meets: such an image is an error naming its record, whatever on_corrupt says)."""
     try:
         data = record.load()
     except CorruptImageError as err:
         raise CorruptImageError(f"{record.origin}: {err}") from None
-    problem = image_problem(data)
-    if problem:
-        raise CorruptImageError(f"{record.origin}: cannot decode image ({problem})")
+    try:
+        size = open_image(data).size
+    except DECODE_ERRORS as err:
+        raise CorruptImageError(f"{record.origin}: cannot decode image ({type(err).__name__}: {err})") from None
+    check_shape(size, record.origin)
     return data
 
 
@@ -185,32 +191,21 @@ def build_shards(
     on_corrupt: str = "fail",
     test_fraction: float | None = None,
     split_seed: int = 0,
+    inputs: Inputs | None = None,
 ) -> dict[str, Manifest]:
+    """Build `collection` into the shard set `out` (fgdist/output_folder.py: written whole or not at
+    all; an existing `out` is replaced only with `overwrite` and only if fgdist wrote it; `inputs`,
+    e.g. {"--path": root}, are never written over)."""
     out = Path(out)
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if on_corrupt not in ("fail", "skip"):
         raise ValueError(f"on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     splits = with_test_split(collection, test_fraction, split_seed)
-    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(out, overwrite, "shards", inputs) as partial:
         manifests = {
-            split: _write_split(split, records, collection, tmp / split, shard_size, progress, on_corrupt)
+            split: _write_split(split, records, collection, partial / split, shard_size, progress, on_corrupt)
             for split, records in splits.items()
         }
-        (tmp / "collection.json").write_text(
-            json.dumps({"name": collection.name, "splits": sorted(manifests)}, indent=1)
-        )
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (partial / COLLECTION).write_text(json.dumps({"name": collection.name, "splits": sorted(manifests)}, indent=1))
     return manifests

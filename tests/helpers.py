@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch.distributed as dist
@@ -29,6 +30,15 @@ def init_gloo(rank: int, world_size: int, port: int) -> None:
 REPO = Path(__file__).resolve().parents[1]
 
 
+def shared_fixture(name: str) -> Path | None:
+    """`shared/fixtures/<name>` in the checkout or in a folder above it (a worktree of the project
+    sits below the folder that holds `shared/`), or None."""
+    for folder in (REPO, *REPO.parents):
+        if (folder / "shared" / "fixtures" / name).is_dir():
+            return folder / "shared" / "fixtures" / name
+    return None
+
+
 def tiny_synthetic(out, **overrides) -> str:
     """Build a tiny real shard set with the CLI (4 super-classes, 32 training images)."""
     import subprocess
@@ -40,6 +50,27 @@ def tiny_synthetic(out, **overrides) -> str:
         cmd += ["--opt", f"{k}={v}"]
     subprocess.run(cmd, check=True, cwd=REPO)
     return str(out)
+
+
+def write_run_folder(run: Path, cfg, model, epoch: int | None = None) -> Path:
+    """A run folder laid out as the trainer writes it (config.json, one checkpoint with the
+    engine's model state and its meta.json, checkpoints/latest) holding `model`'s weights, saved
+    after `epoch` epochs (default: the config's last). Returns the checkpoint folder."""
+    import dataclasses
+    import json
+
+    import torch
+
+    from fgdist.checkpoint import Position
+
+    position = Position(cfg.optim.epochs if epoch is None else epoch, 0, 0, 1, None)
+    folder = run / "checkpoints" / position.tag
+    (folder / "engine" / "state").mkdir(parents=True)
+    torch.save({"module": model.state_dict()}, folder / "engine" / "state" / "mp_rank_00_model_states.pt")
+    (folder / "meta.json").write_text(json.dumps(dataclasses.asdict(position)))
+    (run / "checkpoints" / "latest").write_text(folder.name)
+    (run / "config.json").write_text(cfg.model_dump_json())
+    return folder
 
 
 def write_config(tmp_path, raw: dict) -> Path:
@@ -55,6 +86,9 @@ def assert_no_shm_buffer_left(port: int) -> None:
     """Whatever its outcome, a run leaves no DeepSpeed shared-memory buffer behind (66 MB each)."""
     leaked = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not leaked, f"run on port {port} left /dev/shm/{leaked}"
+
+
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def launch_training(
@@ -103,3 +137,44 @@ TINY_TRAINING = [
     "--set",
     "eval.batch_size=16",
 ]
+
+
+def wait_for_http(url: str, proc, log: Path, timeout_s: float = 120) -> None:
+    """Poll `url` until it answers 200; fail (with the end of `log`) if the server process `proc`
+    exits first or `timeout_s` passes."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args[:4]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            pass  # not listening yet
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer within {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+@contextmanager
+def serving(cmd: list[str], cwd, env: dict, url: str, log: Path, timeout: float = 120):
+    """Run a server command in its own process group (servers fork workers), wait (at most
+    `timeout` s) until `url` answers 200, and kill the whole group when the block ends."""
+    import signal
+    import subprocess
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_http(url, proc, log, timeout)
+        yield proc
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the group had already gone
+            pass
+        proc.wait(timeout=30)

@@ -10,9 +10,16 @@ import re
 
 import pytest
 
-from tests.helpers import REPO, TINY_TRAINING, deepspeed_train, free_port, launch_training, tiny_synthetic
+from tests.helpers import (
+    LAUNCHER_ENV,
+    REPO,
+    TINY_TRAINING,
+    deepspeed_train,
+    free_port,
+    launch_training,
+    tiny_synthetic,
+)
 
-LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 STEP_LOSS = re.compile(r"epoch (\d+)/\d+ step (\d+)/\d+ .*?\bloss=(\S+)")
 
 

@@ -1,6 +1,7 @@
 """Bad data caught while building shards, not hours into training: undecodable images (fail
 naming the row, or skip and list in the manifest), a path listed twice, a directory given as an
-image, a collection without a test split (error, or a seeded `test_fraction` draw)."""
+image, an image too small to train on, a collection without a test split (error, or a seeded
+`test_fraction` draw)."""
 
 import io
 
@@ -9,7 +10,9 @@ import pytest
 from PIL import Image
 
 import shards.build as build_module
-from fgdist.shardset import INDEX, image_problem, open_split, verify_split
+from fgdist.images import open_image
+from fgdist.search_errors import ImageTooSmallError
+from fgdist.shardset import INDEX, open_split, verify_split
 from shards.build import build_shards
 from shards.cli import main as shards_main
 from shards.sources import Collection, CorruptImageError, Record, SourceError, jpeg_loader
@@ -94,15 +97,35 @@ def test_jpeg_loader_failures_are_corrupt_images_too(tmp_path):
     assert manifests["train"].num_instances == 1
 
 
+def png_bytes(size) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (30, 90, 60)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("size", [(1, 1), (5000, 3)], ids=["1x1", "5000x3"])
+@pytest.mark.parametrize("on_corrupt", ["fail", "skip"])
+def test_an_image_too_small_to_train_on_fails_the_build_naming_the_row(tmp_path, size, on_corrupt):
+    """The check every query image meets (fgdist.images.check_shape), at build time: such an image
+    decodes, so it is not skipped as corrupt; the user removes it."""
+    rows = GOOD[:2] + [("speck.png", "mug", "m1", "train", png_bytes(size))] + GOOD[2:]
+    manifest = write_manifest(tmp_path / "in", rows)
+    with pytest.raises(
+        ImageTooSmallError, match=rf"images.csv row 4 speck.png: a {size[0]}x{size[1]} image; the shorter"
+    ):
+        build_shards(open_manifest(str(manifest)), tmp_path / "out", progress=False, on_corrupt=on_corrupt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
 def test_every_image_is_decoded_once(tmp_path, monkeypatch):
     """The check decodes the bytes about to be written, once per image; no separate pass."""
     calls = []
 
     def counting(data):
         calls.append(len(data))
-        return image_problem(data)
+        return open_image(data)
 
-    monkeypatch.setattr(build_module, "image_problem", counting)
+    monkeypatch.setattr(build_module, "open_image", counting)
     build_shards(open_manifest(str(write_manifest(tmp_path / "in", GOOD))), tmp_path / "out", progress=False)
     assert len(calls) == len(GOOD)
 

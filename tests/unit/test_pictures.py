@@ -21,7 +21,7 @@ from fgdist.pictures import (
     read_images,
 )
 from fgdist.shardset import open_split
-from tests.helpers import tiny_synthetic
+from tests.helpers import tiny_synthetic, write_run_folder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -103,14 +103,51 @@ def test_load_checkpoint_model_names_what_it_returns(setup, tmp_path):
 
     _, cfg, _, model = setup
     run_dir = tmp_path / "run"
-    folder = run_dir / "checkpoints" / "epoch0001-step000000"
-    (folder / "engine" / "state").mkdir(parents=True)
-    (folder / "meta.json").write_text("{}")
-    (run_dir / "checkpoints" / "latest").write_text(folder.name)
-    (run_dir / "config.json").write_text(cfg.model_dump_json())
-    torch.save({"module": model.state_dict()}, folder / "engine" / "state" / "mp_rank_00_model_states.pt")
+    folder = write_run_folder(run_dir, cfg, model)
     for where in (run_dir, folder):  # a run folder (its newest checkpoint) or the checkpoint itself
         loaded = load_checkpoint_model(where)
         assert loaded.folder == folder and loaded.config == cfg
         for key, value in model.state_dict().items():
             assert torch.equal(loaded.model.state_dict()[key], value), key
+
+
+def test_a_run_folder_whose_newest_checkpoint_is_not_the_end_says_so(setup, tmp_path, caplog):
+    """A run stopped after epoch 1 of 3: its newest checkpoint loads, with a warning naming the epoch;
+    a finished run's loads without one."""
+    from fgdist.pictures import load_checkpoint_model
+
+    _, cfg, _, model = setup
+    stopped, finished = tmp_path / "stopped", tmp_path / "finished"
+    three_epochs = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"epochs": 3})})
+    write_run_folder(stopped, three_epochs, model, epoch=1)
+    write_run_folder(finished, cfg, model)
+    with caplog.at_level("WARNING", logger="fgdist.pictures"):
+        load_checkpoint_model(finished)
+        assert not caplog.records
+        load_checkpoint_model(stopped)
+    [record] = caplog.records
+    assert "after epoch 1 of 3" in record.message and str(stopped) in record.message
+
+
+def test_fgdist_export_of_a_run_folder_without_a_checkpoint_is_one_named_error(setup, tmp_path, capsys):
+    from fgdist.export import main as export_main
+
+    _, cfg, _, _ = setup
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(cfg.model_dump_json())
+    assert export_main(["--model", str(run), "--out", str(tmp_path / "exported")]) == 2
+    err = capsys.readouterr().err
+    assert err.count(str(run)) == 1 and "saved no checkpoint" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "exported").exists()
+
+
+def test_a_checkpoint_whose_meta_json_is_not_a_position_is_named(setup, tmp_path):
+    from fgdist.pictures import load_checkpoint_model
+    from fgdist.search_errors import CheckpointError
+
+    _, cfg, _, model = setup
+    meta = write_run_folder(tmp_path / "run", cfg, model) / "meta.json"
+    meta.write_text(meta.read_text()[:20])  # cut off mid-write by something other than fgdist
+    with pytest.raises(CheckpointError, match=f"{meta}: not a checkpoint position"):
+        load_checkpoint_model(tmp_path / "run")

@@ -25,6 +25,7 @@ from fgdist.search_errors import (
     OutputExistsError,
     UnknownRunError,
 )
+from tests.helpers import write_run_folder
 
 faiss = pytest.importorskip("faiss")
 
@@ -53,12 +54,7 @@ def fake_run(tmp_path, cfg: RunConfig, seed=0) -> tuple:
     torch.manual_seed(seed)
     model = EmbeddingNet(cfg.model, 4, None).eval()
     run = tmp_path / "run"
-    folder = run / "checkpoints" / "epoch0001-step000000"
-    (folder / "engine" / "state").mkdir(parents=True)
-    torch.save({"module": model.state_dict()}, folder / "engine" / "state" / "mp_rank_00_model_states.pt")
-    (folder / "meta.json").write_text("{}")
-    (run / "checkpoints" / "latest").write_text(folder.name)
-    (run / "config.json").write_text(cfg.model_dump_json())
+    write_run_folder(run, cfg, model)
     return run, model
 
 

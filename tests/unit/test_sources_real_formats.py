@@ -26,6 +26,7 @@ from shards.sources import cifar100 as cifar_module
 from shards.sources.cifar100 import open_cifar100
 from shards.sources.pets import open_pets
 from shards.sources.sop import open_sop
+from tests.helpers import shared_fixture
 
 # The standard CIFAR-100 tables, as in the python version's `meta` (alphabetical order).
 CIFAR_FINE_NAMES = [
@@ -58,14 +59,6 @@ PETS_LIST_HEADER = """#Image CLASS-ID SPECIES BREED ID
 #images with small first letter are dog images
 """
 SOP_HEADER = "image_id class_id super_class_id path"
-
-
-def _repo_fixture(name: str) -> Path | None:
-    repo = Path(__file__).resolve().parents[2]
-    for shared in (repo.parent / "shared", repo / "shared"):
-        if (shared / "fixtures" / name).is_dir():
-            return shared / "fixtures" / name
-    return None
 
 
 # ---------------------------------------------------------------- reading a built shard set
@@ -241,7 +234,7 @@ def test_cifar100_fine_class_without_images_needs_the_standard_table(cifar_tree)
 
 
 def test_cifar100_real_test_images(tmp_path):
-    fixture = _repo_fixture("cifar100_test20")
+    fixture = shared_fixture("cifar100_test20")
     if fixture is None:
         pytest.skip("shared/fixtures/cifar100_test20 is not beside this checkout")
     with open(fixture / "labels.csv", newline="") as f:

@@ -31,8 +31,10 @@ def test_evaluation_every_n_epochs_and_always_after_the_last(every, want):
     assert [e for e in range(1, 11) if evaluates_after_epoch(cfg, e)] == want
 
 
-@pytest.mark.parametrize("every, want", [(3, [3, 6, 9]), (0, []), (1, list(range(1, 11)))])
-def test_epoch_checkpoints(every, want):
+@pytest.mark.parametrize(
+    "every, want", [(3, [3, 6, 9, 10]), (0, [10]), (1, list(range(1, 11))), (20, [10]), (5, [5, 10])]
+)
+def test_epoch_checkpoints_every_n_epochs_and_always_after_the_last(every, want):
     cfg = config(optim={"epochs": 10, "milestones": [5]}, checkpoint={"every_epochs": every})
     assert [e for e in range(1, 11) if saves_after_epoch(cfg, e)] == want
 
