@@ -46,6 +46,7 @@ class NoIndexFitsError(ValueError):
 
 
 def _faiss():
+    """faiss, or an ImportError that says how to install it (search.py uses this one too)."""
     try:
         import faiss
     except ImportError:

@@ -25,11 +25,9 @@ image's encoded file; `.model_source` the model to embed queries with.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import sys
 import tarfile
 from dataclasses import dataclass
 from functools import cached_property
@@ -44,6 +42,7 @@ from fgdist.embeddings_io import TEXT_COLUMNS, Embeddings, read_embeddings
 from fgdist.index_choice import (
     KINDS,
     IndexSpec,
+    _faiss,
     build_spec,
     describe_choice,
     make_index,
@@ -56,14 +55,6 @@ from fgdist.search_errors import ERRORS, DimensionMismatchError, IndexFolderErro
 from fgdist.shardset import INDEX as SHARD_INDEX
 
 INDEX, ROWS, META = "index.faiss", "rows.parquet", "index.json"
-
-
-def _faiss():
-    try:
-        import faiss
-    except ImportError:
-        raise ImportError("fgdist's index and search need faiss: pip install 'fgdist[search]'") from None
-    return faiss
 
 
 def factory_string(kind: str, nlist: int = 1024, m: int = 16, nbits: int = 8) -> str:
@@ -297,53 +288,51 @@ def read_rows(path: Path, count: int) -> pa.Table:
 
 # -- command lines -----------------------------------------------------------------------------
 def index_main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="fgdist-index", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = cli.parser("fgdist-index", __doc__)
     p.add_argument("--embeddings", required=True, help="an fgdist-embed output folder")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the index folder to write")
     p.add_argument(
         "--type",
         choices=("auto",) + KINDS,
         default="auto",
-        help="auto: chosen from the budgets below (default: %(default)s)",
+        help="auto: chosen from the budgets below",
     )
     p.add_argument(
-        "--memory-budget", type=size_arg, help="most memory the index may take, e.g. 2GB (auto; default: none)"
+        "--memory-budget", type=size_arg, help="most memory the index may take, e.g. 2GB (auto; default: no limit)"
     )
     p.add_argument(
         "--latency-budget-ms",
         type=float,
         default=10.0,
-        help="Flat only while a query takes at most this (auto; default: %(default)s)",
+        help="Flat only while a query takes at most this (auto)",
     )
     p.add_argument(
         "--target-recall",
         type=float,
         default=0.95,
-        help="recall@10 vs exact that tunes --nprobe (default: %(default)s)",
+        help="recall@10 vs exact that tunes --nprobe",
     )
     p.add_argument("--nlist", type=int, help="IVF lists (default: about sqrt(N))")
     p.add_argument(
         "--m", type=int, help="PQ sub-vectors: m x nbits bits a vector (divides the dimension; default: d/8)"
     )
-    p.add_argument("--nbits", type=int, default=8, help="bits per PQ code (default: %(default)s)")
-    p.add_argument("--hnsw-m", type=int, default=32, help="HNSW links a vector (default: %(default)s)")
+    p.add_argument("--nbits", type=int, default=8, help="bits per PQ code")
+    p.add_argument("--hnsw-m", type=int, default=32, help="HNSW links a vector")
     p.add_argument(
         "--nprobe", type=int, help="IVF lists (HNSW: efSearch) per query (default: tuned to --target-recall)"
     )
-    p.add_argument("--train-size", type=int, default=100_000, help="IVF training vectors (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--train-size", type=int, default=100_000, help="IVF training vectors")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that fgdist wrote")
     args = p.parse_args(argv)
-    try:
-        check_free(args.out, args.overwrite, {"--embeddings": args.embeddings})
-        emb = read_embeddings(args.embeddings)
-        params = {k: getattr(args, k) for k in ("memory_budget", "latency_budget_ms", "target_recall", "nprobe")}
-        params |= {k: getattr(args, k) for k in ("nlist", "m", "nbits", "hnsw_m", "train_size")}
-        out = write_index(emb, str(Path(args.embeddings).resolve()), args.out, args.type, args.overwrite, **params)
-    except ERRORS + (FileNotFoundError, ValueError) as err:
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
+    return cli.run_reporting(lambda: _index(args), ERRORS + (FileNotFoundError, ValueError))
+
+
+def _index(args) -> int:
+    check_free(args.out, args.overwrite, {"--embeddings": args.embeddings})
+    emb = read_embeddings(args.embeddings)
+    params = {k: getattr(args, k) for k in ("memory_budget", "latency_budget_ms", "target_recall", "nprobe")}
+    params |= {k: getattr(args, k) for k in ("nlist", "m", "nbits", "hnsw_m", "train_size")}
+    out = write_index(emb, str(Path(args.embeddings).resolve()), args.out, args.type, args.overwrite, **params)
     meta = json.loads((out / META).read_text())
     print(describe_choice(meta))
     print(f"{meta['factory']} index of {len(emb.keys)} x {emb.vectors.shape[1]} written to {out}")
