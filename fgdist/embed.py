@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from fgdist import cli
 from fgdist.collectives import any_rank, barrier, sum_over_ranks
 from fgdist.embeddings_io import FORMAT, META, TEXT_COLUMNS, to_table
 from fgdist.export import ImageEmbedder, describe, eval_transform, load_model
@@ -40,9 +40,7 @@ from fgdist.images import check_shape, open_image
 from fgdist.output_folder import begin, check_free, partial_path, publish
 from fgdist.search_errors import ERRORS, ImageDecodeError, ImageTooSmallError
 from fgdist.shardset import DECODE_ERRORS
-from shards.sources.files import ListedImage, class_tables, read_manifest, tree_labels
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+from shards.sources.files import IMAGE_SUFFIXES, ListedImage, class_tables, read_manifest, tree_images, tree_labels
 
 
 @dataclass(frozen=True)
@@ -68,12 +66,13 @@ def _image_files(listed: list[ListedImage]) -> list[ImageFile]:
 
 def folder_files(root: str | Path) -> list[ImageFile]:
     """Every image under `root`, sorted by relative path (the key). An image at
-    `root/<super>/<fine>/` has those labels, as `shards build --source folder` reads them (the
-    fine class named `super/fine`); any other image (at the root, or at another depth) has none (-1)."""
+    `root/<super>/<fine>/` or `root/<super>/` has those labels, as `shards build --source folder`
+    reads them (the fine class named `super/fine`); any other image (at the root, or deeper) has
+    none (-1)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such image folder")
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = tree_images(root)
     if not paths:
         raise FileNotFoundError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)})")
     relative = [p.relative_to(root) for p in paths]
@@ -90,6 +89,8 @@ def manifest_files(path: str | Path) -> list[ImageFile]:
 def decode(path: Path, transform) -> torch.Tensor:
     """One image file through `transform` (export.eval_transform); a file that does not decode is
     named (ImageDecodeError), and so is one too small or too elongated to embed (ImageTooSmallError)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {'is a directory, not an image' if path.is_dir() else 'no such image file'}")
     try:
         img = open_image(path.read_bytes())
         check_shape(img.size, str(path))
@@ -166,7 +167,7 @@ def embed_batches(embedder: ImageEmbedder, batches, batch_size: int, fp16: bool,
         for batch in batches:
             images = batch["images"]
             padding = images.new_zeros((batch_size - len(images), *images.shape[1:]))
-            vectors.append(embedder(torch.cat([images, padding]))[: len(images)])
+            vectors.append(embedder(torch.cat([images, padding]))[: len(images)].cpu())
             keys += batch["key"]
             instance.append(batch["instance"])
             supers.append(batch["super"])
@@ -194,7 +195,7 @@ def run(args) -> Path:
     rank, world_size = _world()
     out = Path(args.out)
     check_free(out, args.overwrite, _inputs(args))  # every rank, before any work
-    embedder = load_model(args.model)
+    embedder = load_model(args.model).to(cli.torch_device(args.device))
     if args.shards:
         source = {"kind": "shards", "root": str(Path(args.shards).resolve()), "split": args.split}
         if args.shards_url:
@@ -251,9 +252,7 @@ def run(args) -> Path:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="fgdist-embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = cli.parser("fgdist-embed", __doc__)
     p.add_argument("--model", required=True, help="a run, checkpoint or export folder, an MLflow run id or model URI")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--shards", help="a shard set root (with --split)")
@@ -261,14 +260,17 @@ def parse_args(argv=None):
     what.add_argument(
         "--manifest", help="a CSV or Parquet file with columns path[,super[,fine]] (names or integer ids)"
     )
-    p.add_argument("--split", default="test", help="the shard split to embed (default: test)")
+    p.add_argument("--split", default="test", help="the shard split to embed")
     p.add_argument(
         "--shards-url", help="with --shards: read the tars from this URL (manifest and index fetched into --shards)"
     )
     p.add_argument("--out", required=True, help="the output folder (a Parquet dataset)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument(
+        "--device", default="auto", help="where the model runs: auto (this rank's GPU if there is one), cpu, cuda:1"
+    )
     p.add_argument("--fp16", action="store_true", help="store embeddings as float16 (half the size)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that fgdist wrote")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # appended by the deepspeed launcher
     return p.parse_args(argv)
@@ -276,14 +278,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> int:
         out = run(args)
-    except ERRORS + (FileNotFoundError, ValueError) as err:
-        print(f"error: rank {_world()[0]}: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
-    if _world()[0] == 0:
-        print(f"embeddings written to {out}")
-    return 0
+        if _world()[0] == 0:
+            print(f"embeddings written to {out}")
+        return 0
+
+    return cli.run_reporting(body, ERRORS + (FileNotFoundError, ValueError), where=f"rank {_world()[0]}: ")
 
 
 if __name__ == "__main__":

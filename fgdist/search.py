@@ -1,18 +1,22 @@
 """A faiss index over an embeddings dataset, and queries against it (`pip install fgdist[search]`).
 
-    fgdist-index --embeddings emb/test --out index/test                              # exact (Flat)
-    fgdist-index --embeddings emb/test --out index/ivf --type ivfpq --nlist 1024 --m 16 --nbits 8
+    fgdist-index --embeddings emb/test --out index/test                  # auto: Flat, or IVF when Flat is slow
+    fgdist-index --embeddings emb/test --out index/small --memory-budget 200MB --target-recall 0.95
+    fgdist-index --embeddings emb/test --out index/ivf --type ivfsq8 --nlist 1024 --nprobe 16
     fgdist-search --index index/test --image Q.jpg --k 10 [--grid out.png] [--fine 3]
     fgdist-search --index index/test --queries queries/ --out results.parquet --k 10   # or a CSV manifest
 
 Scores are inner products of L2-normalized vectors, i.e. cosine similarities, as in evaluation.
-`Flat` is exact; `IVF<nlist>,PQ<m>x<nbits>` clusters the vectors into nlist lists, stores each
-as m codes of nbits bits, and at query time scans `nprobe` lists (approximate; its recall@10
-against Flat is in bench/results/search_scale.md). An index folder holds `index.faiss`,
+`Flat` is exact. `--type auto` (the default) keeps Flat while a query takes at most
+`--latency-budget-ms` and it fits `--memory-budget`, else builds the most accurate approximate
+index that fits (IVF-SQfp16 first) and tunes its nprobe to `--target-recall`; the rule, the
+other types and the measurements behind them are in fgdist/index_choice.py and
+bench/results/search_scale.md. An index folder holds `index.faiss`,
 `rows.parquet` (key, instance, super, fine, super_name, fine_name, path of each index row) and
-`index.json` (type, parameters, dimension, the embeddings, the model and the images they came
-from). index.json records local paths relative to the index folder (`./...`, `../...`), so the
-index, its images and its model can move together; indexes written with absolute paths still open.
+`index.json` (type, parameters, nprobe, the choice and its reason, the measured recall, dimension,
+the embeddings, the model and the images they came from). index.json records local paths relative
+to the index folder (`./...`, `../...`), so the index, its images and its model can move together;
+indexes written with absolute paths still open.
 
 `open_index(DIR).neighbours(queries, k)` answers one list per query of dicts with RESULT_FIELDS
 (rank, key, score, super, fine, super_name, fine_name, path); `.image_bytes(key)` is an indexed
@@ -21,13 +25,10 @@ image's encoded file; `.model_source` the model to embed queries with.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import sys
 import tarfile
-import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -36,7 +37,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fgdist import cli
 from fgdist.embeddings_io import TEXT_COLUMNS, Embeddings, read_embeddings
+from fgdist.index_choice import (
+    KINDS,
+    IndexSpec,
+    _faiss,
+    build_spec,
+    describe_choice,
+    make_index,
+    set_breadth,
+    size_arg,
+    spec_for,
+)
 from fgdist.output_folder import atomic_folder, check_free
 from fgdist.search_errors import ERRORS, DimensionMismatchError, IndexFolderError
 from fgdist.shardset import INDEX as SHARD_INDEX
@@ -44,66 +57,38 @@ from fgdist.shardset import INDEX as SHARD_INDEX
 INDEX, ROWS, META = "index.faiss", "rows.parquet", "index.json"
 
 
-def _faiss():
-    try:
-        import faiss
-    except ImportError:
-        raise ImportError("fgdist's index and search need faiss: pip install 'fgdist[search]'") from None
-    return faiss
-
-
 def factory_string(kind: str, nlist: int = 1024, m: int = 16, nbits: int = 8) -> str:
-    if kind == "flat":
-        return "Flat"
-    if kind == "ivfpq":
-        return f"IVF{nlist},PQ{m}x{nbits}"
-    raise ValueError(f"index type {kind!r}: expected 'flat' or 'ivfpq'")
+    if kind not in KINDS:
+        raise ValueError(f"index type {kind!r}: expected one of {', '.join(KINDS)}")
+    return IndexSpec(kind, nlist, m, nbits).factory
 
 
-def build(vectors: np.ndarray, kind: str = "flat", nlist: int = 1024, m: int = 16, nbits: int = 8, train_size=None):
-    """A faiss inner-product index holding `vectors` (N x d float32, normalized) in row order.
-    IVF-PQ is trained on `train_size` rows drawn evenly (all rows when None)."""
-    faiss = _faiss()
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    d = vectors.shape[1]
-    if kind == "ivfpq" and d % m:
-        raise ValueError(f"IVF-PQ: the dimension {d} is not a multiple of m={m}")
-    index = faiss.index_factory(d, factory_string(kind, nlist, m, nbits), faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        if len(vectors) < nlist:
-            raise ValueError(f"IVF-PQ: {len(vectors)} vectors cannot train nlist={nlist} lists; lower --nlist")
-        sample = vectors if not train_size or train_size >= len(vectors) else vectors[:: len(vectors) // train_size]
-        index.train(sample)
-    index.add(vectors)
-    return index
+def build(vectors: np.ndarray, kind: str = "flat", nlist=None, m=None, nbits: int = 8, train_size=None):
+    """A faiss inner-product index of `kind` (index_choice.KINDS) holding `vectors` (N x d float32,
+    normalized) in row order; nlist and m default from N and d (index_choice.spec_for)."""
+    spec = spec_for(kind, *np.shape(vectors), nlist=nlist, m=m, nbits=nbits)
+    return build_spec(spec, vectors, train_size)
 
 
 def set_nprobe(index, nprobe: int) -> None:
-    faiss = _faiss()
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        ivf.nprobe = nprobe
+    """IVF lists scanned, or HNSW's efSearch, per query."""
+    set_breadth(index, nprobe)
 
 
 def write_index(emb: Embeddings, source: str, out: str | Path, kind: str = "flat", overwrite: bool = False, **params):
     """Build an index over an embeddings dataset into the folder `out` (atomically)."""
     faiss = _faiss()
     check_free(out, overwrite, {"--embeddings": source})
-    started = time.time()
-    index = build(emb.vectors.numpy(), kind, **{k: v for k, v in params.items() if k != "nprobe"})
-    seconds = time.time() - started
+    index, chosen = make_index(emb.vectors.numpy(), kind, **params)
     folder = Path(out).absolute()
     images = emb.meta.get("images")
     meta = {
-        "type": kind,
-        "factory": factory_string(kind, **{k: v for k, v in params.items() if k in ("nlist", "m", "nbits")}),
-        "nprobe": params.get("nprobe", 16),
+        **chosen,
         "dim": int(emb.vectors.shape[1]),
         "count": len(emb.keys),
         "embeddings": stored_path(source, folder),
         "model": stored_path(emb.meta.get("model"), folder),
         "images": {**images, "root": stored_path(images.get("root"), folder)} if images else images,
-        "build_seconds": seconds,
     }
     with atomic_folder(out, overwrite, "index", {"--embeddings": source}) as partial:
         faiss.write_index(index, str(partial / INDEX))
@@ -303,30 +288,54 @@ def read_rows(path: Path, count: int) -> pa.Table:
 
 # -- command lines -----------------------------------------------------------------------------
 def index_main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="fgdist-index", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = cli.parser("fgdist-index", __doc__)
     p.add_argument("--embeddings", required=True, help="an fgdist-embed output folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--type", choices=("flat", "ivfpq"), default="flat")
-    p.add_argument("--nlist", type=int, default=1024, help="IVF lists (about sqrt(N) to 16 sqrt(N))")
-    p.add_argument("--m", type=int, default=16, help="PQ sub-vectors (divides the dimension)")
+    p.add_argument("--out", required=True, help="the index folder to write")
+    p.add_argument(
+        "--type",
+        choices=("auto",) + KINDS,
+        default="auto",
+        help="auto: chosen from the budgets below",
+    )
+    p.add_argument(
+        "--memory-budget", type=size_arg, help="most memory the index may take, e.g. 2GB (auto; default: no limit)"
+    )
+    p.add_argument(
+        "--latency-budget-ms",
+        type=float,
+        default=10.0,
+        help="Flat only while a query takes at most this (auto)",
+    )
+    p.add_argument(
+        "--target-recall",
+        type=float,
+        default=0.95,
+        help="recall@10 vs exact that tunes --nprobe",
+    )
+    p.add_argument("--nlist", type=int, help="IVF lists (default: about sqrt(N))")
+    p.add_argument(
+        "--m", type=int, help="PQ sub-vectors: m x nbits bits a vector (divides the dimension; default: d/8)"
+    )
     p.add_argument("--nbits", type=int, default=8, help="bits per PQ code")
-    p.add_argument("--nprobe", type=int, default=16, help="IVF lists scanned per query (stored with the index)")
-    p.add_argument("--train-size", type=int, default=100_000, help="IVF-PQ training vectors")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--hnsw-m", type=int, default=32, help="HNSW links a vector")
+    p.add_argument(
+        "--nprobe", type=int, help="IVF lists (HNSW: efSearch) per query (default: tuned to --target-recall)"
+    )
+    p.add_argument("--train-size", type=int, default=100_000, help="IVF training vectors")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that fgdist wrote")
     args = p.parse_args(argv)
-    try:
-        check_free(args.out, args.overwrite, {"--embeddings": args.embeddings})
-        emb = read_embeddings(args.embeddings)
-        params = {"nprobe": args.nprobe}
-        if args.type == "ivfpq":
-            params.update(nlist=args.nlist, m=args.m, nbits=args.nbits, train_size=args.train_size)
-        out = write_index(emb, str(Path(args.embeddings).resolve()), args.out, args.type, args.overwrite, **params)
-    except ERRORS + (FileNotFoundError, ValueError) as err:
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
-    print(f"{args.type} index of {len(emb.keys)} x {emb.vectors.shape[1]} written to {out}")
+    return cli.run_reporting(lambda: _index(args), ERRORS + (FileNotFoundError, ValueError))
+
+
+def _index(args) -> int:
+    check_free(args.out, args.overwrite, {"--embeddings": args.embeddings})
+    emb = read_embeddings(args.embeddings)
+    params = {k: getattr(args, k) for k in ("memory_budget", "latency_budget_ms", "target_recall", "nprobe")}
+    params |= {k: getattr(args, k) for k in ("nlist", "m", "nbits", "hnsw_m", "train_size")}
+    out = write_index(emb, str(Path(args.embeddings).resolve()), args.out, args.type, args.overwrite, **params)
+    meta = json.loads((out / META).read_text())
+    print(describe_choice(meta))
+    print(f"{meta['factory']} index of {len(emb.keys)} x {emb.vectors.shape[1]} written to {out}")
     return 0
 
 
@@ -352,12 +361,8 @@ def neighbour_images(idx: Index, rows: list[int], preprocessing: dict):
 
 
 def search_main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="fgdist-search",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="--queries: see fgdist/search_batch.py (results columns, labels, metrics).",
-    )
+    p = cli.parser("fgdist-search", __doc__)
+    p.epilog = "--queries: see fgdist/search_batch.py (results columns, labels, metrics)."
     p.add_argument("--index", required=True, help="an fgdist-index folder")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", help="one query image: its neighbours are printed")
@@ -371,24 +376,24 @@ def search_main(argv=None) -> int:
     p.add_argument("--out", help="--queries: the results, a Parquet dataset folder (one row per query and rank)")
     p.add_argument("--metrics", action="store_true", help="--queries: refuse unlabelled queries instead of no metrics")
     p.add_argument("--batch-size", type=int, default=256, help="--queries: images embedded at once")
-    p.add_argument("--overwrite", action="store_true", help="--queries: replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", help="--queries: replace an --out that fgdist wrote")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    try:
-        check_search_args(args)
-        idx = open_index(args.index)
-        model_source = args.model or idx.model_source
-        if not model_source:
-            raise ValueError(f"{args.index}: the index records no model; pass --model")
-        if args.nprobe:
-            set_nprobe(idx.index, args.nprobe)
-        if args.queries:
-            search_file(idx, model_source, args)
-        else:
-            search_image(idx, model_source, args)
-    except ERRORS + (FileNotFoundError, ValueError) as err:
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
+    return cli.run_reporting(lambda: _search(args), ERRORS + (FileNotFoundError, ValueError))
+
+
+def _search(args) -> int:
+    check_search_args(args)
+    idx = open_index(args.index)
+    model_source = args.model or idx.model_source
+    if not model_source:
+        raise ValueError(f"{args.index}: the index records no model; pass --model")
+    if args.nprobe:
+        set_nprobe(idx.index, args.nprobe)
+    if args.queries:
+        search_file(idx, model_source, args)
+    else:
+        search_image(idx, model_source, args)
     return 0
 
 

@@ -1,10 +1,17 @@
-"""Image files on disk: a CSV/Parquet manifest, or a folder tree `root/<super>/<fine>/*.jpg`.
+"""Image files on disk: a CSV/Parquet manifest, or a folder tree `root/<super>/<fine>/*.jpg`
+(or `root/<super>/*.jpg` where there are no fine classes).
+
+JPEG and PNG files go into the shards as they are; the other formats Pillow reads and photo
+collections hold (WebP, BMP, GIF, TIFF) are stored as lossless PNG of their RGB pixels
+(fgdist/images.py `to_rgb`: what training would read from them anyway), since a shard member
+is `.jpg` or `.png`.
 
 `read_manifest`, `tree_labels` and `class_tables` are also how `fgdist-embed` reads its
 `--manifest` and `--images` labels, so a manifest or folder means the same classes to both."""
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
@@ -13,17 +20,31 @@ import pyarrow.parquet as pq
 
 from shards.sources import Collection, Record, SourceError, class_table, require_image_file
 
-IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
+IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}  # stored as they are
+TRANSCODED = (".webp", ".bmp", ".gif", ".tif", ".tiff")  # stored as PNG
+IMAGE_SUFFIXES = (*IMAGE_EXTS, *TRANSCODED)  # what a folder source (and fgdist-embed --images) reads
+
+
+def _png_of(path: Path) -> bytes:
+    from fgdist.images import open_image, to_rgb
+
+    out = io.BytesIO()
+    to_rgb(open_image(path.read_bytes())).save(out, format="PNG")
+    return out.getvalue()
 
 
 def _reader(path: Path):
+    if path.suffix.lower() in TRANSCODED:
+        return lambda: _png_of(path)
     return lambda: path.read_bytes()
 
 
 def _ext(path: Path, where: str) -> str:
+    if path.suffix.lower() in TRANSCODED:
+        return "png"
     ext = IMAGE_EXTS.get(path.suffix.lower())
     if ext is None:
-        raise SourceError(f"{where}: {path.name}: unsupported image type (use .jpg, .jpeg or .png)")
+        raise SourceError(f"{where}: {path.name}: unsupported image type (use one of {', '.join(IMAGE_SUFFIXES)})")
     return ext
 
 
@@ -66,11 +87,24 @@ def class_tables(images: list[ListedImage]) -> ClassTables:
 
 def tree_labels(relative: PurePath) -> tuple[str | None, str | None]:
     """(super, fine) of an image at `relative` in a `<super>/<fine>/` tree: the fine class is named
-    `super/fine` (two super-classes may each have a `red`); an image elsewhere has no labels."""
+    `super/fine` (two super-classes may each have a `red`); at `<super>/` it has a super-class and
+    no fine class; an image elsewhere (the root, deeper folders) has no labels."""
+    if len(relative.parts) == 2:
+        return relative.parts[0], None
     if len(relative.parts) != 3:
         return None, None
     super_name, fine_name = relative.parts[0], relative.parts[1]
     return super_name, f"{super_name}/{fine_name}"
+
+
+def tree_images(root: Path) -> list[Path]:
+    """The image files under `root` (IMAGE_SUFFIXES, any case; hidden files and folders left out),
+    sorted by path. A folder named like an image is listed too, so that it is reported, not skipped."""
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
 
 
 def _collect(name: str, images: list[ListedImage]) -> Collection:
@@ -144,18 +178,33 @@ def open_manifest(path: str) -> Collection:
 
 
 def open_folder(root: str) -> Collection:
-    """`root/<super>/<fine>/*.jpg`; with `root/train` and `root/test`, each is one split."""
+    """`root/<super>/<fine>/*.jpg` or `root/<super>/*.jpg` (one layout for the whole tree); with
+    `root/train` and `root/test`, each is one split. An image anywhere else is an error naming it:
+    it would train without a label."""
     base = Path(root)
     if not base.is_dir():
         raise SourceError(f"{base}: folder not found")
     split_roots = {s: base / s for s in ("train", "test") if (base / s).is_dir()} or {"train": base}
     rows = []
     for split, split_root in split_roots.items():
-        for image in sorted(split_root.glob("*/*/*")):
-            if image.suffix.lower() in IMAGE_EXTS:
-                require_image_file(image, str(base))
-                labels = tree_labels(image.relative_to(split_root))
-                rows.append(ListedImage(image, image.relative_to(split_root).as_posix(), *labels, str(image), split))
+        for image in tree_images(split_root):
+            relative = image.relative_to(split_root)
+            labels = tree_labels(relative)
+            if labels[0] is None:
+                raise SourceError(
+                    f"{image}: not in a class folder: images go in {split_root}/<super>/<fine>/ "
+                    f"or {split_root}/<super>/ (move it, or remove it)"
+                )
+            require_image_file(image, str(base))
+            rows.append(ListedImage(image, relative.as_posix(), *labels, str(image), split))
     if not rows:
-        raise SourceError(f"{base}: no images found under <super>/<fine>/ (extensions {sorted(IMAGE_EXTS)})")
+        raise SourceError(f"{base}: no images found under <super>/<fine>/ or <super>/ ({', '.join(IMAGE_SUFFIXES)})")
+    layouts = {r.fine is None for r in rows}
+    if len(layouts) > 1:
+        flat = next(r for r in rows if r.fine is None)
+        nested = next(r for r in rows if r.fine is not None)
+        raise SourceError(
+            f"{base}: {flat.listed} has no fine-class folder while {nested.listed} has one: "
+            "use <super>/<fine>/ everywhere, or <super>/ everywhere"
+        )
     return _collect(f"folder:{base.name}", rows)

@@ -290,7 +290,7 @@ def test_unlabelled_queries_refuse_metrics_and_print_none_without(tmp_path, caps
 
     assert embed_main(["--model", str(run), "--manifest", str(manifest), "--out", str(tmp_path / "q"), "--quiet"]) == 0
     capsys.readouterr()
-    assert metrics_main(["--queries", str(tmp_path / "q"), "--gallery", str(emb_dir)]) == 2
+    assert metrics_main(["--embeddings", str(tmp_path / "q"), "--gallery", str(emb_dir)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "UnlabelledQueriesError" in err
 
