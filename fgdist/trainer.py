@@ -474,7 +474,8 @@ class Trainer:
         log.info(f"checkpoint {folder}")
 
     def batchnorm_for_eval(self) -> None:
-        """BatchNorm statistics for evaluation from eval.bn_batches training batches."""
+        """BatchNorm statistics for evaluation from eval.bn_batches training batches (nothing to do
+        for a backbone without BatchNorm, which _build logged)."""
         cfg = self.cfg
         if cfg.eval.bn_batches and self.has_batchnorm:
             # Shuffled routing: every rank draws from all super-classes (by_superclass would not).
