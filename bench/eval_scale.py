@@ -24,8 +24,8 @@ where that is not allowed, a thread samples psutil's RSS every 2 ms instead (it 
 shorter peak). "extra" = that peak minus the resident set just before the call: the evaluation's
 working memory beyond the embeddings. The table sets it beside one c x N fp32 similarity block
 (c = min(query_chunk, retrieval_metrics.SUB_CHUNK) queries sorted at once, N rows) and beside the
-estimate of fgdist.retrieval_metrics.retrieval_sums' docstring, c * (16 N + 50 depth) bytes (the
-block, its sorted copy, the int64 order, and the kept columns; depth = max(R, k_max), k_max = 1000).
+estimate of fgdist.retrieval_metrics.retrieval_pass' docstring, c * (16 N + 50 depth) bytes (the
+block, its sorted copy, the int64 order, and the kept columns; depth = the deepest R).
 
 Exactness: the Recall@k hits are compared against a brute-force computation (float64 full similarity
 matrix, rank of the best same-label neighbour, no top-k) on a subset of about 2,000 rows that
@@ -175,10 +175,10 @@ def run(world: int, spec: dict) -> list[dict]:
 
 
 def depth(labels: dict[str, torch.Tensor], n: int) -> int:
-    """The columns retrieval_sums keeps per query: the deepest R (a label's rows but the query), or
-    k_max, within the n - 1 other rows."""
+    """The columns retrieval_pass keeps per query: the deepest R (a label's rows but the query),
+    within the n - 1 other rows."""
     deepest = max(int(torch.bincount(y).max()) - 1 for y in labels.values())
-    return min(max(deepest, max(KS)), n - 1)
+    return min(deepest, n - 1)
 
 
 # --------------------------------------------------------------------------- exactness
@@ -418,7 +418,7 @@ def main() -> None:
         "resident set just before the pass minus the one at process start (it includes the data generation's "
         'leftovers and the gather\'s buffers); "extra peak" is the peak during the pass minus the resident set just '
         'before it; "one c x N block" is c x N x 4 bytes with c = min(query_chunk, SUB_CHUNK, queries); "sort + kept '
-        'columns" is c x (16 N + 50 depth) bytes, depth = max(R, k_max). "CPU s" is the process time of the pass: on '
+        'columns" is c x (16 N + 50 depth) bytes, depth = the deepest R. "CPU s" is the process time of the pass: on '
         "this shared machine the wall time also counts the waits for a core.",
         "",
         *table(sweep, n),

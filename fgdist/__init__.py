@@ -24,6 +24,7 @@ Library modules (one job each):
   export, embed, search, retrieval_metrics
               from a trained run to visual search: model export and load_model, Parquet
               embeddings, faiss index and queries, MAP@R and R-precision
+  serve       fgdist-serve: the search over HTTP, and its page (static/index.html)
 """
 
 __version__ = "0.1.0"

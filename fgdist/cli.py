@@ -18,21 +18,49 @@ from importlib.metadata import PackageNotFoundError, version
 EXIT_USAGE = 2  # argparse's code for a bad command line; fgdist uses it for every named error
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring's layout kept as written, and each option's default after its help."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring's layout kept as written, and each option's default after its help (not
+    where there is nothing to say: no default, an off switch, an empty list)."""
+
+    def _get_help_string(self, action):
+        nothing = action.default in (None, False, argparse.SUPPRESS) or action.default == []
+        if nothing or "%(default)" in (action.help or ""):
+            return action.help
+        return f"{action.help} (default: %(default)s)"
 
 
 def installed_version() -> str:
     try:
         return version("fgdist")
-    except PackageNotFoundError:
-        return "(not installed: run from a checkout)"
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        from fgdist import __version__
+
+        return f"{__version__}, not installed"
 
 
 def parser(prog: str | None, description: str | None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s (fgdist {installed_version()})")
     return p
+
+
+def torch_device(name: str):
+    """`--device`: `auto` is this process's GPU (cuda:LOCAL_RANK, as the launchers set it) when
+    CUDA is there, else the CPU; anything else is a torch device name, checked here so that a
+    typo or a missing GPU is one named error before any work."""
+    import os
+
+    import torch
+
+    if name == "auto":
+        cuda = torch.cuda.is_available()
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:  # a malformed name, or CUDA absent
+        raise ValueError(f"--device {name}: {err}") from None
+    return device
 
 
 def report(err: BaseException, where: str = "") -> int:

@@ -20,12 +20,10 @@ f(x) or the projection of f(x).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import pickle
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -33,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from fgdist import cli
 from fgdist.backbones import state_dict_problems
 from fgdist.config import DataConfig, ModelConfig
 from fgdist.data import make_transform, normalization
@@ -292,21 +291,19 @@ def log_trained_model(model: nn.Module, cfg, tracker) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="fgdist-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = cli.parser("fgdist-export", __doc__)
     p.add_argument("--model", required=True, help="a run or checkpoint folder, an MLflow run id or model URI")
     p.add_argument("--out", required=True, help="the export folder to write")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that fgdist wrote")
     args = p.parse_args(argv)
-    try:
+
+    def body() -> int:
         check_free(args.out, args.overwrite, {"--model": args.model})  # before the model is read
         out = export_model(load_model(args.model), args.out, describe(args.model), args.overwrite)
-    except ERRORS as err:
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
-    print(f"exported {args.model} to {out}")
-    return 0
+        print(f"exported {args.model} to {out}")
+        return 0
+
+    return cli.run_reporting(body, ERRORS)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
   attention grid (NoSpatialMapsError; log_pictures draws the retrieval grid alone).
 - A retrieval grid as in the paper's Figure 3: each query with its top-5 neighbours in the test
   split by cosine similarity of f(x); a neighbour of the query's fine class is outlined in green,
-  one of another fine class in red.
+  one of another fine class in red, one whose label (or whose query's) is unknown in grey.
 
 `log_pictures` draws both for a fixed set of test images (evenly spaced over the test split's
 instance ids, which are sorted by super-class, so the queries cover the super-classes); the
@@ -45,6 +45,7 @@ log = logging.getLogger("fgdist.pictures")
 
 TOP_K = 5
 CORRECT, WRONG, QUERY = "#1a9850", "#d73027", "#222222"  # green, red, dark grey outlines
+UNKNOWN = "#b0b0b0"  # light grey: a neighbour whose label, or whose query's, is unknown
 DPI = 100  # with the cell sizes below: a 32x32 image shows at about 128 pixels
 DISPLAY = 128  # pixels per grid cell side at least: 32x32 images are shown enlarged
 
@@ -224,7 +225,7 @@ def retrieval_grid(
 ) -> Path:
     """Each query (left, dark outline) with its neighbours in rank order, each outlined green if
     it has the query's fine class (the super-class where the data set has no fine labels), red
-    if not, titled with its class and cosine similarity."""
+    if not, grey if either label is unknown, titled with its class and cosine similarity."""
     if not queries:
         raise ValueError("retrieval_grid: no queries")
     names = names or Names()
@@ -246,15 +247,25 @@ def retrieval_grid(
                 ax.set_visible(False)
                 continue
             t, sim = found[col - 1]
-            same = t.fine == q.fine if by_fine else t.super == q.super
             label = names.fine(t.fine) if by_fine else names.super(t.super)
-            _show(ax, _enlarge(t.rgb, size), f"{label} {sim:.2f}", CORRECT if same else WRONG)
+            outline = outline_colour(q.fine, t.fine) if by_fine else outline_colour(q.super, t.super)
+            _show(ax, _enlarge(t.rgb, size), f"{label} {sim:.2f}", outline)
     label = "fine class" if by_fine else "super-class (no fine labels)"
-    fig.suptitle(f"top-{k} neighbours by cosine similarity: green = same {label}, red = other", fontsize=9)
+    fig.suptitle(
+        f"top-{k} neighbours by cosine similarity: green = same {label}, red = other, grey = label unknown", fontsize=9
+    )
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
     return path
+
+
+def outline_colour(query_label: int, found_label: int) -> str:
+    """Green for the query's class, red for another; grey where either label is unknown (-1):
+    two unknown labels are not the same class."""
+    if query_label < 0 or found_label < 0:
+        return UNKNOWN
+    return CORRECT if found_label == query_label else WRONG
 
 
 @dataclass

@@ -39,6 +39,15 @@ class DimensionMismatchError(ValueError):
     """Embeddings whose dimension differs from the index's (another model, or another width)."""
 
 
+class IndexFolderError(FileNotFoundError):
+    """An fgdist-index folder that is missing, partial or unreadable (its index.json, index.faiss
+    or rows.parquet); the message names the file."""
+
+
+class UnlabelledQueriesError(ValueError):
+    """Retrieval metrics asked of queries (or a gallery) without labels: there is nothing to score."""
+
+
 ERRORS = (
     CheckpointError,
     UnknownRunError,
@@ -47,4 +56,6 @@ ERRORS = (
     OutputExistsError,
     OutputIsInputError,
     DimensionMismatchError,
+    IndexFolderError,
+    UnlabelledQueriesError,
 )

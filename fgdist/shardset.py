@@ -202,3 +202,10 @@ def image_problem(data: bytes) -> str | None:
 def sample_key(instance_id: int) -> str:
     """A sample's key in its tar: the zero-padded instance id (no dots: WebDataset splits on them)."""
     return f"{instance_id:010d}"
+
+
+def split_fingerprint(split: SplitDir) -> str:
+    """sha256 of the split's shards as its manifest lists them (file, checksum, count): the same
+    for every copy of one split (builds are reproducible), different for any other split."""
+    shards = [(s.file, s.sha256, s.count) for s in split.manifest.shards]
+    return hashlib.sha256(json.dumps(shards).encode()).hexdigest()

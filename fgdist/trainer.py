@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fgdist import checkpoint
+from fgdist import checkpoint, per_query
 from fgdist.collectives import gather_rows, world
 from fgdist.config import ModelConfig, OptimConfig, RunConfig
 from fgdist.data import eval_batches, own_column_batches, steps_per_epoch, train_batches
@@ -42,7 +42,7 @@ from fgdist.model import (
 from fgdist.objective_table import OBJECTIVES
 from fgdist.objectives import Objective, instance_ce_chance, softmax_group_sizes
 from fgdist.partition import make_plan
-from fgdist.shardset import open_split
+from fgdist.shardset import open_split, split_fingerprint
 from fgdist.sync_debug import SyncCounter
 from fgdist.tracking import Tracker, flatten, resolve_uri
 
@@ -499,6 +499,8 @@ class Trainer:
             cfg.eval.recall_ks,
             cfg.eval.query_chunk,
             has_super_head=self.spec.super_head,
+            per_query_file=cfg.run_dir / per_query.FILE,
+            test_set=split_fingerprint(self.test_split),
         )
         log.info(f"eval after epoch {self.position.epoch}: " + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
         self.tracker.log_metrics(metrics, step=self.position.global_step)
@@ -543,3 +545,4 @@ class Trainer:
         (self.cfg.run_dir / "results.md").write_text(table)
         self.tracker.log_artifact(str(path))
         self.tracker.log_artifact(str(self.cfg.run_dir / "results.md"))
+        self.tracker.log_artifact(str(self.cfg.run_dir / per_query.FILE))  # the last evaluation's

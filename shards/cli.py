@@ -12,12 +12,10 @@ examples:
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import inspect
 import json
-import sys
 
-import fgdist
+from fgdist import cli
 from fgdist.shardset import ShardSetError, open_split, verify_split
 from shards.build import BUILD_OPTIONS, build_shards
 from shards.sources import SourceError
@@ -173,18 +171,8 @@ def cmd_verify(args) -> int:
     return 1 if bad else 0
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("fgdist")
-    except importlib.metadata.PackageNotFoundError:  # running from a checkout that is not installed
-        return fgdist.__version__
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s (fgdist) {_version()}")
+    parser = cli.parser("python -m shards", __doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{build,inspect,verify}")
     b = sub.add_parser(
         "build",
@@ -217,5 +205,4 @@ def main(argv=None) -> int:
     try:
         return args.run(args)
     except (SourceError, ShardSetError, FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.report(err)

@@ -139,28 +139,38 @@ TINY_TRAINING = [
 ]
 
 
+def wait_for_http(url: str, proc, log: Path, timeout_s: float = 120) -> None:
+    """Poll `url` until it answers 200; fail (with the end of `log`) if the server process `proc`
+    exits first or `timeout_s` passes."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args[:4]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            pass  # not listening yet
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer within {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
 @contextmanager
 def serving(cmd: list[str], cwd, env: dict, url: str, log: Path, timeout: float = 120):
     """Run a server command in its own process group (servers fork workers), wait (at most
     `timeout` s) until `url` answers 200, and kill the whole group when the block ends."""
     import signal
     import subprocess
-    import time
-    import urllib.request
 
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + timeout
-        while True:
-            assert proc.poll() is None, f"{cmd[:4]} exited {proc.returncode}:\n{log.read_text()[-3000:]}"
-            assert time.time() < deadline, f"{url} not up after {timeout} s:\n{log.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.3)
+        wait_for_http(url, proc, log, timeout)
         yield proc
     finally:
         try:

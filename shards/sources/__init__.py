@@ -8,6 +8,7 @@ builder can sort all records by super-class before reading a single image.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,9 +67,29 @@ def require_image_file(path: Path, where: str) -> None:
     raise SourceError(f"{where}: image {path} {problem}")
 
 
-def class_ids(names) -> dict[str, int]:
-    """Ids in sorted-name order: stable across runs and across the train and test splits."""
-    return {name: i for i, name in enumerate(sorted(set(names)))}
+# Integer labels keep their value as id while the table they need (0..largest) has at most this
+# many entries, or twice as many as there are labels: a few unused ids cost a few empty classes,
+# product numbers (1000000, 2000000, ...) would cost a million-class head.
+DENSE_IDS_UP_TO = 1024
+PLAIN_INTEGER = re.compile(r"0|[1-9][0-9]*")  # "2", not "02", "+2" or "-2": one text per id
+
+
+def class_table(labels) -> tuple[list[str], dict[str, int]]:
+    """(class names by id, the id of each label). Labels that are all plain non-negative integers
+    keep their value as id ("0", "2", "10" -> ids 0, 2, 10); the unused ids between them are empty
+    classes named by their number. When those ids are too sparse (a table longer than
+    max(DENSE_IDS_UP_TO, 2 x labels)) they are numbered in numeric order instead, and the names
+    keep the numbers. Other labels are names, numbered in sorted order. Either way the ids depend
+    on the set of labels only: stable across runs and across the train and test splits."""
+    distinct = set(labels)
+    if distinct and all(PLAIN_INTEGER.fullmatch(label) for label in distinct):
+        size = max(int(label) for label in distinct) + 1
+        if size <= max(DENSE_IDS_UP_TO, 2 * len(distinct)):
+            return [str(i) for i in range(size)], {label: int(label) for label in distinct}
+        ordered = sorted(distinct, key=int)
+    else:
+        ordered = sorted(distinct)
+    return ordered, {name: i for i, name in enumerate(ordered)}
 
 
 def jpeg_loader(path, shorter_side: int = 256, quality: int = 90) -> Callable[[], bytes]:

@@ -1,52 +1,135 @@
-"""Image files on disk: a CSV/Parquet manifest, or a folder tree `root/<super>/<fine>/*.jpg`."""
+"""Image files on disk: a CSV/Parquet manifest, or a folder tree `root/<super>/<fine>/*.jpg`
+(or `root/<super>/*.jpg` where there are no fine classes).
+
+JPEG and PNG files go into the shards as they are; the other formats Pillow reads and photo
+collections hold (WebP, BMP, GIF, TIFF) are stored as lossless PNG of their RGB pixels
+(fgdist/images.py `to_rgb`: what training would read from them anyway), since a shard member
+is `.jpg` or `.png`.
+
+`read_manifest`, `tree_labels` and `class_tables` are also how `fgdist-embed` reads its
+`--manifest` and `--images` labels, so a manifest or folder means the same classes to both."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
+from dataclasses import dataclass
+from pathlib import Path, PurePath
 
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from shards.sources import Collection, Record, SourceError, class_ids, require_image_file
+from shards.sources import Collection, Record, SourceError, class_table, require_image_file
 
-IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
+IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}  # stored as they are
+TRANSCODED = (".webp", ".bmp", ".gif", ".tif", ".tiff")  # stored as PNG
+IMAGE_SUFFIXES = (*IMAGE_EXTS, *TRANSCODED)  # what a folder source (and fgdist-embed --images) reads
+
+
+def _png_of(path: Path) -> bytes:
+    from fgdist.images import open_image, to_rgb
+
+    out = io.BytesIO()
+    to_rgb(open_image(path.read_bytes())).save(out, format="PNG")
+    return out.getvalue()
 
 
 def _reader(path: Path):
+    if path.suffix.lower() in TRANSCODED:
+        return lambda: _png_of(path)
     return lambda: path.read_bytes()
 
 
 def _ext(path: Path, where: str) -> str:
+    if path.suffix.lower() in TRANSCODED:
+        return "png"
     ext = IMAGE_EXTS.get(path.suffix.lower())
     if ext is None:
-        raise SourceError(f"{where}: {path.name}: unsupported image type (use .jpg, .jpeg or .png)")
+        raise SourceError(f"{where}: {path.name}: unsupported image type (use one of {', '.join(IMAGE_SUFFIXES)})")
     return ext
 
 
-def _collect(name: str, rows: list[tuple[str, str, str | None, Path, str]]) -> Collection:
-    """rows: (split, super name, fine name or None, image path, origin) -> a Collection."""
-    has_fine = any(fine is not None for _, _, fine, _, _ in rows)
-    if has_fine and any(fine is None for _, _, fine, _, _ in rows):
-        first = next(origin for _, _, fine, _, origin in rows if fine is None)
-        raise SourceError(f"{first}: empty fine label, while other rows have one")
-    super_ids = class_ids(s for _, s, _, _, _ in rows)
-    fine_ids = class_ids(f for _, _, f, _, _ in rows) if has_fine else {}
-    fine_to_super: dict[int, int] = {}
-    for _, s, f, _, origin in rows:
-        if f is None:
+@dataclass(frozen=True)
+class ListedImage:
+    """One image of a manifest or a folder tree with its labels as written (None: no label)."""
+
+    file: Path  # the file on disk
+    listed: str  # its path as the user knows it: as written in the manifest, or relative to the folder
+    super: str | None
+    fine: str | None
+    origin: str  # where it was listed, for errors and the shard index's `source` column
+    split: str = "train"
+
+
+@dataclass(frozen=True)
+class ClassTables:
+    super_names: list[str]
+    fine_names: list[str]  # empty when there are no fine labels
+    super_ids: dict[str, int]
+    fine_ids: dict[str, int]
+
+    def ids(self, image: ListedImage) -> tuple[int, int]:
+        """(super id, fine id) of an image, -1 for a label it does not have."""
+        return self.super_ids.get(image.super, -1), self.fine_ids.get(image.fine, -1)
+
+
+def class_tables(images: list[ListedImage]) -> ClassTables:
+    """The class tables of the images' labels (`class_table`). Fine labels are on every labelled
+    image or on none; unlabelled images (no label at all) are left out."""
+    labelled = [i for i in images if i.super is not None or i.fine is not None]
+    if any(i.fine is not None for i in labelled):
+        first = next((i.origin for i in labelled if i.fine is None), None)
+        if first is not None:
+            raise SourceError(f"{first}: empty fine label, while other rows have one")
+    super_names, super_ids = class_table(i.super for i in labelled if i.super is not None)
+    fine_names, fine_ids = class_table(i.fine for i in labelled if i.fine is not None)
+    return ClassTables(super_names, fine_names, super_ids, fine_ids)
+
+
+def tree_labels(relative: PurePath) -> tuple[str | None, str | None]:
+    """(super, fine) of an image at `relative` in a `<super>/<fine>/` tree: the fine class is named
+    `super/fine` (two super-classes may each have a `red`); at `<super>/` it has a super-class and
+    no fine class; an image elsewhere (the root, deeper folders) has no labels."""
+    if len(relative.parts) == 2:
+        return relative.parts[0], None
+    if len(relative.parts) != 3:
+        return None, None
+    super_name, fine_name = relative.parts[0], relative.parts[1]
+    return super_name, f"{super_name}/{fine_name}"
+
+
+def tree_images(root: Path) -> list[Path]:
+    """The image files under `root` (IMAGE_SUFFIXES, any case; hidden files and folders left out),
+    sorted by path. A folder named like an image is listed too, so that it is reported, not skipped."""
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
+def _collect(name: str, images: list[ListedImage]) -> Collection:
+    tables = class_tables(images)
+    fine_to_super = [-1] * len(tables.fine_names)  # -1: an unused fine id (sparse integer labels)
+    for image in images:
+        super_id, fine_id = tables.ids(image)
+        if fine_id < 0:
             continue
-        if fine_to_super.setdefault(fine_ids[f], super_ids[s]) != super_ids[s]:
-            raise SourceError(f"{origin}: fine class {f!r} appears under two super-classes")
-    collection = Collection(name, sorted(super_ids), sorted(fine_ids), [fine_to_super[i] for i in range(len(fine_ids))])
-    for split, s, f, path, origin in rows:
-        record = Record(super_ids[s], fine_ids[f] if f is not None else -1, _reader(path), _ext(path, origin), origin)
-        collection.splits.setdefault(split, []).append(record)
+        if fine_to_super[fine_id] not in (-1, super_id):
+            raise SourceError(f"{image.origin}: fine class {image.fine!r} appears under two super-classes")
+        fine_to_super[fine_id] = super_id
+    collection = Collection(name, tables.super_names, tables.fine_names, fine_to_super)
+    for image in images:
+        ext = _ext(image.file, image.origin)
+        record = Record(*tables.ids(image), _reader(image.file), ext, image.origin)
+        collection.splits.setdefault(image.split, []).append(record)
     return collection
 
 
-def open_manifest(path: str) -> Collection:
-    """Columns: `path` (relative to the manifest's folder), `super`, optional `fine`, optional
-    `split` (train/test; default train)."""
+def read_manifest(path: str | Path, required: tuple[str, ...] = ("path",)) -> list[ListedImage]:
+    """The images of a CSV or Parquet manifest. Columns: `path` (relative to the manifest's folder,
+    or absolute), optional `super`, `fine` (class names or integer ids, see `class_table`) and
+    `split` (default train); `required` columns must exist and be non-empty on every row. Every
+    listed image must be a file, listed once."""
     manifest = Path(path)
     if not manifest.exists():
         raise SourceError(f"{manifest}: manifest not found")
@@ -60,17 +143,17 @@ def open_manifest(path: str) -> Collection:
             ),
         )
     )
-    for column in ("path", "super"):
+    for column in ("path", *required):
         if column not in table.column_names:
             raise SourceError(f"{manifest}: missing column {column!r} (columns: {table.column_names})")
     columns = {c: table.column(c).to_pylist() for c in table.column_names}
-    rows = []
+    images = []
     first_row_of: dict[Path, str] = {}  # resolved image path -> the row that listed it first
     for i in range(table.num_rows):
         # Row numbers as a person counts them in the file: the CSV header is line 1.
         where = f"{manifest} row {i + 2 if manifest.suffix != '.parquet' else i}"
         values = {c: (str(v).strip() if v is not None else "") for c, v in ((c, columns[c][i]) for c in columns)}
-        for column in ("path", "super"):
+        for column in ("path", *required):
             if not values[column]:
                 raise SourceError(f"{where}: empty {column!r}")
         image = (manifest.parent / values["path"]).resolve()
@@ -80,26 +163,48 @@ def open_manifest(path: str) -> Collection:
         if image in first_row_of:
             raise SourceError(f"{where}: image {image} is already listed at {first_row_of[image]}")
         first_row_of[image] = where
+        labels = (values.get("super") or None, values.get("fine") or None)
         split = values.get("split") or "train"
-        rows.append((split, values["super"], values.get("fine") or None, image, f"{where} {values['path']}"))
-    if not rows:
+        images.append(ListedImage(image, values["path"], *labels, f"{where} {values['path']}", split))
+    if not images:
         raise SourceError(f"{manifest}: no rows")
-    return _collect(f"manifest:{manifest.name}", rows)
+    return images
+
+
+def open_manifest(path: str) -> Collection:
+    """Columns: `path` (relative to the manifest's folder), `super`, optional `fine`, optional
+    `split` (train/test; default train). Integer labels keep their value as id (`class_table`)."""
+    return _collect(f"manifest:{Path(path).name}", read_manifest(path, required=("super",)))
 
 
 def open_folder(root: str) -> Collection:
-    """`root/<super>/<fine>/*.jpg`; with `root/train` and `root/test`, each is one split."""
+    """`root/<super>/<fine>/*.jpg` or `root/<super>/*.jpg` (one layout for the whole tree); with
+    `root/train` and `root/test`, each is one split. An image anywhere else is an error naming it:
+    it would train without a label."""
     base = Path(root)
     if not base.is_dir():
         raise SourceError(f"{base}: folder not found")
     split_roots = {s: base / s for s in ("train", "test") if (base / s).is_dir()} or {"train": base}
     rows = []
     for split, split_root in split_roots.items():
-        for image in sorted(split_root.glob("*/*/*")):
-            if image.suffix.lower() in IMAGE_EXTS:
-                require_image_file(image, str(base))
-                fine_dir, super_dir = image.parent, image.parent.parent
-                rows.append((split, super_dir.name, f"{super_dir.name}/{fine_dir.name}", image, str(image)))
+        for image in tree_images(split_root):
+            relative = image.relative_to(split_root)
+            labels = tree_labels(relative)
+            if labels[0] is None:
+                raise SourceError(
+                    f"{image}: not in a class folder: images go in {split_root}/<super>/<fine>/ "
+                    f"or {split_root}/<super>/ (move it, or remove it)"
+                )
+            require_image_file(image, str(base))
+            rows.append(ListedImage(image, relative.as_posix(), *labels, str(image), split))
     if not rows:
-        raise SourceError(f"{base}: no images found under <super>/<fine>/ (extensions {sorted(IMAGE_EXTS)})")
+        raise SourceError(f"{base}: no images found under <super>/<fine>/ or <super>/ ({', '.join(IMAGE_SUFFIXES)})")
+    layouts = {r.fine is None for r in rows}
+    if len(layouts) > 1:
+        flat = next(r for r in rows if r.fine is None)
+        nested = next(r for r in rows if r.fine is not None)
+        raise SourceError(
+            f"{base}: {flat.listed} has no fine-class folder while {nested.listed} has one: "
+            "use <super>/<fine>/ everywhere, or <super>/ everywhere"
+        )
     return _collect(f"folder:{base.name}", rows)

@@ -125,11 +125,16 @@ def test_search_command_prints_the_neighbours(searched):
         "--grid",
         str(out / "grid.png"),
     )
-    lines = [line.split("\t") for line in printed.splitlines()[1 : K + 1]]
-    assert int(lines[0][3]) == instance and float(lines[0][1]) == pytest.approx(1.0, abs=1e-5)
+    header, *lines = [line.split("\t") for line in printed.splitlines()[: K + 1]]
+    found = [dict(zip(header, line)) for line in lines]
+    assert int(found[0]["key"]) == instance and float(found[0]["score"]) == pytest.approx(1.0, abs=1e-5)
     emb = read_embeddings(out / "emb1")
     row = emb.instance.tolist().index(instance)
     expected = (emb.vectors @ emb.vectors[row]).topk(K).indices
-    assert [int(line[3]) for line in lines] == emb.instance[expected].tolist()
+    assert [int(n["key"]) for n in found] == emb.instance[expected].tolist()  # shard keys are the instance ids
+    # names from the shard manifest, paths from its index (the synthetic source's origins)
+    manifest = json.loads((tiny_runs.shards / "test" / "manifest.json").read_text())
+    assert found[0]["super_name"] == manifest["super_classes"][int(found[0]["super"])]["name"]
     assert (out / "grid.png").stat().st_size > 0
-    assert json.loads((out / "index" / "index.json").read_text())["model"] == str(tiny_runs.run_dir("search").resolve())
+    assert json.loads((out / "index" / "index.json").read_text())["model"].startswith("../")  # relative
+    assert open_index(out / "index").model_source == str(tiny_runs.run_dir("search").resolve())

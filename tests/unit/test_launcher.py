@@ -4,13 +4,17 @@ import importlib
 import subprocess
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
+import numpy as np
 import pytest
 
+from fgdist import per_query
+from fgdist.bootstrap import paired_difference
 from fgdist.objective_table import OBJECTIVE_NAMES
-from launcher.main_job import verdict
+from launcher.main_job import older_test_split, verdict
 from launcher.train import parse_args
-from tests.helpers import REPO
+from tests.helpers import REPO, tiny_synthetic
 
 
 def test_version_is_the_installed_packages():
@@ -42,14 +46,38 @@ def test_every_console_script_points_at_a_main_taking_argv():
         assert exit_.value.code == 0, name
 
 
+def first_ranks_table(first_ranks) -> per_query.PerQuery:
+    """A per-query table holding fine first ranks alone (what the verdict reads)."""
+    ranks = np.asarray(first_ranks, dtype=np.int64)
+    return per_query.PerQuery({"key": np.arange(len(ranks)), "fine_first_rank": ranks}, "t", "test")
+
+
 @pytest.mark.parametrize(
-    "eff, base, expected",
+    "eff_hits, base_hits, n, claim",
     [
-        (30.7, 28.1, "verdict: base_indi_eff beats base on fine R@1 by +2.60 points (30.70 against 28.10)"),
-        (74.64, 77.64, "verdict: base_indi_eff trails base on fine R@1 by -3.00 points (74.64 against 77.64)"),
-        (50.0, 50.0, "verdict: base_indi_eff ties base on fine R@1 by +0.00 points (50.00 against 50.00)"),
+        (700, 500, 2000, "base_indi_eff beats base on fine R@1 by +10.00 points"),
+        (500, 700, 2000, "base_indi_eff trails base on fine R@1 by -10.00 points"),
+        (52, 50, 200, "base_indi_eff and base are within noise on fine R@1: +1.00 points"),
+        (50, 50, 200, "base_indi_eff and base are within noise on fine R@1: +0.00 points"),
     ],
 )
-def test_main_job_verdict_gives_the_sign_of_the_fine_recall_difference(eff, base, expected):
-    metrics = {"base_indi_eff": {"fine_recall_at_1": eff}, "base": {"fine_recall_at_1": base}}
-    assert verdict(metrics) == expected
+def test_main_job_verdict_states_the_difference_with_its_interval(eff_hits, base_hits, n, claim):
+    # Queries 0..hits-1 have their first same-fine neighbour first (rank 1), the others at rank 3.
+    base = first_ranks_table(np.where(np.arange(n) < base_hits, 1, 3))
+    eff = first_ranks_table(np.where(np.arange(n) < eff_hits, 1, 3))
+    d = paired_difference(eff.metric_values("fine_recall_at_1"), base.metric_values("fine_recall_at_1"))
+    assert verdict(base, eff) == (
+        f"verdict: {claim}, 95% paired bootstrap interval [{d.low:+.2f}, {d.high:+.2f}] over {n:,} test queries "
+        f"({100 * eff_hits / n:.2f} against {100 * base_hits / n:.2f}; the interval covers the test set's noise, "
+        "not a new training seed's)"
+    )
+    assert d.holds_zero == ("within noise" in claim)
+
+
+def test_main_job_notes_a_synthetic_shard_set_built_with_another_test_split(tmp_path):
+    shards = Path(tiny_synthetic(tmp_path / "syn", test_per_fine=2))  # 4 super x 2 fine x 2 test images
+    assert older_test_split(shards) == (
+        f"note: {shards} holds 16 synthetic test images, the synthetic source draws 5,120 by default (for a fine R@1 "
+        f"interval of about +-2 points); remove {shards} to rebuild it"
+    )
+    assert older_test_split(tmp_path / "not_built") is None

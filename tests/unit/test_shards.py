@@ -1,5 +1,6 @@
 """Shard building: layout, readers (tar, WebDataset, pyarrow), atomic output, bad input."""
 
+import io
 import json
 import tarfile
 
@@ -42,6 +43,20 @@ def test_layout_grouped_by_superclass_with_contiguous_ids(synthetic):
     assert [json.loads(json.dumps(s["json"]))["instance"] for s in samples] == [0, 1, 2, 3]
     assert isinstance(samples[0]["png"], Image.Image) and samples[0]["png"].size == (32, 32)
     assert verify_split(split) == []
+
+
+def test_a_larger_synthetic_test_split_keeps_the_training_images_bit_identical(synthetic, tmp_path):
+    """The generator draws every training image before any test image: more test images per fine
+    class (the main job's larger test split) leave the training shards byte for byte the same."""
+    larger = tmp_path / "larger"
+    build_shards(open_synthetic(**{**SMALL, "test_per_fine": 5}), larger, shard_size=4, progress=False)
+    small_train, large_train = open_split(synthetic, "train").manifest, open_split(larger, "train").manifest
+    assert [s.sha256 for s in large_train.shards] == [s.sha256 for s in small_train.shards]
+    assert pq.read_table(larger / "train" / "index.parquet").equals(
+        pq.read_table(synthetic / "train" / "index.parquet")
+    )
+    assert open_split(larger, "test").manifest.num_instances == 5 * 8  # 5 per fine class, 8 fine classes
+    assert open_split(synthetic, "test").manifest.num_instances == 2 * 8
 
 
 def test_refuses_existing_output_without_overwrite(synthetic, capsys):
@@ -114,6 +129,36 @@ def test_folder_source(tmp_path):
     c = open_folder(str(tmp_path / "photos"))
     assert c.super_names == ["kettle", "mug"] and c.fine_names == ["kettle/blue", "kettle/red", "mug/white"]
     assert c.fine_to_super == [0, 0, 1] and len(c.splits["test"]) == 1
+
+
+def test_folder_source_without_fine_folders_and_other_formats(tmp_path):
+    """A hand-made tree: <super>/ only (no fine classes), upper-case and WebP/TIFF files (stored
+    as PNG of the same pixels), a hidden file left alone."""
+    root = tmp_path / "photos"
+    write_images(root, ["kettle/a.JPG", "kettle/b.webp", "mug/c.tiff", "mug/d.png"])
+    (root / "mug" / ".DS_Store").write_bytes(b"\0\1")
+    c = open_folder(str(root))
+    assert c.super_names == ["kettle", "mug"] and c.fine_names == []
+    records = c.splits["train"]
+    assert [(r.super_id, r.fine_id, r.ext) for r in records] == [(0, -1, "jpg"), (0, -1, "png"), (1, -1, "png")] + [
+        (1, -1, "png")
+    ]
+    webp = Image.open(io.BytesIO(records[1].load()))
+    assert webp.format == "PNG" and webp.tobytes() == Image.open(root / "kettle" / "b.webp").convert("RGB").tobytes()
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        (["kettle/a.png", "stray.png"], r"stray.png: not in a class folder"),
+        (["kettle/red/a.png", "kettle/red/deep/b.png"], r"b.png: not in a class folder"),
+        (["kettle/a.png", "mug/white/b.png"], r"kettle/a.png has no fine-class folder while mug/white/b.png has one"),
+    ],
+)
+def test_folder_source_names_an_image_out_of_place(tmp_path, files, message):
+    write_images(tmp_path / "photos", files)
+    with pytest.raises(SourceError, match=message):
+        open_folder(str(tmp_path / "photos"))
 
 
 def test_manifest_not_matching_tars_is_reported(synthetic):

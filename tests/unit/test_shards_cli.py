@@ -66,7 +66,7 @@ def test_version():
     proc = cli("--version")
     assert (
         proc.returncode == 0
-        and proc.stdout.strip() == f"python -m shards (fgdist) {importlib.metadata.version('fgdist')}"
+        and proc.stdout.strip() == f"python -m shards (fgdist {importlib.metadata.version('fgdist')})"
     )
 
 
