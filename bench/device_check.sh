@@ -14,9 +14,12 @@
 #                    n_local up to 4M
 #   3. train         a 1-GPU bf16 run of the synthetic recipe with evaluation and pictures, under
 #                    FGDIST_SYNC_DEBUG=warn (host syncs per training step counted)
-#   4. summary       $OUT/device_check.json and $OUT/device_check.md (bench/device_check_summary.py)
-# $OUT ends with six files (the device machine returns at most eight): those two, kernel.json,
-# kernel.md, train_results.json and logs.txt.
+#   4. backbones     bench/step_time.py on 1 GPU, bf16, 32x32 synthetic images (issue 20): step time
+#                    and peak memory of the narrow ResNet-18, a ResNet-50 (also with channels-last
+#                    inputs: does bf16 gain from that memory format?) and timm's ViT-Tiny (patch 4)
+#   5. summary       $OUT/device_check.json and $OUT/device_check.md (bench/device_check_summary.py)
+# $OUT ends with seven files (the device machine returns at most eight): those two, kernel.json,
+# kernel.md, train_results.json, backbones.md and logs.txt.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -25,6 +28,7 @@ WORK="$OUT/work"
 rm -rf "$WORK" && mkdir -p "$WORK/logs"
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
+VIT="model.arch=timm:vit_tiny_patch16_224,model.width=null,model.stem=null,model.kwargs.img_size=32,model.kwargs.patch_size=4"
 STATUS="$WORK/steps.tsv"
 : >"$STATUS"
 : >"$OUT/logs.txt"
@@ -51,6 +55,9 @@ if [ $DRY -eq 1 ]; then
   SHARDS=(--opt num_super=4 --opt fine_per_super=2 --opt train_per_fine=4 --opt test_per_fine=2)
   TRAIN=(--set optim.epochs=1 --set model.width=8 --set data.batch_size=8 --set eval.batch_size=16
     --set tracking.log_every_steps=1 --set tracking.system_metrics=false --set data.num_workers=1)
+  # the two code paths (channels-last inputs, a timm model) at the smallest cost: two launches
+  BACKBONES=(--steps 1 --warmup 0 --set data.batch_size=4 --channels-last resnet18_w8_cl
+    --variant resnet18_w8_cl:model.width=8 --variant "vit_tiny:$VIT")
 else
   step kernel_tests python -m pytest -q -p no:cacheprovider tests/unit/test_triton_grouped_lse.py \
     --junitxml "$WORK/kernel_tests.xml"
@@ -59,6 +66,9 @@ else
     --out "$OUT/kernel.json" --md "$OUT/kernel.md"
   SHARDS=()
   TRAIN=(--set optim.epochs=3 --set data.num_workers=4 --set tracking.system_metrics=false)
+  BACKBONES=(--steps 20 --warmup 5 --set data.batch_size=256 --channels-last resnet50_cl
+    --variant resnet18_w16:model.width=16 --variant resnet50:model.arch=resnet50,model.width=null
+    --variant resnet50_cl:model.arch=resnet50,model.width=null --variant "vit_tiny:$VIT")
 fi
 
 step shards python -m shards build --source synthetic --out "$WORK/shards" --quiet "${SHARDS[@]}"
@@ -67,6 +77,11 @@ step train env FGDIST_SYNC_DEBUG=warn MLFLOW_TRACKING_URI="sqlite:///$WORK/mlflo
   python launcher/train.py --config configs/synthetic_cpu.json --set "data.shards=$WORK/shards" \
   --set "output_dir=$WORK/runs" --set name=device_check "${TRAIN[@]}"
 cp "$WORK/runs/device_check/results.json" "$OUT/train_results.json" 2>/dev/null
+# 1 rank (deepspeed launcher, so 1 GPU on the device machine), no loader timing: the model's step alone
+step backbones env MLFLOW_TRACKING_URI="sqlite:///$WORK/mlflow.db" python bench/step_time.py \
+  --config configs/synthetic_cpu.json --ranks 1 --no-loader --set "data.shards=$WORK/shards" \
+  --set "output_dir=$WORK/runs" --machine "device check: $([ $DRY -eq 1 ] && echo 'CPU dry run' || echo '1 GPU, bf16')" \
+  --out "$OUT/backbones.md" "${BACKBONES[@]}"
 step summary python bench/device_check_summary.py --out "$OUT" --work "$WORK" --dry-run $DRY
 cat "$OUT/device_check.md" 2>/dev/null
 failed=$(grep -cv $'\t0\t' "$STATUS")

@@ -1,9 +1,10 @@
 """The summary of bench/device_check.sh: $OUT/device_check.json and $OUT/device_check.md.
 
 It gathers what the steps left: each step's exit status and seconds (steps.tsv), the kernel
-tests' counts (JUnit XML), bench/kernel.py's rates (kernel.json), and the training run's
+tests' counts (JUnit XML), bench/kernel.py's rates (kernel.json), the training run's
 results, pictures and host syncs per step (its log lines `syncs_per_step=...`, written under
-FGDIST_SYNC_DEBUG=warn on CUDA; absent on the CPU)."""
+FGDIST_SYNC_DEBUG=warn on CUDA; absent on the CPU), and bench/step_time.py's table of the
+backbones (backbones.md)."""
 
 from __future__ import annotations
 
@@ -92,6 +93,7 @@ def markdown(summary: dict) -> str:
     if train["results"]:
         lines += ["", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in train["results"].items()]
+    lines += ["", "## Backbones", "", summary["backbones"] or "backbones.md missing (the backbones step failed)"]
     return "\n".join(lines) + "\n"
 
 
@@ -107,6 +109,7 @@ def main(argv=None) -> int:
         "kernel_tests": kernel_tests(args.work),
         "kernel": kernel_rates(args.out),
         "training": training(args.out, args.work),
+        "backbones": (args.out / "backbones.md").read_text() if (args.out / "backbones.md").is_file() else None,
     }
     (args.out / "device_check.json").write_text(json.dumps(summary, indent=1))
     (args.out / "device_check.md").write_text(markdown(summary))

@@ -9,9 +9,13 @@ Driver (runs each variant under the real launcher, then writes a Markdown table)
         --steps 20 --out bench/results/step_time_synthetic.md [--set model.width=16 ...]
 
 A variant is NAME:KEY=VALUE[,KEY=VALUE...] (as in bench/quality.py), one launch each; --objectives X
-is the shortcut for --variant X:objective.name=X. Variants run in command-line order (by default
---objectives base base_indi_eff); the first is the reference of the step-time ratio. --set applies to
-all of them, a variant's own settings win over it.
+is the shortcut for --variant X:objective.name=X. A dict key takes dotted settings
+(model.kwargs.img_size=32). --channels-last NAME feeds variant NAME its batches in the
+channels-last memory format, which convolutions propagate through the network (a measurement
+only: training has no such option yet, and the weights stay as DeepSpeed holds them, converted
+per call; whether convolutional networks gain from it under bf16 is the device check's question).
+Variants run in command-line order (by default --objectives base base_indi_eff); the first is the
+reference of the step-time ratio. --set applies to all of them, a variant's own settings win over it.
 
 Each rank times `Trainer.train_step` alone (batch already in memory) and, separately, how fast
 its loader produces batches with nothing else running in that rank. Memory: once its batches are
@@ -55,6 +59,7 @@ DEFAULT_OBJECTIVES = ("base", "base_indi_eff")
 
 def measure(args) -> None:
     """Inside a DeepSpeed rank."""
+    import torch
     import torch.distributed as dist
 
     from fgdist.config import load_config
@@ -70,20 +75,30 @@ def measure(args) -> None:
             args.steps + args.warmup,
         )
     )
+    if args.channels_last:
+        # Only the inputs: under bf16 DeepSpeed's optimizer holds the parameters as views of one
+        # flat buffer, which converting them would cut.
+        for b in batches:
+            b["images"] = b["images"].contiguous(memory_format=torch.channels_last)
     dist.barrier()
     # From here the high-water mark sees only the steps (the batches and the model are in `before`).
     # Where the kernel refuses the reset the mark would include the setup: no memory numbers then.
     hwm_reset = reset_hwm()
     rss_before = rss_bytes()
+    if trainer.on_cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(args.steps + args.warmup):
         batch = batches[i % len(batches)]
         dist.barrier()
         t = time.perf_counter()
         trainer.train_step(batch)
+        if trainer.on_cuda:
+            torch.cuda.synchronize()  # the step's kernels, not just their launches
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     peak_rss = hwm_bytes()
+    peak_device = torch.cuda.max_memory_allocated() if trainer.on_cuda else None
     dist.barrier()
     loader_rate = None
     if args.loader:
@@ -102,6 +117,7 @@ def measure(args) -> None:
         "loader_images_per_s_per_rank": loader_rate,
         "rss_before_bytes": rss_before if hwm_reset else None,
         "peak_rss_bytes": peak_rss if hwm_reset else None,
+        "peak_device_bytes": peak_device,
     }
     gathered = [None] * trainer.world_size
     dist.all_gather_object(gathered, result)
@@ -110,13 +126,13 @@ def measure(args) -> None:
     trainer.tracker.finish()
 
 
-def summarize(name: str, settings: list[str], ranks: list[dict]) -> dict:
+def summarize(name: str, settings: list[str], ranks: list[dict], channels_last: bool = False) -> dict:
     """One table row from every rank's result: the slowest rank's step and training rate, the
     slowest loader, and each memory figure's maximum over ranks (None where not measured)."""
     memory = all(r["rss_before_bytes"] is not None for r in ranks)
     return {
         "name": name,
-        "settings": settings,
+        "settings": settings + (["channels-last inputs"] if channels_last else []),
         "step_s": max(r["step_s"] for r in ranks),
         "train": min(r["train_images_per_s_per_rank"] for r in ranks),
         "loader": min(r["loader_images_per_s_per_rank"] for r in ranks)
@@ -125,12 +141,16 @@ def summarize(name: str, settings: list[str], ranks: list[dict]) -> dict:
         "rss_before": max(r["rss_before_bytes"] for r in ranks) if memory else None,
         "peak_rss": max(r["peak_rss_bytes"] for r in ranks) if memory else None,
         "step_adds": max(r["peak_rss_bytes"] - r["rss_before_bytes"] for r in ranks) if memory else None,
+        # GPU memory allocated by PyTorch at its peak over the steps (None on the CPU, and in results
+        # recorded before it was measured)
+        "peak_device": max(r["peak_device_bytes"] for r in ranks) if ranks[0].get("peak_device_bytes") else None,
     }
 
 
 def report(rows: list[dict], *, config: str, overrides: list[str], ranks: int, steps: int, warmup: int, machine: str):
     """The Markdown table, its header lines and one line per variant naming its settings."""
     reference = rows[0]
+    device = any(row.get("peak_device") for row in rows)  # a GPU run: its memory is not the process RSS
     lines = [
         f"# Step time: {config} {' '.join(overrides)}",
         "",
@@ -146,6 +166,7 @@ def report(rows: list[dict], *, config: str, overrides: list[str], ranks: int, s
                 *("variant", "step (s)", f"step / {reference['name']} step", "training consumes (img/s/rank)"),
                 *("RSS before steps (MiB)", "peak RSS in steps (MiB)", "steps add (MiB)"),
                 *("loader alone (img/s/rank)", "loader / training"),
+                *(["peak GPU memory allocated (MiB)"] if device else []),
             ]
         ),
     ]
@@ -155,9 +176,9 @@ def report(rows: list[dict], *, config: str, overrides: list[str], ranks: int, s
         loader, train = row["loader"], row["train"]
         loader_cells = [f"{loader:.1f}", f"{loader / train:.2f}x"] if loader is not None else ["not measured", "-"]
         ratio = row["step_s"] / reference["step_s"]
-        lines.append(
-            md_row([row["name"], f"{row['step_s']:.4f}", f"{ratio:.3f}", f"{train:.1f}", *memory_cells, *loader_cells])
-        )
+        device_cells = [mib(row["peak_device"]) if row.get("peak_device") else "-"] if device else []
+        cells = [row["name"], f"{row['step_s']:.4f}", f"{ratio:.3f}", f"{train:.1f}", *memory_cells, *loader_cells]
+        lines.append(md_row(cells + device_cells))
     lines += ["", "Variants (each on top of the config and the --set above):", ""]
     lines += [
         f"- `{row['name']}`: {', '.join(f'`{s}`' for s in row['settings']) or 'the config as is'}" for row in rows
@@ -172,6 +193,9 @@ def drive(args) -> None:
     names = [name for name, _ in variants]
     if len(set(names)) != len(names):
         raise SystemExit(f"step_time: variant names must differ: {' '.join(names)}")
+    unknown = sorted(set(args.channels_last) - set(names))
+    if unknown:
+        raise SystemExit(f"step_time: --channels-last names no variant: {' '.join(unknown)}")
     launches = []
     for name, settings in variants:
         overrides = [
@@ -196,12 +220,13 @@ def drive(args) -> None:
                 *("--measure", "--result", str(result), "--config", args.config),
                 *("--steps", str(args.steps), "--warmup", str(args.warmup)),
                 "--loader" if args.loader else "--no-loader",
+                *(["--channels-last", name] if name in args.channels_last else []),
                 *sum((["--set", o] for o in overrides), []),
             ],
         )
         print(f"[step_time] {name}: {' '.join(settings)}", flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        rows.append(summarize(name, settings, json.loads(result.read_text())))
+        rows.append(summarize(name, settings, json.loads(result.read_text()), name in args.channels_last))
         result.unlink()
     text = report(
         rows,
@@ -243,6 +268,13 @@ def parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also time the loader alone over one epoch",
+    )
+    p.add_argument(
+        "--channels-last",
+        action="append",
+        default=[],
+        metavar="VARIANT",
+        help="run this variant in the channels-last memory format (repeatable)",
     )
     p.add_argument("--machine", default="2-core x86_64 CPU, no GPU, gloo")
     p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)

@@ -12,7 +12,8 @@ Library modules (one job each):
   head        the partitioned instance head (a per-rank slice outside DeepSpeed)
   collectives autograd-aware collectives used by the loss and by BatchNorm
   objectives  base / fine / indi / base_indi / base_indi_eff as one loss module
-  model       ResNet-18 backbone and the engine-wrapped heads
+  backbones   the backbone: ResNet-18, any torchvision or timm model, pretrained weights
+  model       the engine-wrapped network (backbone + heads), cross-rank BatchNorm
   trainer     the DeepSpeed training loop
   checkpoint  atomic checkpoints and restart
   evaluation  distributed, chunked Recall@k and super-class top-k

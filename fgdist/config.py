@@ -56,6 +56,10 @@ class DataConfig(Section):
     # instance id; every loss term sees all of them. A rank's batch stays batch_size IMAGES, so a
     # step has views * batch_size rows (images/s counts images, not rows).
     views: int = Field(1, ge=1)
+    # Input normalization (3 values each). None: the backbone's, filled in when the run config is
+    # read: timm's pretrained config for a timm model, ImageNet's otherwise (fgdist/backbones.py).
+    mean: list[float] | None = None
+    std: list[float] | None = None
     on_corrupt: Literal["fail", "skip"] = "fail"
     # seconds a DataLoader worker may take for one batch before its rank fails (0: wait forever)
     worker_timeout: float = Field(600.0, ge=0.0)
@@ -67,21 +71,76 @@ class DataConfig(Section):
             raise ValueError(f"must be [min, max] with 0 < min <= max <= 1, got {value}")
         return value
 
+    @field_validator("mean", "std")
+    @classmethod
+    def _per_channel(cls, value: list[float] | None, info) -> list[float] | None:
+        if value is not None and (len(value) != 3 or (info.field_name == "std" and min(value) <= 0)):
+            raise ValueError(
+                f"must be 3 values, one per RGB channel{' (positive)' if info.field_name == 'std' else ''}, got {value}"
+            )
+        return value
+
 
 class ModelConfig(Section):
-    arch: Literal["resnet18"] = "resnet18"
-    stem: Literal["cifar", "imagenet"] = "cifar"  # cifar: 3x3 stride-1 conv, no max-pool
-    width: int = Field(64, ge=4)  # first-stage channels; 64 is torchvision's ResNet-18 (d = 8 * width)
+    # resnet18, any torchvision classification model (resnet50, convnext_tiny, vit_b_16, ...) or
+    # timm:<name> (pip install 'fgdist[timm]'), built without its classifier (fgdist/backbones.py)
+    arch: str = "resnet18"
+    kwargs: dict[str, Any] = {}  # passed to the model's constructor, e.g. {"img_size": 32} for a timm ViT
+    # ResNets (torchvision's resnet*, wide_resnet*, resnext*) only. cifar: 3x3 stride-1 conv, no
+    # max-pool; imagenet: the network's own stem. None: cifar for resnet18 (the CPU configs'), the
+    # network's own otherwise.
+    stem: Literal["cifar", "imagenet"] | None = None
+    # resnet18 only: first-stage channels, d = 8 * width; 64 (the default) is torchvision's ResNet-18
+    width: int | None = Field(None, ge=4)
     # BatchNorm across ranks: per-rank batches under by_superclass routing hold few
     # super-classes, so local statistics would be per-super-class. auto = global when routing is
-    # by_superclass and there is more than one rank.
+    # by_superclass and there is more than one rank. Models without BatchNorm ignore it.
     norm: Literal["auto", "global", "local"] = "auto"
-    pretrained: str | None = None  # a local state_dict file (torchvision ResNet-18 keys)
+    # a local state dict file (torchvision, timm or safetensors), or a tag read from the local
+    # cache: torchvision:<Weights enum>, e.g. torchvision:ResNet18_Weights.IMAGENET1K_V1, or
+    # timm:<pretrained tag>, e.g. timm:c3_in1k
+    pretrained: str | None = None
+    download: bool = False  # true: fetch a pretrained tag missing from the local cache (needs the network)
     # mlp: a 2-layer MLP (d -> d -> projection_dim) after f(x) whose output feeds the instance
     # term (and its head is projection_dim wide); the super-class head too if projection_for_super.
     projection: Literal["none", "mlp"] = "none"
     projection_dim: int = Field(128, ge=1)
     projection_for_super: bool = False
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, value: str) -> str:
+        from fgdist.backbones import check_arch
+
+        return check_arch(value)
+
+    @model_validator(mode="after")
+    def _fits_arch(self):
+        """width and stem resolved for the arch they apply to, refused for the others."""
+        from fgdist.backbones import DEFAULT_ARCH, STANDARD_WIDTH, TIMM, TORCHVISION, is_timm, is_torchvision_resnet
+
+        if self.arch == DEFAULT_ARCH:
+            self.width = STANDARD_WIDTH if self.width is None else self.width
+        elif self.width is not None:
+            raise ValueError(
+                f"model.width is for arch 'resnet18' only (the narrow ResNet-18); remove it for {self.arch!r}"
+            )
+        if self.stem == "cifar" and not is_torchvision_resnet(self.arch):
+            raise ValueError(f"model.stem='cifar' is for torchvision ResNets only; remove it for {self.arch!r}")
+        if self.stem is None and is_torchvision_resnet(self.arch):
+            self.stem = "cifar" if self.arch == DEFAULT_ARCH else "imagenet"
+        if self.pretrained and self.arch == DEFAULT_ARCH and self.width != STANDARD_WIDTH:
+            raise ValueError(f"model.pretrained needs model.width={STANDARD_WIDTH} (got {self.width})")
+        tag = self.pretrained or ""
+        if tag.startswith(TIMM) and not is_timm(self.arch):
+            raise ValueError(f"model.pretrained={tag!r} is a timm tag: it needs model.arch='timm:<name>'")
+        if tag.startswith(TORCHVISION) and is_timm(self.arch):
+            raise ValueError(f"model.pretrained={tag!r} is a torchvision tag: it needs a torchvision model.arch")
+        if self.download and not tag.startswith((TIMM, TORCHVISION)):
+            raise ValueError(
+                "model.download fetches a model.pretrained tag (torchvision:... or timm:...); there is none"
+            )
+        return self
 
 
 class ObjectiveConfig(Section):
@@ -118,6 +177,9 @@ class OptimConfig(Section):
     weight_decay: float = Field(5e-4, ge=0.0)
     milestones: list[int] = [60, 120, 160]
     gamma: float = Field(0.2, gt=0.0)
+    # The backbone's learning rate is lr x this (its own parameter group; the heads keep lr): the
+    # usual lower rate for fine-tuning pretrained weights (model.pretrained).
+    backbone_lr_mult: float = Field(1.0, gt=0.0)
 
 
 class EvalConfig(Section):
@@ -168,6 +230,17 @@ class RunConfig(Section):
             raise ValueError(f"optim.milestones must be increasing, got {self.optim.milestones}")
         if not self.eval.recall_ks or min(self.eval.recall_ks) < 1:
             raise ValueError(f"eval.recall_ks must be positive, got {self.eval.recall_ks}")
+        if self.optim.backbone_lr_mult != 1.0 and not self.model.pretrained:
+            raise ValueError(
+                "optim.backbone_lr_mult sets a pretrained backbone's learning rate: "
+                "set model.pretrained, or leave it at 1"
+            )
+        if self.data.mean is None or self.data.std is None:
+            from fgdist.backbones import input_normalization
+
+            mean, std = input_normalization(self.model.arch, self.model.pretrained)
+            self.data.mean = mean if self.data.mean is None else self.data.mean
+            self.data.std = std if self.data.std is None else self.data.std
         if self.model.projection == "none":
             if self.eval.features == "projection":
                 raise ValueError("eval.features='projection' needs model.projection='mlp'")

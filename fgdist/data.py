@@ -36,9 +36,18 @@ from fgdist.partition import Plan
 from fgdist.remote import TarReader
 from fgdist.shardset import DECODE_ERRORS, ShardInfo, SplitDir, image_problem, open_split, reader_for
 
-# ImageNet statistics: right for pretrained ResNets and harmless for the small data sets.
+# ImageNet statistics: right for pretrained ResNets and harmless for the small data sets; the
+# normalization of a DataConfig without its own (data.mean/std, filled in from the backbone when
+# a run config is read; older exports and MLflow models, all ResNet-18s, hold none).
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def normalization(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) per RGB channel that images are normalized with: data.mean/std, else ImageNet's."""
+    mean = MEAN if cfg.mean is None else np.asarray(cfg.mean, dtype=np.float32)
+    std = STD if cfg.std is None else np.asarray(cfg.std, dtype=np.float32)
+    return mean, std
 
 
 class CorruptSampleError(RuntimeError):
@@ -92,7 +101,8 @@ def make_transform(cfg: DataConfig, train: bool):
     image larger than the configured size is seen whole in both (at its native size, a no-op)."""
 
     side = eval_side(cfg)
-    erase_fill = tuple(round(255 * float(v)) for v in MEAN)  # zero after normalization
+    mean, std = normalization(cfg)
+    erase_fill = tuple(round(255 * float(v)) for v in mean)  # zero after normalization
 
     def transform(img: Image.Image, rng: random.Random) -> torch.Tensor:
         single_channel = img.mode in SINGLE_CHANNEL_MODES
@@ -108,7 +118,7 @@ def make_transform(cfg: DataConfig, train: bool):
             )
         else:
             img = _center(img, cfg.image_size, side)
-        array = (np.asarray(img, dtype=np.float32) / 255.0 - MEAN) / STD
+        array = (np.asarray(img, dtype=np.float32) / 255.0 - mean) / std
         return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
     return transform

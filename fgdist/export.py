@@ -9,8 +9,9 @@ embeddings: the features the run's own evaluation embedded.
 An export folder holds `model.safetensors` (the backbone's state_dict under its plain keys and,
 with projection features, the projection's under `projection.`; float32) and `fgdist_model.json`
 (format, `features`: `backbone` or `projection`, absent in older exports and read as `backbone`,
-embedding dimension, `model` config, `preprocessing`: the data config keys the evaluation
-transform reads, and ImageNet mean/std). Sources `load_model` takes:
+embedding dimension, `arch` and the whole `model` config, `preprocessing`: the data config keys
+the evaluation transform reads, image size and the backbone's mean/std among them, and those
+mean/std again under `normalize`). Sources `load_model` takes:
 an export folder, a run folder (its newest checkpoint) or a checkpoint folder, an MLflow model
 URI (`runs:/<id>/model`, `models:/...`), or a bare MLflow run id (its `model`). See
 docs/DESIGN.md ("Evaluation") for why the heads are left out: search embeds what evaluation embeds,
@@ -31,10 +32,11 @@ from PIL import Image
 from torch import nn
 
 from fgdist import cli
+from fgdist.backbones import state_dict_problems
 from fgdist.config import DataConfig, ModelConfig
-from fgdist.data import MEAN, STD, make_transform
+from fgdist.data import make_transform, normalization
 from fgdist.images import check_shape
-from fgdist.model import build_backbone, feature_dim, projection_mlp
+from fgdist.model import build_backbone, projection_mlp
 from fgdist.output_folder import atomic_folder, check_free
 from fgdist.search_errors import ERRORS, CheckpointError, UnknownRunError
 
@@ -43,7 +45,9 @@ log = logging.getLogger(__name__)
 FORMAT = "fgdist-model/1"
 WEIGHTS, CONFIG = "model.safetensors", "fgdist_model.json"
 MLFLOW_NAME = "model"  # the logged model's name inside a training run
-PREPROCESSING_KEYS = ("augment", "image_size", "resize", "padding")  # what make_transform(train=False) reads
+# what make_transform(train=False) reads; exports written before mean and std (ResNet-18s, all
+# ImageNet-normalized) hold only the first four, and read as ImageNet's
+PREPROCESSING_KEYS = ("augment", "image_size", "resize", "padding", "mean", "std")
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 PROJECTION = "projection."  # key prefix of the projection's weights in model.safetensors
 
@@ -63,9 +67,12 @@ class ImageEmbedder(nn.Module):
         self.preprocessing = dict(preprocessing)
 
     def __setstate__(self, state: dict) -> None:
-        # MLflow models pickled before the projection existed have no such submodule: f(x) only.
+        # MLflow models pickled before the projection existed have no such submodule: f(x) only;
+        # before other backbones, theirs is a ResNet-18 whose f(x) is 8 * width wide.
         super().__setstate__(state)
         self._modules.setdefault("projection", None)
+        if not hasattr(self.backbone, "embedding_dim"):
+            self.backbone.embedding_dim = 8 * self.model_config.get("width", 64)
 
     @property
     def features(self) -> str:
@@ -74,8 +81,7 @@ class ImageEmbedder(nn.Module):
 
     @property
     def dim(self) -> int:
-        cfg = ModelConfig(**self.model_config)
-        return feature_dim(cfg) if self.projection is None else cfg.projection_dim
+        return self.backbone.embedding_dim if self.projection is None else self.model_config["projection_dim"]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         p = next(self.backbone.parameters())
@@ -114,7 +120,7 @@ def embedder_from(model: nn.Module, model_cfg: ModelConfig, data_cfg: DataConfig
     if features == "projection":
         if getattr(model, "projection", None) is None:
             raise ValueError("eval.features='projection' needs model.projection='mlp': the model has no projection")
-        projection = _cpu_copy(projection_mlp(feature_dim(model_cfg), model_cfg.projection_dim), model.projection)
+        projection = _cpu_copy(projection_mlp(backbone.embedding_dim, model_cfg.projection_dim), model.projection)
     elif features != "backbone":
         raise ValueError(f"eval.features: expected 'backbone' or 'projection', got {features!r}")
     preprocessing = {k: getattr(data_cfg, k) for k in PREPROCESSING_KEYS}
@@ -147,7 +153,11 @@ def _from_export(path: Path) -> ImageEmbedder:
         state = load_file(str(path / WEIGHTS))
     except SafetensorError as err:
         raise CheckpointError(f"{path / WEIGHTS}: unreadable ({err})") from None
-    model_cfg = ModelConfig(**meta["model"])
+    try:
+        model_cfg = ModelConfig(**meta["model"])
+    except ValueError as err:  # an arch this installation cannot build (timm missing, say), or a bad key
+        raise CheckpointError(f"{path / CONFIG}: model: {err}") from None
+    backbone = build_backbone(model_cfg)
     backbone_state = {k: v for k, v in state.items() if not k.startswith(PROJECTION)}
     projection_state = {k[len(PROJECTION) :]: v for k, v in state.items() if k.startswith(PROJECTION)}
     features = meta.get("features", "backbone")  # exports written before the key embed f(x)
@@ -160,11 +170,13 @@ def _from_export(path: Path) -> ImageEmbedder:
                 f"{path}: features 'projection' needs model.projection='mlp' in {CONFIG} "
                 f"and {PROJECTION}* weights in {WEIGHTS}"
             )
-        projection = projection_mlp(feature_dim(model_cfg), model_cfg.projection_dim)
+        projection = projection_mlp(backbone.embedding_dim, model_cfg.projection_dim)
         projection.load_state_dict(projection_state)
     elif projection_state:
         raise CheckpointError(f"{path}: {PROJECTION}* weights in {WEIGHTS} but features {features!r} in {CONFIG}")
-    backbone = build_backbone(model_cfg)
+    problems = state_dict_problems(backbone_state, backbone.state_dict(), ())
+    if problems:
+        raise CheckpointError(f"{path / WEIGHTS} is not the backbone {CONFIG} describes: " + "; ".join(problems))
     backbone.load_state_dict(backbone_state)
     return ImageEmbedder(backbone, meta["model"], meta["preprocessing"], projection).eval()
 
@@ -218,13 +230,15 @@ def export_model(embedder: ImageEmbedder, out: str | Path, source: str = "", ove
         for prefix, module in modules
         for k, v in module.state_dict().items()
     }
+    mean, std = normalization(DataConfig(**embedder.preprocessing))
     meta = {
         "format": FORMAT,
         "features": embedder.features,
         "embedding_dim": embedder.dim,
         "model": embedder.model_config,
         "preprocessing": embedder.preprocessing,
-        "normalize": {"mean": MEAN.tolist(), "std": STD.tolist()},
+        "arch": embedder.model_config.get("arch", "resnet18"),
+        "normalize": {"mean": mean.tolist(), "std": std.tolist()},
         "source": source,
     }
     with atomic_folder(out, overwrite, "export", {"--model": source}) as partial:

@@ -1,29 +1,18 @@
-"""ResNet-18 backbone (f(x) taken before the FC layer, d = 512) and the heads that live inside
-the DeepSpeed engine: the super-class head, and the fine head for the `fine` objective."""
+"""The network the DeepSpeed engine wraps: a backbone (fgdist/backbones.py: ResNet-18 by default,
+any torchvision or timm model; f(x) taken before its classifier) and the heads that live inside
+the engine: the super-class head, and the fine head for the `fine` objective. Cross-rank
+BatchNorm and BatchNorm re-estimation for whatever BatchNorm layers the backbone has."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import resnet18
 from torchvision.models.resnet import BasicBlock
 
+from fgdist.backbones import build_backbone
 from fgdist.collectives import all_reduce_sum, mean_over_ranks
 from fgdist.config import ModelConfig
-
-STANDARD_WIDTH = 64  # torchvision's ResNet-18: d = 8 * 64 = 512
-
-
-def feature_dim(cfg: ModelConfig) -> int:
-    return 8 * cfg.width
-
-
-def instance_dim(cfg: ModelConfig) -> int:
-    """Width of the instance term's input, hence of the instance head's columns."""
-    return cfg.projection_dim if cfg.projection == "mlp" else feature_dim(cfg)
 
 
 def projection_mlp(dim: int, out_dim: int) -> nn.Module:
@@ -37,6 +26,30 @@ def instance_features(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return outputs.get("projection", outputs["features"])
 
 
+def _global_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """`bn` normalizing `x` (N x C x ...) with statistics over the global batch (all ranks), and
+    its running statistics updated with them as nn.BatchNorm does."""
+    c = x.shape[1]
+    dims = [0, *range(2, x.dim())]
+    shape = [1, c] + [1] * (x.dim() - 2)
+    n_local = torch.tensor([x.numel() / c], dtype=torch.float32, device=x.device)
+    xf = x.float()
+    stats = torch.cat([xf.sum(dim=dims), (xf * xf).sum(dim=dims), n_local])
+    stats = all_reduce_sum(stats)
+    count = stats[-1]
+    mean = stats[:c] / count
+    var = (stats[c : 2 * c] / count - mean**2).clamp_min(0)
+    if bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked += 1
+            # momentum None: cumulative average, as in nn.BatchNorm2d (used by reestimate_batchnorm)
+            m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            bn.running_var.mul_(1 - m).add_(var.detach() * count / (count - 1).clamp_min(1), alpha=m)
+    y = (x - mean.view(shape).to(x.dtype)) * torch.rsqrt(var + bn.eps).view(shape).to(x.dtype)
+    return y * bn.weight.view(shape) + bn.bias.view(shape) if bn.affine else y
+
+
 class CrossRankBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose training statistics are taken over the global batch (all ranks).
 
@@ -46,24 +59,27 @@ class CrossRankBatchNorm2d(nn.BatchNorm2d):
     same global batch."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        c = x.shape[1]
-        n_local = torch.tensor([x.numel() / c], dtype=torch.float32, device=x.device)
-        xf = x.float()
-        stats = torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)), n_local])
-        stats = all_reduce_sum(stats)
-        count = stats[-1]
-        mean = stats[:c] / count
-        var = (stats[c : 2 * c] / count - mean**2).clamp_min(0)
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            # momentum None: cumulative average, as in nn.BatchNorm2d (used by reestimate_batchnorm)
-            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-            self.running_var.mul_(1 - m).add_(var.detach() * count / (count - 1).clamp_min(1), alpha=m)
-        y = (x - mean[None, :, None, None].to(x.dtype)) * torch.rsqrt(var + self.eps)[None, :, None, None].to(x.dtype)
-        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return _global_batch_norm(self, x) if self.training else super().forward(x)
+
+
+class CrossRankBatchNorm1d(nn.BatchNorm1d):
+    """CrossRankBatchNorm2d for N x C (x L) inputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _global_batch_norm(self, x) if self.training else super().forward(x)
+
+
+class CrossRankBatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d (BatchNorm, then its `drop` and `act` modules) with cross-rank
+    statistics; the same state dict keys (drop and act hold no tensors)."""
+
+    def __init__(self, *args, drop: nn.Module, act: nn.Module, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.drop, self.act = drop, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _global_batch_norm(self, x) if self.training else super().forward(x)
+        return self.act(self.drop(y))
 
 
 @torch.no_grad()
@@ -78,7 +94,7 @@ def reestimate_batchnorm(model: nn.Module, batches, device, dtype) -> int:
     Fashion-MNIST: super-class top-1 from 56% to 95% depending on which super-classes came last).
     The batches should be drawn across super-classes (the trainer uses shuffled routing). The
     averages are then averaged over ranks, so ranks with local BatchNorm evaluate one model too."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = [m for m in batchnorm_layers(model) if m.track_running_stats]
     if not norms:
         return 0
     momenta = [m.momentum for m in norms]
@@ -99,17 +115,45 @@ def reestimate_batchnorm(model: nn.Module, batches, device, dtype) -> int:
     return used
 
 
-def convert_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm2d by CrossRankBatchNorm2d, keeping parameters and buffers."""
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm (of any dimension, timm's BatchNormAct2d included) in `model`."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _is_timm_batchnorm_act(bn: nn.Module) -> bool:
+    return type(bn).__name__ == "BatchNormAct2d" and type(bn).__module__.startswith("timm.")
+
+
+def _cross_rank(bn: nn.Module, where: str) -> nn.Module:
+    """The cross-rank twin of one BatchNorm, with its parameters and buffers."""
+    args = (bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    if type(bn) is nn.BatchNorm2d:
+        new = CrossRankBatchNorm2d(*args)
+    elif type(bn) is nn.BatchNorm1d:
+        new = CrossRankBatchNorm1d(*args)
+    elif _is_timm_batchnorm_act(bn):
+        new = CrossRankBatchNormAct2d(*args, drop=bn.drop, act=bn.act)
+    else:
+        raise ValueError(
+            f"model.norm=global: {where} is a {type(bn).__module__}.{type(bn).__name__}, which fgdist cannot make "
+            "cross-rank (it converts BatchNorm1d, BatchNorm2d and timm's BatchNormAct2d); set model.norm='local'"
+        )
+    new.load_state_dict(bn.state_dict())
+    return new
+
+
+def convert_batchnorm(module: nn.Module, prefix: str = "") -> nn.Module:
+    """Replace every BatchNorm by its cross-rank twin, recursively (as
+    SyncBatchNorm.convert_sync_batchnorm does), keeping parameters and buffers. LayerNorm and
+    GroupNorm need nothing: their statistics are per example."""
     for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            new = CrossRankBatchNorm2d(
-                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
-            )
-            new.load_state_dict(child.state_dict())
-            setattr(module, name, new)
+        where = f"{prefix}{name}"
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(
+            child, (CrossRankBatchNorm1d, CrossRankBatchNorm2d, CrossRankBatchNormAct2d)
+        ):
+            setattr(module, name, _cross_rank(child, where))
         else:
-            convert_batchnorm(child)
+            convert_batchnorm(child, f"{where}.")
     return module
 
 
@@ -143,39 +187,17 @@ class NarrowResNet18(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def build_backbone(cfg: ModelConfig) -> nn.Module:
-    if cfg.width != STANDARD_WIDTH and cfg.pretrained:
-        raise ValueError(f"model.pretrained needs model.width={STANDARD_WIDTH} (got {cfg.width})")
-    net = resnet18(weights=None) if cfg.width == STANDARD_WIDTH else NarrowResNet18(cfg.width)
-    if cfg.pretrained:
-        path = Path(cfg.pretrained)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"model.pretrained: weights file {path} not found (nothing is downloaded at run time)"
-            )
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        if [k for k in missing if not k.startswith("fc.")] or unexpected:
-            raise ValueError(
-                f"model.pretrained: {path} is not a torchvision ResNet-18 state_dict (missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]})"
-            )
-    if cfg.stem == "cifar":
-        # Small images: a 3x3 stride-1 first conv and no max-pool keep 32x32 detail.
-        net.conv1 = nn.Conv2d(3, cfg.width, kernel_size=3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()
-    net.fc = nn.Identity()
-    return net
-
-
 class EmbeddingNet(nn.Module):
-    """What the DeepSpeed engine wraps: backbone + super-class head (+ fine head)."""
+    """What the DeepSpeed engine wraps: backbone + super-class head (+ fine head). The heads'
+    widths follow the backbone's: `feature_dim` is f(x)'s, `instance_dim` the instance term's
+    input's (the projection's where there is one), hence the instance head's columns'."""
 
     def __init__(self, cfg: ModelConfig, num_super: int | None, num_fine: int | None):
         super().__init__()
         self.backbone = build_backbone(cfg)
-        d = feature_dim(cfg)
+        d = self.feature_dim = self.backbone.embedding_dim
         self.projection = projection_mlp(d, cfg.projection_dim) if cfg.projection == "mlp" else None
+        self.instance_dim = cfg.projection_dim if cfg.projection == "mlp" else d
         self.projection_for_super = cfg.projection_for_super
         self.super_head = (
             nn.Linear(cfg.projection_dim if cfg.projection_for_super else d, num_super) if num_super else None

@@ -2,8 +2,11 @@
 
 - Spatial attention maps (Zagoruyko & Komodakis, "Paying More Attention to Attention"): for a
   stage's activation A (C x h x w), the map sum_c A_c^2 (here the channel mean, the same up to
-  scale) shows where the stage responds strongly. Taken from layer3 and layer4 of the ResNet by
-  forward hooks, upsampled to the image and overlaid: one row per image, image | layer3 | layer4.
+  scale) shows where the stage responds strongly. Taken by forward hooks from the backbone's last
+  two spatial stages (layer3 and layer4 of a ResNet; found by the resolution of their outputs, so
+  any convolutional network works), upsampled to the image and overlaid: one row per image,
+  image | stage | last stage. Transformers have token sequences, not such stages: they get no
+  attention grid (NoSpatialMapsError; log_pictures draws the retrieval grid alone).
 - A retrieval grid as in the paper's Figure 3: each query with its top-5 neighbours in the test
   split by cosine similarity of f(x); a neighbour of the query's fine class is outlined in green,
   one of another fine class in red, one whose label (or whose query's) is unknown in grey.
@@ -32,14 +35,13 @@ from torch import nn
 
 from fgdist import cli
 from fgdist.config import DataConfig, RunConfig
-from fgdist.data import MEAN, STD, eval_batches, make_transform, open_data_split
+from fgdist.data import MEAN, STD, eval_batches, make_transform, normalization, open_data_split
 from fgdist.figures import new_figure
 from fgdist.images import open_image
 from fgdist.shardset import SplitDir, open_split, reader_for
 
 log = logging.getLogger("fgdist.pictures")
 
-ATTENTION_LAYERS = ("layer3", "layer4")
 TOP_K = 5
 CORRECT, WRONG, QUERY = "#1a9850", "#d73027", "#222222"  # green, red, dark grey outlines
 UNKNOWN = "#b0b0b0"  # light grey: a neighbour whose label, or whose query's, is unknown
@@ -49,22 +51,35 @@ DISPLAY = 128  # pixels per grid cell side at least: 32x32 images are shown enla
 
 @dataclass
 class TestImage:
-    """A decoded test image: `image` is the normalized CHW tensor the network sees."""
+    """A decoded test image: `image` is the normalized CHW tensor the network sees, normalized
+    with `normalization` (mean, std per channel; None: ImageNet's)."""
 
     instance: int
     super: int
     fine: int
     image: torch.Tensor
+    normalization: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def rgb(self) -> np.ndarray:
+        """The image as shown: HWC floats in [0, 1]."""
+        return to_rgb(self.image, *(self.normalization or (MEAN, STD)))
+
+
+class NoSpatialMapsError(ValueError):
+    """A backbone without two spatial stages to draw attention maps from (a transformer)."""
 
 
 # -- model plumbing ----------------------------------------------------------------------------
 def backbone_of(model: nn.Module) -> nn.Module:
-    """The ResNet inside an EmbeddingNet (or the backbone itself)."""
+    """The backbone inside an EmbeddingNet (or the backbone itself); NoSpatialMapsError for a
+    transformer, whose attention layers mix tokens rather than keep a spatial layout."""
     net = getattr(model, "backbone", model)
-    missing = [name for name in ATTENTION_LAYERS if not hasattr(net, name)]
-    if missing:
-        raise ValueError(
-            f"{type(net).__name__} has no {', '.join(missing)}: attention maps need a ResNet-style backbone"
+    attention = next((type(m).__name__ for m in net.modules() if "Attention" in type(m).__name__), None)
+    if attention is not None:
+        raise NoSpatialMapsError(
+            f"{type(net).__name__} is a transformer ({attention} layers): attention maps are drawn from the spatial "
+            "stages of convolutional backbones only"
         )
     return net
 
@@ -100,27 +115,47 @@ class _EvalMode:
 
 
 def attention_maps(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{layer: B x h x w} channel means of squared activations of layer3 and layer4."""
+    """{stage: B x h x w} channel means of squared activations of the backbone's last two spatial
+    stages, in order. A stage is a run of outputs at one resolution, of the backbone's modules
+    two levels deep at most (ResNet: conv1, layer1, layer1.0, ...; torchvision's other models
+    and timm's: features.3, blocks.2, stages.1): its map is the run's last output (a ResNet's
+    layer3 and layer4), named by the outermost module that holds no earlier stage (layer4, not
+    the `features` container of every stage). Outputs of one pixel (global pooling,
+    squeeze-excitation) show nothing and are passed over."""
     net = backbone_of(model)
-    captured: dict[str, torch.Tensor] = {}
-    hooks = [
-        getattr(net, name).register_forward_hook(
-            lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach().float().pow(2).mean(dim=1).cpu())
-        )
-        for name in ATTENTION_LAYERS
-    ]
+    stages: list[tuple[str, tuple[int, int], torch.Tensor]] = []  # (module, resolution, map)
+
+    def record(name: str):
+        def hook(_module, inputs, out):
+            if not (isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-2] * out.shape[-1] > 1):
+                return
+            entry = (name, tuple(out.shape[-2:]), out.detach().float().pow(2).mean(dim=1).cpu())
+            if not stages or stages[-1][1] != entry[1]:
+                stages.append(entry)
+                return
+            source = tuple(inputs[0].shape[-2:]) if inputs and isinstance(inputs[0], torch.Tensor) else None
+            if source in [s for _, s, _ in stages[-2:]]:  # it began in this stage or the one before
+                stages[-1] = entry
+
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in net.named_modules() if n and n.count(".") <= 1]
     try:
         with _EvalMode(model):
             _features(model, images)
     finally:
         for h in hooks:
             h.remove()
-    return captured
+    if len(stages) < 2:
+        raise NoSpatialMapsError(
+            f"{type(net).__name__} has {len(stages)} spatial stage(s) at this image size: attention maps need two"
+        )
+    return {name: amap for name, _, amap in stages[-2:]}
 
 
-def to_rgb(image: torch.Tensor) -> np.ndarray:
-    """Normalized CHW tensor -> HWC floats in [0, 1] (undo the ImageNet normalization)."""
-    array = image.detach().float().cpu().numpy().transpose(1, 2, 0) * STD + MEAN
+def to_rgb(image: torch.Tensor, mean: np.ndarray = MEAN, std: np.ndarray = STD) -> np.ndarray:
+    """Normalized CHW tensor -> HWC floats in [0, 1] (undo the normalization: ImageNet's by default)."""
+    array = image.detach().float().cpu().numpy().transpose(1, 2, 0) * std + mean
     return np.clip(array, 0.0, 1.0)
 
 
@@ -160,7 +195,7 @@ def _show(ax, pixels: np.ndarray, title: str | None = None, outline: str | None 
 
 
 def attention_grid(model: nn.Module, images: list[TestImage], path: str | Path, names: Names | None = None) -> Path:
-    """One row per image: the image, its layer3 map and its layer4 map, overlaid."""
+    """One row per image: the image and its maps of the backbone's last two spatial stages, overlaid."""
     if not images:
         raise ValueError("attention_grid: no images")
     names = names or Names()
@@ -169,9 +204,9 @@ def attention_grid(model: nn.Module, images: list[TestImage], path: str | Path, 
     fig = new_figure(3 * 1.6, len(images) * 1.75, DPI)
     axes = fig.subplots(len(images), 3, squeeze=False)
     for row, t in enumerate(images):
-        rgb = to_rgb(t.image)
+        rgb = t.rgb
         _show(axes[row, 0], _enlarge(rgb, size), f"{names.fine(t.fine)} / {names.super(t.super)}")
-        for col, layer in enumerate(ATTENTION_LAYERS, start=1):
+        for col, layer in enumerate(maps, start=1):
             h, w = maps[layer].shape[1:]
             _show(axes[row, col], overlay(rgb, maps[layer][row], size), f"{layer} ({h}x{w})" if row == 0 else None)
     fig.suptitle("spatial attention: channel mean of squared activations", fontsize=9)
@@ -201,7 +236,7 @@ def retrieval_grid(
     for row, (q, found) in enumerate(zip(queries, neighbours)):
         _show(
             axes[row, 0],
-            _enlarge(to_rgb(q.image), size),
+            _enlarge(q.rgb, size),
             f"query {names.fine(q.fine) if by_fine else names.super(q.super)}",
             QUERY,
         )
@@ -213,7 +248,7 @@ def retrieval_grid(
             t, sim = found[col - 1]
             label = names.fine(t.fine) if by_fine else names.super(t.super)
             outline = outline_colour(q.fine, t.fine) if by_fine else outline_colour(q.super, t.super)
-            _show(ax, _enlarge(to_rgb(t.image), size), f"{label} {sim:.2f}", outline)
+            _show(ax, _enlarge(t.rgb, size), f"{label} {sim:.2f}", outline)
     label = "fine class" if by_fine else "super-class (no fine labels)"
     fig.suptitle(
         f"top-{k} neighbours by cosine similarity: green = same {label}, red = other, grey = label unknown", fontsize=9
@@ -264,6 +299,7 @@ def read_images(split: SplitDir, data_cfg: DataConfig, instance_ids: list[int]) 
     hold them (each shard's instance range is in the manifest)."""
     wanted = set(instance_ids)
     transform = make_transform(data_cfg, train=False)
+    norm = normalization(data_cfg)
     shards = [s for s in split.manifest.shards if any(s.instance_begin <= i < s.instance_end for i in wanted)]
     found: dict[int, TestImage] = {}
     reader = reader_for(split, data_cfg.url_retry_seconds)
@@ -272,7 +308,7 @@ def read_images(split: SplitDir, data_cfg: DataConfig, instance_ids: list[int]) 
         if meta["instance"] not in wanted:
             continue
         image = transform(open_image(sample.get("png", sample.get("jpg"))), None)
-        found[meta["instance"]] = TestImage(meta["instance"], meta["super"], meta["fine"], image)
+        found[meta["instance"]] = TestImage(meta["instance"], meta["super"], meta["fine"], image, norm)
     missing = wanted - found.keys()
     if missing:
         raise ValueError(f"{split.path}: instances {sorted(missing)[:5]} not found in its shards")
@@ -311,7 +347,8 @@ def log_pictures(
     queries: int = 8,
     batch_size: int = 256,
 ) -> list[Path]:
-    """Draw attention.png and retrieval.png for `queries` fixed test images into `out_dir`.
+    """Draw attention.png and retrieval.png for `queries` fixed test images into `out_dir`
+    (retrieval.png alone, and the reason logged, for a backbone without spatial stages).
 
     `model` is an EmbeddingNet (or its backbone) on its device; `test_split` a SplitDir or a
     shard-set root (its `test` split is used). `device` is where the model lives (default: where
@@ -327,12 +364,16 @@ def log_pictures(
     found = nearest(model, test_split, data_cfg, query_ids, TOP_K, batch_size)
     images = read_images(test_split, data_cfg, query_ids + [i for row in found for i, _ in row])
     query_images = [images[i] for i in query_ids]
-    paths = [
-        attention_grid(model, query_images, out_dir / "attention.png", names),
+    paths = []
+    try:
+        paths.append(attention_grid(model, query_images, out_dir / "attention.png", names))
+    except NoSpatialMapsError as err:
+        log.warning(f"no attention maps: {err}")
+    paths.append(
         retrieval_grid(
             query_images, [[(images[i], s) for i, s in row] for row in found], out_dir / "retrieval.png", names
-        ),
-    ]
+        )
+    )
     return paths
 
 

@@ -23,7 +23,7 @@ import torch
 
 from fgdist import checkpoint, per_query
 from fgdist.collectives import gather_rows, world
-from fgdist.config import ModelConfig, RunConfig
+from fgdist.config import ModelConfig, OptimConfig, RunConfig
 from fgdist.data import eval_batches, open_data_split, own_column_batches, steps_per_epoch, train_batches
 from fgdist.deepspeed_shm import unlink_deepspeed_shm_buffer
 from fgdist.evaluation import evaluate
@@ -33,8 +33,8 @@ from fgdist.head import InstanceHead
 from fgdist.log import setup as setup_logging
 from fgdist.model import (
     EmbeddingNet,
+    batchnorm_layers,
     convert_batchnorm,
-    instance_dim,
     instance_features,
     model_for_eval,
     reestimate_batchnorm,
@@ -137,6 +137,20 @@ def precision(ds: dict) -> torch.dtype:
     return torch.bfloat16 if (ds.get("bf16") or ds.get("bfloat16") or {}).get("enabled") else torch.float32
 
 
+def parameter_groups(model: EmbeddingNet, optim: OptimConfig) -> list[dict]:
+    """The engine optimizer's parameter groups: one, or with optim.backbone_lr_mult != 1 the heads
+    (and projection) at optim.lr first, so the logged `lr` stays theirs, then the backbone at
+    lr x backbone_lr_mult. The LR schedule scales both. A run's checkpoints hold its group count,
+    so the default keeps the single group older checkpoints were saved with."""
+    if optim.backbone_lr_mult == 1.0:
+        return [{"params": list(model.parameters())}]
+    backbone = {id(p) for p in model.backbone.parameters()}
+    return [
+        {"params": [p for p in model.parameters() if id(p) not in backbone]},
+        {"params": list(model.backbone.parameters()), "lr": optim.lr * optim.backbone_lr_mult},
+    ]
+
+
 def built_model_config(cfg: RunConfig) -> ModelConfig:
     """The model section as built: the projection only when a loss term or the evaluation uses it
     (so `base` and `fine` with the combined recipe's flags train exactly the paper's network,
@@ -209,12 +223,15 @@ class Trainer:
             manifest.num_super if spec.super_head else None,
             manifest.num_fine if spec.fine_head else None,
         )
-        if batchnorm_mode(cfg, self.world_size) == "global":
+        self.has_batchnorm = bool(batchnorm_layers(model))
+        if not self.has_batchnorm:
+            log.info(f"{model_cfg.arch} has no BatchNorm: model.norm and eval.bn_batches do not apply")
+        elif batchnorm_mode(cfg, self.world_size) == "global":
             model = convert_batchnorm(model)
         self.head = None
         if spec.instance is not None:
             self.head = InstanceHead(
-                self.plan, self.rank, instance_dim(model_cfg), cfg.seed, cfg.head.update, cfg.head.ema_momentum
+                self.plan, self.rank, model.instance_dim, cfg.seed, cfg.head.update, cfg.head.ema_momentum
             ).to(self.device)
             self.head.build_optimizer(
                 cfg.optim, cfg.head.lr_mult, self.steps_per_epoch, cfg.head.lr_schedule, cfg.head.weight_decay
@@ -222,7 +239,10 @@ class Trainer:
         self.objective = Objective(cfg, self.plan, self.rank, self.head).to(self.device)
 
         optimizer = torch.optim.SGD(
-            model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+            parameter_groups(model, cfg.optim),
+            lr=cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
         )
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, [m * self.steps_per_epoch for m in cfg.optim.milestones], cfg.optim.gamma
@@ -428,7 +448,10 @@ class Trainer:
     def step_metrics(self, state: dict[str, float], images_per_s: float) -> dict[str, float]:
         """The loss parts averaged over ranks (read_step_state), the learning rates, the speed."""
         skipped = state.pop("corrupt_skipped")
-        metrics = {**state, "lr": self.engine.get_lr()[0], "images_per_s": images_per_s}
+        lrs = self.engine.get_lr()
+        metrics = {**state, "lr": lrs[0], "images_per_s": images_per_s}
+        if len(lrs) > 1:  # optim.backbone_lr_mult: the backbone's group (parameter_groups)
+            metrics["backbone_lr"] = lrs[1]
         if self.head is not None:
             metrics["head_lr"] = self.head.scheduler.get_last_lr()[0]
         if self.cfg.objective.lambda_I_schedule != "constant" and self.spec.lambda_weighted:
@@ -451,9 +474,10 @@ class Trainer:
         log.info(f"checkpoint {folder}")
 
     def batchnorm_for_eval(self) -> None:
-        """BatchNorm statistics for evaluation from eval.bn_batches training batches."""
+        """BatchNorm statistics for evaluation from eval.bn_batches training batches (nothing to do
+        for a backbone without BatchNorm, which _build logged)."""
         cfg = self.cfg
-        if cfg.eval.bn_batches:
+        if cfg.eval.bn_batches and self.has_batchnorm:
             # Shuffled routing: every rank draws from all super-classes (by_superclass would not).
             shuffled = cfg.data.model_copy(update={"routing": "shuffled"})
             stream = train_batches(

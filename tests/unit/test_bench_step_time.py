@@ -73,3 +73,13 @@ def test_report_without_memory_says_so():
     text = report([summarize("base", [], ranks)], config="c", overrides=[], ranks=1, steps=2, warmup=1, machine="m")
     assert "| base | 0.3000 | 1.000 | 106.7 | not measured | not measured | not measured |" in text
     assert "- `base`: the config as is" in text
+
+
+def test_channels_last_variants_and_gpu_memory_are_reported():
+    args = parser().parse_args(["--config", "c.json", "--variant", "r50:model.arch=resnet50", "--channels-last", "r50"])
+    assert args.channels_last == ["r50"]
+    on_gpu = {**rank(0.1, 900, 1000), "peak_device_bytes": 2048 * MIB}
+    rows = [summarize("r18", [], [rank(0.2, 900, 1000)]), summarize("r50", ["model.arch=resnet50"], [on_gpu], True)]
+    text = report(rows, config="c", overrides=[], ranks=1, steps=2, warmup=1, machine="m")
+    assert "| peak GPU memory allocated (MiB) |" in text and text.count(" 2,048 |") == 1
+    assert "- `r50`: `model.arch=resnet50`, `channels-last inputs`" in text

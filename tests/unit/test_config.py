@@ -94,7 +94,7 @@ PAPER = {
         "optim": {"epochs": 30, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "milestones": [15]},
         "gamma": 0.1,
         "data": {"augment": "resized_crop_flip", "image_size": 224},
-        "model": {"stem": "imagenet", "width": 64, "pretrained": "weights/resnet18_imagenet.pth"},
+        "model": {"stem": "imagenet", "width": 64, "pretrained": "torchvision:ResNet18_Weights.IMAGENET1K_V1"},
         "recall_ks": [1, 2, 4, 8],
     },
     "sop_8gpu.json": {

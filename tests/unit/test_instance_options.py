@@ -16,7 +16,7 @@ from fgdist.augment import random_resized_crop, strong_augment
 from fgdist.config import validate
 from fgdist.data import TrainStream, collate, rank_specs
 from fgdist.head import InstanceHead
-from fgdist.model import EmbeddingNet, instance_dim, model_for_eval
+from fgdist.model import EmbeddingNet, model_for_eval
 from fgdist.objectives import Objective
 from fgdist.partition import make_plan
 from fgdist.shardset import open_split
@@ -174,7 +174,7 @@ def test_projection_feeds_the_instance_head_and_optionally_the_super_head():
     )
     net = EmbeddingNet(cfg.model, num_super=3, num_fine=None).eval()
     out = net(torch.randn(2, 3, 8, 8))
-    assert out["features"].shape == (2, 32) and out["projection"].shape == (2, 6) and instance_dim(cfg.model) == 6
+    assert out["features"].shape == (2, 32) and out["projection"].shape == (2, 6) and net.instance_dim == 6
     assert torch.allclose(out["super_logits"], net.super_head(out["projection"]))
     evaluated = model_for_eval(net, cfg.eval.features)
     assert torch.equal(evaluated(torch.ones(1, 3, 8, 8))["features"], net(torch.ones(1, 3, 8, 8))["projection"])

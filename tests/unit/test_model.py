@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from fgdist.config import ModelConfig
-from fgdist.model import CrossRankBatchNorm2d, build_backbone, convert_batchnorm, feature_dim, reestimate_batchnorm
+from fgdist.model import CrossRankBatchNorm2d, build_backbone, convert_batchnorm, reestimate_batchnorm
 
 MARK = 12.375  # a value no initializer produces by chance
 
@@ -100,8 +100,8 @@ def test_imagenet_stem_downsamples_by_four_before_layer1():
 @pytest.mark.parametrize("width", [8, 16, 64])
 def test_width_sets_the_feature_dim(stem, width):
     cfg = ModelConfig(stem=stem, width=width)
-    assert feature_dim(cfg) == 8 * width
     net = build_backbone(cfg).eval()
+    assert net.embedding_dim == 8 * width
     with torch.no_grad():
         assert net(torch.randn(2, 3, 32, 32)).shape == (2, 8 * width)
     assert net.layer4[1].conv2.out_channels == 8 * width and net.conv1.out_channels == width
