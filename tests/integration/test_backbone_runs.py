@@ -69,7 +69,7 @@ def test_two_rank_run_finishes_and_every_way_to_load_it_embeds_the_same(trained,
     loaded = load_checkpoint_model(run)
     split = open_split(tiny_runs.shards, "test")
     data = DataConfig(**{**loaded.config.data.model_dump(), "shards": str(tiny_runs.shards), "num_workers": 0})
-    batch = collate(list(EvalStream(deal(shard_urls(split, split.manifest.shards, data), 0, 1), data)))
+    batch = collate(list(EvalStream(deal(shard_urls(split, split.manifest.shards), 0, 1), data)))
     want = embed(model_for_eval(loaded.model.eval(), loaded.config.eval.features), batch["images"])
     with torch.no_grad():
         from_run = load_model(run)(batch["images"])
