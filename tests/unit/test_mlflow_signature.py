@@ -29,6 +29,9 @@ def store(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
+        # an experiment of this store: MLflow keeps the active experiment id of whatever store an
+        # earlier test used, and start_run would look for that id here
+        mlflow.set_experiment("signature")
         yield uri
 
 
