@@ -180,3 +180,10 @@ def md_row(cells: list[str]) -> str:
 def md_head(columns: list[str]) -> list[str]:
     """A Markdown table's header line and its separator line."""
     return [md_row(columns), "|" + "---|" * len(columns)]
+
+
+def write_report(path: str, lines: list[str]) -> None:
+    """A benchmark's markdown report, its folder made if needed; says where it went."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines) + "\n")
+    print(f"written to {path}")

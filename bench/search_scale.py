@@ -36,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import RssPeak, md_head, md_row, mib, run_meta  # noqa: E402
+from bench.common import RssPeak, md_head, md_row, mib, run_meta, write_report  # noqa: E402
 from fgdist.index_choice import make_index  # noqa: E402
 
 BATCH_REPEATS = 3  # q/s from the fastest: a busy shared machine slows some batches several times
@@ -225,9 +225,7 @@ def main() -> int:
         "",
         *sections,
     ]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"written to {args.out}")
+    write_report(args.out, lines)
     return 0
 
 

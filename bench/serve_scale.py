@@ -39,7 +39,7 @@ import psutil  # noqa: E402
 import requests  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.common import md_head, md_row, run_meta  # noqa: E402
+from bench.common import md_head, md_row, run_meta, write_report  # noqa: E402
 from bench.search_scale import clustered  # noqa: E402
 from tests.helpers import REPO, free_port, wait_for_http  # noqa: E402
 
@@ -254,9 +254,7 @@ def main() -> int:
                     cells.append(f"{recall(found, truth):.3f}")
                     lines.append(md_row(cells))
                     print(lines[-1], flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"written to {args.out}")
+    write_report(args.out, lines)
     return 0
 
 
