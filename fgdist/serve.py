@@ -49,6 +49,7 @@ import torch
 from PIL import Image
 
 from fgdist import cli
+from fgdist.images import open_image
 from fgdist.search_errors import ERRORS, DimensionMismatchError
 
 log = logging.getLogger("fgdist.serve")
@@ -74,9 +75,7 @@ class RequestError(Exception):
 def decode_image(data: bytes, name: str) -> Image.Image:
     """The uploaded (or index) file as a PIL image; 400 naming it when it does not decode."""
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return image
+        return open_image(data)
     except Image.UnidentifiedImageError:
         raise RequestError(400, f"{name}: not an image (no image format PIL reads)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # truncated, corrupt, huge
