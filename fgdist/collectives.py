@@ -58,6 +58,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave() -> None:
+    """End this process's part in the process group, after every rank has reached this point.
+
+    Destroying the groups joins gloo's threads while the process is whole. Left to the interpreter's
+    exit, a rank that finished before another (rank 0 still publishing the model) sometimes died of
+    SIGABRT ("terminate called without an active exception"; bench/RESULTS.md, the stress loop)."""
+    if dist.is_available() and dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
 def gather_counts(count: int | torch.Tensor) -> list[int]:
     """Every rank's `count` (an int, or a 0-d tensor on any device). One small collective and one
     read to the host: the row counts decide tensor shapes, so the host needs them."""

@@ -92,9 +92,11 @@ def main(argv=None) -> int:
         single_process_env()
     except ConfigError as err:
         return cli.report(err)
+    from fgdist.collectives import leave
     from fgdist.trainer import Trainer
 
     Trainer(cfg, resume=args.resume).train()
+    leave()
     return 0
 
 

@@ -1,0 +1,125 @@
+"""Stress loop: many short 2-rank training runs with evaluations, counting the runs that end badly.
+
+Each run trains a narrow ResNet-18 on a tiny synthetic shard set for a few epochs with an
+evaluation and a checkpoint after every epoch, under the real DeepSpeed launcher (gloo, CPU), with
+one loader worker per rank: the shape of the runs in which a loader worker once never delivered
+(issue 22) and a rank once aborted at exit with "terminate called without an active exception".
+
+    python bench/stress_loop.py --runs 30 --out bench/results/stress_loop.md
+
+A run is "ok" (exit 0), "abort" (a rank died of SIGABRT), "hang" (still running after --timeout
+seconds; killed) or "failed" (any other exit; its last lines are printed). Before a hung run is
+killed, `py-spy dump --native` (pip install py-spy) prints the stack of each of its processes: the
+ranks, their loader workers and the launcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import ROOT, deepspeed_command, md_head, md_row, run_meta, write_report  # noqa: E402
+
+TRAIN = [
+    "--config",
+    str(ROOT / "configs" / "synthetic_cpu.json"),
+    "--set",
+    "model.width=8",
+    "--set",
+    "data.batch_size=8",
+    "--set",
+    "data.num_workers=1",
+    "--set",
+    "eval.batch_size=16",
+    "--set",
+    "eval.every_epochs=1",
+    "--set",
+    "checkpoint.every_epochs=1",
+    "--set",
+    "tracking.log_every_steps=1",
+    "--set",
+    "tracking.system_metrics=false",
+]
+
+
+def build_shards(out: Path) -> None:
+    cmd = [sys.executable, "-m", "shards", "build", "--source", "synthetic", "--out", str(out), "--quiet"]
+    for opt in ("num_super=4", "fine_per_super=2", "train_per_fine=4", "test_per_fine=2"):
+        cmd += ["--opt", opt]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def dump_stacks(pid: int) -> None:
+    """Print the Python and native stacks of `pid` and every process it started."""
+    if shutil.which("py-spy") is None:
+        print("(no py-spy: pip install py-spy to see where a hung run waits)")
+        return
+    parent = psutil.Process(pid)
+    for p in [parent, *parent.children(recursive=True)]:
+        print(f"--- pid {p.pid}: {' '.join(p.cmdline())[:200]}", flush=True)
+        subprocess.run(["py-spy", "dump", "--native", "--pid", str(p.pid)], check=False)
+
+
+def one_run(work: Path, i: int, epochs: int, timeout: float) -> tuple[str, float, str]:
+    """Start one run; return its outcome, wall seconds and the tail of its output."""
+    args = [*TRAIN, "--set", f"data.shards={work / 'shards'}", "--set", f"output_dir={work / 'runs'}"]
+    args += ["--set", f"name=run{i}", "--set", f"optim.epochs={epochs}", "--set", f"seed={i}"]
+    cmd = deepspeed_command(2, ROOT / "launcher" / "train.py", args)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
+    start = time.time()
+    # its own session, so a hang can be killed with every rank and loader worker it started
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        dump_stacks(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return "hang", time.time() - start, out[-3000:]
+    seconds = time.time() - start
+    if proc.returncode == 0:
+        return "ok", seconds, ""
+    aborted = "return code = -6" in out or "terminate called" in out
+    return ("abort" if aborted else "failed"), seconds, out[-3000:]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds before a run counts as a hang")
+    parser.add_argument("--out", help="write the tally as Markdown to this file")
+    args = parser.parse_args(argv)
+    tally: dict[str, int] = {"ok": 0, "abort": 0, "hang": 0, "failed": 0}
+    with tempfile.TemporaryDirectory(prefix="fgdist-stress-") as tmp:
+        work = Path(tmp)
+        build_shards(work / "shards")
+        for i in range(args.runs):
+            outcome, seconds, tail = one_run(work, i, args.epochs, args.timeout)
+            tally[outcome] += 1
+            counts = " ".join(f"{k}={v}" for k, v in tally.items())
+            print(f"run {i + 1}/{args.runs}: {outcome} in {seconds:.0f} s  {counts}", flush=True)
+            if tail:
+                print(tail, flush=True)
+    meta = run_meta()
+    lines = [f"{key}: {value}" for key, value in meta.items()] + [""]
+    lines += md_head(["runs", *tally]) + [md_row([str(args.runs), *map(str, tally.values())])]
+    print("\n".join(lines))
+    if args.out:
+        write_report(args.out, lines)
+    return 0 if tally["ok"] == args.runs else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
