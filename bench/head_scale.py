@@ -65,11 +65,11 @@ from bench.common import (  # noqa: E402
     run_meta,
 )
 from fgdist.config import ModelConfig, OptimConfig  # noqa: E402
+from fgdist.harness import free_port, init_gloo, manifest_with_sizes  # noqa: E402
 from fgdist.head import InstanceHead  # noqa: E402
 from fgdist.model import EmbeddingNet  # noqa: E402
 from fgdist.objectives import InstanceLoss  # noqa: E402
 from fgdist.partition import make_plan  # noqa: E402
-from tests.helpers import free_port, init_gloo, manifest_with_sizes  # noqa: E402
 
 MODES = {
     # name: (kind, dense, routing, logit, batch multiplier)

@@ -20,8 +20,8 @@ sys.path.insert(0, str(ROOT))
 from fgdist import cli, per_query  # noqa: E402
 from fgdist.bootstrap import paired_difference  # noqa: E402
 from fgdist.config import load_config  # noqa: E402
+from fgdist.harness import free_port  # noqa: E402
 from fgdist.shardset import open_split  # noqa: E402
-from launcher.ports import free_port  # noqa: E402
 from shards.sources.synthetic import open_synthetic  # noqa: E402
 
 OBJECTIVES = ("base", "base_indi_eff")  # the paper's baseline and its method (Eqn 1, Eqn 5)

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from fgdist import cli  # noqa: E402
 from fgdist.config import ConfigError, RunConfig, load_config, parse_override  # noqa: E402
+from fgdist.harness import free_port  # noqa: E402
 from fgdist.objective_table import OBJECTIVE_NAMES  # noqa: E402
-from launcher.ports import free_port  # noqa: E402
 
 # What torchrun and the deepspeed launcher give every process; DeepSpeed looks for MPI (mpi4py)
 # when one is missing.
