@@ -28,6 +28,7 @@ import torch
 from fgdist.collectives import barrier, world
 from fgdist.faults import kill_point
 from fgdist.head import InstanceHead
+from fgdist.output_folder import atomic_file
 from fgdist.search_errors import CheckpointError
 
 LATEST = "latest"
@@ -66,12 +67,6 @@ class Position:
             self.step = 0
         self.world_size = world_size
         return restart
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -113,7 +108,8 @@ def save(
         (partial / "meta.json").write_text(json.dumps(asdict(position), indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
-        _write_atomic(directory / LATEST, tag)
+        with atomic_file(directory / LATEST) as pointer:
+            pointer.write_text(tag)
         for old in sorted(p for p in directory.glob("epoch*") if p.is_dir())[:-keep]:
             shutil.rmtree(old)
     barrier()
