@@ -475,11 +475,12 @@ def main(argv=None) -> int:
     p.add_argument("--num-queries", type=int, default=8, help="test images drawn as queries in the retrieval grid")
     p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, cuda:1)")
     args = p.parse_args(argv)
-    try:
-        model, cfg, folder = load_checkpoint_model(args.model)
-        split = _test_split(args, cfg)
-    except (FileNotFoundError, ValueError) as err:
-        return cli.report(err)
+    return cli.run_reporting(lambda: _pictures(args), (FileNotFoundError, ValueError))
+
+
+def _pictures(args) -> int:
+    model, cfg, folder = load_checkpoint_model(args.model)
+    split = _test_split(args, cfg)
     out = Path(args.out) if args.out else folder.parent.parent / "pictures"
     paths = log_pictures(
         model.to(args.device), split, cfg.data, out, args.device, args.num_queries, cfg.eval.batch_size

@@ -87,12 +87,13 @@ def single_process_env(environ=os.environ) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = run_config(args)
-        single_process_env()
-    except ConfigError as err:
-        return cli.report(err)
-    from fgdist.trainer import Trainer
+    return cli.run_reporting(lambda: _train(args), (ConfigError,))
+
+
+def _train(args) -> int:
+    cfg = run_config(args)
+    single_process_env()
+    from fgdist.trainer import Trainer  # slow imports (torch, MLflow): a bad config is named before them
 
     Trainer(cfg, resume=args.resume).train()
     return 0
