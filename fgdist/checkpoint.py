@@ -5,11 +5,12 @@ Layout under <run_dir>/checkpoints:
     <tag>/engine/...          deepspeed save_checkpoint (tag "state")
     <tag>/head-<begin>-<end>.pt  a head slice (weights, momentum) named by its column range
     <tag>/rank00000.pt        RNG states of that rank
+    <tag>/plan.json           the plan that wrote it (Plan.describe)
     <tag>/meta.json           epoch, step, global step, world size, MLflow run id (written last
                               inside the folder)
     latest                    the tag of the newest complete checkpoint
 Everything is written into `.<tag>.partial` first; rank 0 renames it into place and only then
-rewrites `latest` (write to a temporary file, then os.replace). A checkpoint that was being
+rewrites `latest` (output_folder.atomic_file: a temporary file, then os.replace). A checkpoint that was being
 written when a process died has no `latest` pointing at it and is never read.
 """
 

@@ -1,4 +1,4 @@
-"""Build, merge, inspect and verify fgdist shard sets (docs/DESIGN.md, "Shards").
+"""Build, merge, inspect and verify fgdist shard sets (docs/DESIGN.md, "The data path").
 
 examples:
   python -m shards build --source synthetic --out data/synthetic
