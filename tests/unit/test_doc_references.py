@@ -1,6 +1,7 @@
-"""Docstrings, comments and docs cite docs/DESIGN.md by section title (`docs/DESIGN.md, "The
-data path"`); every title cited must be a heading there, so that a renamed or dropped section
-shows up here instead of in a newcomer's search."""
+"""References between the docs stay true. Docstrings, comments and docs cite docs/DESIGN.md by
+section title (`docs/DESIGN.md, "The data path"`): every title cited must be a heading there. And
+a Markdown link to a section (`bench/RESULTS.md#todays-numbers`) must name a heading of its file.
+A renamed or dropped section shows up here instead of in a newcomer's search."""
 
 from __future__ import annotations
 
@@ -58,3 +59,41 @@ def test_every_cited_design_section_exists():
     assert len(cited) >= 10  # the pattern still finds the citations
     missing = sorted(f'{where}: "{title}"' for where, title in cited if title not in titles)
     assert not missing, "cited, but no such heading in docs/DESIGN.md:\n" + "\n".join(missing)
+
+
+LINK = re.compile(r"\]\(([^)\s#]*)#([^)\s]+)\)")
+
+
+def slug(title: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation but `-` and `_` dropped, spaces `-`."""
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def anchors(markdown: Path) -> set[str]:
+    """The anchors of a Markdown file's headings (not of `#` lines inside fenced code)."""
+    found, fenced = set(), False
+    for line in markdown.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#+ ", line):
+            found.add(slug(line.lstrip("#")))
+    return found
+
+
+def test_slug_is_github_s():
+    assert slug("Does it hold over two seeds, and at the paper's 200 epochs?") == (
+        "does-it-hold-over-two-seeds-and-at-the-papers-200-epochs"
+    )
+    assert slug("Which option helps? (one seed, 0)") == "which-option-helps-one-seed-0"
+
+
+def test_every_link_to_a_section_names_a_heading():
+    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "bench").rglob("*.md"))]
+    links = [(doc, target, anchor) for doc in docs for target, anchor in LINK.findall(doc.read_text())]
+    assert len(links) >= 5  # the pattern still finds them
+    broken = [
+        f"{doc.relative_to(REPO)}: {target}#{anchor}"
+        for doc, target, anchor in links
+        if anchor not in anchors((doc.parent / target) if target else doc)
+    ]
+    assert not broken, "links to no heading:\n" + "\n".join(broken)
