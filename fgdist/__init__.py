@@ -21,6 +21,8 @@ Library modules (one job each):
   tracking    MLflow from rank 0
   log         logging with time and rank
   deepspeed_shm  the workaround for DeepSpeed's leaked /dev/shm all-reduce buffer
+  cli         one command-line grammar; run_reporting ends every command's named errors
+  harness     a free port, a gloo group, a local HTTP wait: for the launcher, tests and bench
   figures     the shared matplotlib figure helper of comparison and pictures
   export, embed, search, retrieval_metrics
               from a trained run to visual search: model export and load_model, Parquet
