@@ -41,7 +41,7 @@ from PIL import Image  # noqa: E402
 
 from bench.common import ROOT, md_head, md_row, run_meta, write_report  # noqa: E402
 from bench.search_scale import clustered  # noqa: E402
-from fgdist.harness import free_port, wait_for_http  # noqa: E402
+from fgdist.harness import ServerNotReadyError, free_port, wait_for_http  # noqa: E402
 
 K, QUERY_IMAGES = 10, 50
 
@@ -120,7 +120,7 @@ class Served:
         self.url = f"http://127.0.0.1:{port}"
         try:
             wait_for_http(self.url + "/health", self.proc, self.log, timeout_s=600)
-        except AssertionError:
+        except ServerNotReadyError:
             self.__exit__()
             raise
         return self

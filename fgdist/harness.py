@@ -16,6 +16,10 @@ from pathlib import Path
 from fgdist.shardset import Manifest, SuperClassInfo
 
 
+class ServerNotReadyError(RuntimeError):
+    """A local server that exited, or did not answer in time; the message ends with its log."""
+
+
 def free_port() -> int:
     """A port that was free a moment ago on 127.0.0.1 (the OS picks it): DeepSpeed's default
     master port, 29500, collides when two runs share a machine."""
@@ -34,12 +38,12 @@ def init_gloo(rank: int, world_size: int, port: int) -> None:
 
 
 def wait_for_http(url: str, proc, log: Path, timeout_s: float = 120) -> None:
-    """Poll `url` until it answers 200; fail (with the end of `log`) if the server process `proc`
-    exits first or `timeout_s` passes."""
+    """Poll `url` until it answers 200; ServerNotReadyError (with the end of `log`) if the server
+    process `proc` exits first or `timeout_s` passes."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"{proc.args[:4]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+            raise ServerNotReadyError(f"{proc.args[:4]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(url, timeout=2) as answer:
                 if answer.status == 200:
@@ -47,7 +51,7 @@ def wait_for_http(url: str, proc, log: Path, timeout_s: float = 120) -> None:
         except (urllib.error.URLError, ConnectionError):
             pass  # not listening yet
         time.sleep(0.2)
-    raise AssertionError(f"{url} did not answer within {timeout_s} s:\n{log.read_text()[-3000:]}")
+    raise ServerNotReadyError(f"{url} did not answer within {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
 def manifest_with_sizes(sizes: list[int], num_fine: int = 0) -> Manifest:
