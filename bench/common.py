@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from tests.helpers import free_port
+from fgdist.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20

@@ -3,7 +3,7 @@
 # written under $OUT (default: ./device_check_out).
 #
 #   bench/device_check.sh             on the GPU
-#   bench/device_check.sh --dry-run   the same steps on the CPU at tiny shapes (tests/unit/test_device_check.py)
+#   bench/device_check.sh --dry-run   the same steps on the CPU at tiny shapes (tests/integration/test_device_check.py)
 #
 # Steps (their logs appended to $OUT/logs.txt; a failed step is recorded and the next one still runs):
 #   1. kernel_tests  the Triton grouped-logsumexp kernel against the reference and fp64 truth, fp32

@@ -69,8 +69,8 @@ from bench.common import (  # noqa: E402
 )
 from fgdist.collectives import barrier, gather_counts, gather_rows, sum_over_ranks  # noqa: E402
 from fgdist.evaluation import query_slice_sums  # noqa: E402
+from fgdist.harness import free_port  # noqa: E402
 from fgdist.retrieval_metrics import SUB_CHUNK  # noqa: E402
-from tests.helpers import free_port  # noqa: E402
 
 KS = [1, 10, 100, 1000]
 BLOCK = 4096  # rows are generated in global blocks, so the data does not depend on the rank count

@@ -65,11 +65,11 @@ from bench.common import (  # noqa: E402
     run_meta,
 )
 from fgdist.config import ModelConfig, OptimConfig  # noqa: E402
+from fgdist.harness import free_port, init_gloo, manifest_with_sizes  # noqa: E402
 from fgdist.head import InstanceHead  # noqa: E402
 from fgdist.model import EmbeddingNet  # noqa: E402
 from fgdist.objectives import InstanceLoss  # noqa: E402
 from fgdist.partition import make_plan  # noqa: E402
-from tests.helpers import free_port, init_gloo, manifest_with_sizes  # noqa: E402
 
 MODES = {
     # name: (kind, dense, routing, logit, batch multiplier)
@@ -563,7 +563,7 @@ def notes(a, results) -> str:
         other = r["peak"] - r["baseline"] - W - M - G - extra(g, "head_step")
         touched = statistics.mean(x["touched_columns"] for x in results[g])
         out += [
-            "**Memory is the head's state plus one more copy, nothing per row x column.** Per rank the weights are "
+            "**Memory is the head's state, nothing per row x column.** Per rank the weights are "
             f"n_local x d x 4 B = {n_local:,} x {a.dim} x 4 B = {mib(W)} MiB and the momentum as much. The gradient is "
             f"a dense fp32 n_local x d tensor ({mib(G)} MiB): the reference kernel's backward returns a dense `dw` "
             "(`fgdist/kernels/reference.py`, `dw = torch.zeros(w.shape, ...)`) and autograd keeps it as `weight.grad` "
@@ -573,11 +573,13 @@ def notes(a, results) -> str:
             "enters it), so `head.step` reads and writes all n_local x d values anyway. So weights + momentum + "
             "gradient = 3x the weights.",
             "",
-            f"The measured peak is one array more: {mib(r['peak'])} MiB = baseline {mib(r['baseline'])} + W + M + G + "
+            f"The measured peak: {mib(r['peak'])} MiB = baseline {mib(r['baseline'])} + W + M + G + "
             f"{mib(extra(g, 'head_step'))} MiB (the head.step phase peaks that far above its start, in steady state) + "
-            f"{mib(other)} MiB. `torch.optim.SGD` with `weight_decay` computes `grad + weight_decay * w` into a new "
-            "tensor before the momentum update (`_single_tensor_sgd`: `grad = grad.add(param, alpha=weight_decay)`; "
-            "the foreach path used on CUDA allocates the same), so the head peaks at 4x its weights, not 3x. The "
+            f"{mib(other)} MiB. `head.step` adds the weight decay into the gradient in place "
+            "(`fgdist/head.py`: `grad.div_(world_size).add_(w, alpha=weight_decay)`, the optimizer's own weight decay "
+            "set to 0) because `torch.optim.SGD` with `weight_decay` computes `grad + weight_decay * w` into a new "
+            "slice-sized tensor (`_single_tensor_sgd`: `grad = grad.add(param, alpha=weight_decay)`), which would make "
+            "the head peak at 4x its weights; a head.step phase near W above its start means that copy is back. The "
             f"backward phase peaks {mib(extra(g, 'backward'))} MiB above its start (the dense `dw`), the loss forward "
             f"{mib(extra(g, 'forward'))} MiB. The last {mib(other)} MiB do not change with the mode or the batch "
             "(process and allocator state).",
@@ -631,11 +633,11 @@ def notes(a, results) -> str:
             "jobs; head.step does the same work in every grouped mode, and its wall-time spread across those rows "
             f"shows the drift. CPU seconds are steadier and are used here. The grouped step ({cpu_of(g, 'head'):.2f} "
             "CPU s) is dominated by passes over n_local x d arrays that do not depend on the batch: head.step "
-            f"{cpu_of(g, 'head_step'):.2f} s (`grad /= world_size`, `grad + wd * w` into a new array, the momentum "
+            f"{cpu_of(g, 'head_step'):.2f} s (`grad /= world_size` and `grad += wd * w` in place, the momentum "
             f"update, the weight update, each over {n_local * a.dim / 1e6:,.0f} M floats) and the backward "
             f"{cpu_of(g, 'backward'):.2f} s, of which zero-filling the fresh {mib(G)} MiB `dw` is about "
             f"{slower_rank(results[g])['zeros_cpu_s']:.2f} s (`torch.zeros` of that shape timed alone in the same "
-            "process; every step maps and faults in new pages for `dw` and for the weight-decay temporary).",
+            "process; every step maps and faults in new pages for `dw`).",
         ]
         if g4 in results:
             out[-1] += (

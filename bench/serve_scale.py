@@ -39,9 +39,9 @@ import psutil  # noqa: E402
 import requests  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.common import md_head, md_row, run_meta, write_report  # noqa: E402
+from bench.common import ROOT, md_head, md_row, run_meta, write_report  # noqa: E402
 from bench.search_scale import clustered  # noqa: E402
-from tests.helpers import REPO, free_port, wait_for_http  # noqa: E402
+from fgdist.harness import ServerNotReadyError, free_port, wait_for_http  # noqa: E402
 
 K, QUERY_IMAGES = 10, 50
 
@@ -113,14 +113,14 @@ class Served:
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(
                 [*cmd, "--k-max", str(self.k_max)],
-                env={**os.environ, "PYTHONPATH": str(REPO)},
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
         self.url = f"http://127.0.0.1:{port}"
         try:
             wait_for_http(self.url + "/health", self.proc, self.log, timeout_s=600)
-        except AssertionError:
+        except ServerNotReadyError:
             self.__exit__()
             raise
         return self

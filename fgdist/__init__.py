@@ -10,7 +10,8 @@ Library modules (one job each):
   data        per-rank WebDataset streams for both routings, augmentation, equal steps
   kernels     grouped logsumexp: PyTorch reference and fused Triton kernel behind one dispatch
   head        the partitioned instance head (a per-rank slice outside DeepSpeed)
-  collectives autograd-aware collectives used by the loss and by BatchNorm
+  collectives every collective of fgdist, on the communication device: the instance loss,
+              cross-rank BatchNorm, evaluation, checkpoints, embed (autograd-aware gathers and sums)
   objectives  base / fine / indi / base_indi / base_indi_eff as one loss module
   backbones   the backbone: ResNet-18, any torchvision or timm model, pretrained weights
   model       the engine-wrapped network (backbone + heads), cross-rank BatchNorm
@@ -20,6 +21,8 @@ Library modules (one job each):
   tracking    MLflow from rank 0
   log         logging with time and rank
   deepspeed_shm  the workaround for DeepSpeed's leaked /dev/shm all-reduce buffer
+  cli         one command-line grammar; run_reporting ends every command's named errors
+  harness     a free port, a gloo group, a local HTTP wait: for the launcher, tests and bench
   figures     the shared matplotlib figure helper of comparison and pictures
   export, embed, search, retrieval_metrics
               from a trained run to visual search: model export and load_model, Parquet

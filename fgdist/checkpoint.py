@@ -5,11 +5,12 @@ Layout under <run_dir>/checkpoints:
     <tag>/engine/...          deepspeed save_checkpoint (tag "state")
     <tag>/head-<begin>-<end>.pt  a head slice (weights, momentum) named by its column range
     <tag>/rank00000.pt        RNG states of that rank
+    <tag>/plan.json           the plan that wrote it (Plan.describe)
     <tag>/meta.json           epoch, step, global step, world size, MLflow run id (written last
                               inside the folder)
     latest                    the tag of the newest complete checkpoint
 Everything is written into `.<tag>.partial` first; rank 0 renames it into place and only then
-rewrites `latest` (write to a temporary file, then os.replace). A checkpoint that was being
+rewrites `latest` (output_folder.atomic_file: a temporary file, then os.replace). A checkpoint that was being
 written when a process died has no `latest` pointing at it and is never read.
 """
 
@@ -28,6 +29,7 @@ import torch
 from fgdist.collectives import barrier, world
 from fgdist.faults import kill_point
 from fgdist.head import InstanceHead
+from fgdist.output_folder import atomic_file
 from fgdist.search_errors import CheckpointError
 
 LATEST = "latest"
@@ -66,12 +68,6 @@ class Position:
             self.step = 0
         self.world_size = world_size
         return restart
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -113,7 +109,8 @@ def save(
         (partial / "meta.json").write_text(json.dumps(asdict(position), indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
-        _write_atomic(directory / LATEST, tag)
+        with atomic_file(directory / LATEST) as pointer:
+            pointer.write_text(tag)
         for old in sorted(p for p in directory.glob("epoch*") if p.is_dir())[:-keep]:
             shutil.rmtree(old)
     barrier()

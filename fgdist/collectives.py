@@ -1,4 +1,5 @@
-"""Every collective of fgdist, on the communication device (docs/DESIGN.md, "Collectives").
+"""Every collective of fgdist, on the communication device (docs/DESIGN.md, "Collectives, launchers,
+precision and ZeRO").
 
 The communication device is the backend's: this process's GPU under NCCL (which takes only CUDA
 tensors), the CPU under gloo. `comm_device()` is the one place that decides it, and every helper

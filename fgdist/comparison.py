@@ -517,13 +517,14 @@ def differences_report(client, runs: list[RunInfo], baseline: str | None, group_
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    return cli.run_reporting(lambda: _compare(args), (ComparisonError,))
+
+
+def _compare(args) -> int:
     uri = resolve_uri(args.tracking_uri)
-    try:
-        client = open_client(uri)
-        runs = load_runs(client, args.experiment, args.runs)
-        extra = differences_report(client, runs, args.baseline, args.group_by)
-    except ComparisonError as err:
-        return cli.report(err)
+    client = open_client(uri)
+    runs = load_runs(client, args.experiment, args.runs)
+    extra = differences_report(client, runs, args.baseline, args.group_by)
     curves = instance_curves(client, runs)
     columns, rows = comparison_table(runs, curves)
     table = to_markdown(columns, rows)

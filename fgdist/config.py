@@ -28,7 +28,7 @@ class Section(BaseModel):
 class DataConfig(Section):
     shards: str = "data/synthetic"  # the shard set root (with train/ and test/)
     # Read the tars from a URL: "http(s)://host/fmnist" (read with retries, fgdist/remote.py) or
-    # anything webdataset opens ("pipe:curl -s http://host/fmnist"), the file's path appended
+    # anything else webdataset opens ("pipe:gsutil cat gs://bucket/fmnist"), the file's path appended
     # ("/train/train-000000.tar"). The manifests and indexes are read from `shards`, fetched from the URL into it
     # when missing. A shared file system needs nothing: point `shards` at it.
     shards_url: str | None = None

@@ -1,6 +1,6 @@
 """Per-rank WebDataset streams.
 
-Routing (docs/DESIGN.md, "Routing"):
+Routing (docs/DESIGN.md, "The data path"):
 - by_superclass: rank r streams exactly the samples whose instance ids it owns: the shards
   overlapping its column range, filtered at the two boundaries.
 - shuffled: ordinary data parallel; the shard list is dealt out over all ranks.

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fgdist import per_query
 from fgdist.collectives import gather_counts, gather_rows, sum_over_ranks, world
+from fgdist.model import unit_features
 from fgdist.retrieval_metrics import VALUES, retrieval_pass, to_metrics
 
 
@@ -79,7 +79,7 @@ def evaluate(
     started = time.time()
     for batch in batches:
         out = model(batch["images"].to(device=device, dtype=dtype))
-        feats.append(F.normalize(out["features"].float(), dim=1))
+        feats.append(unit_features(out))
         y = batch["super"].to(device)
         supers.append(y)
         fines.append(batch["fine"].to(device))

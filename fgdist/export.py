@@ -27,7 +27,6 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -36,7 +35,7 @@ from fgdist.backbones import state_dict_problems
 from fgdist.config import DataConfig, ModelConfig
 from fgdist.data import make_transform, normalization
 from fgdist.images import check_shape
-from fgdist.model import build_backbone, projection_mlp
+from fgdist.model import build_backbone, projection_mlp, unit_features
 from fgdist.output_folder import atomic_folder, check_free
 from fgdist.search_errors import ERRORS, CheckpointError, UnknownRunError
 
@@ -88,7 +87,7 @@ class ImageEmbedder(nn.Module):
         features = self.backbone(images.to(device=p.device, dtype=p.dtype))
         if self.projection is not None:
             features = self.projection(features)
-        return F.normalize(features.float(), dim=1)
+        return unit_features(features)
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """PIL images of any mode and size, as evaluation reads them (fgdist/images.py, then the

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fgdist.config import OptimConfig
+from fgdist.model import unit_features
 from fgdist.partition import Plan
 
 # Columns per initialization block: each block has its own seed, so a column's initial weights
@@ -124,7 +125,7 @@ class InstanceHead(nn.Module):
                     f"head.init=features: got instance {int(batch['instance'][0])}, not among this rank's columns "
                     f"[{self.column_begin}, {self.column_end})"
                 )
-            feature = F.normalize(features_of(batch["images"]).float(), dim=1)
+            feature = unit_features(features_of(batch["images"]))
             self.weight[cols.to(self.weight.device)] = feature.to(self.weight.device, self.weight.dtype)
             written[cols] = True
         if not written.all():

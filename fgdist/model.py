@@ -238,6 +238,10 @@ def model_for_eval(net: EmbeddingNet, features: str) -> nn.Module:
     return net if features == "backbone" else ProjectionAsFeatures(net)
 
 
-def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """L2-normalized f(x), for cosine-similarity retrieval."""
-    return F.normalize(model(images)["features"].float(), dim=1)
+def unit_features(out: dict | torch.Tensor) -> torch.Tensor:
+    """The L2-normalized float32 rows that retrieval compares by inner product (cosine
+    similarity), of a network's output: an EmbeddingNet's dict (its `features`) or the tensor of
+    a bare backbone or projection. Evaluation, pictures, exported models and head.init=features
+    all normalise through here, so they embed an image alike."""
+    features = out["features"] if isinstance(out, dict) else out
+    return F.normalize(features.float(), dim=1)

@@ -2,7 +2,8 @@
 how the loss parts are weighted. Everything that depends on the objective reads this table: the
 config's allowed names (fgdist.config), the loss (fgdist.objectives), the model's heads and the
 evaluation (fgdist.trainer), the comparison table's order and lambda_I column
-(fgdist.comparison), `launcher/train.py --objective`, and the tests.
+(fgdist.comparison), `launcher/train.py --objective`, and the tests that run every objective
+(tests/unit/test_objectives.py, test_config.py, tests/integration/test_loss_equivalence.py).
 
 This module imports nothing heavy (no torch), so that the config can import it. docs/DESIGN.md,
 "The objectives", has the equations.

@@ -24,6 +24,10 @@ writes it through this module:
 - **Usual permissions.** Before the rename every file is set to 0666 and every folder to 0777,
   less the umask (0644/0755 under umask 022), whatever the library that wrote them chose
   (safetensors writes 0600).
+
+Single files that must be complete or absent (a per-query table, a checkpoint's `latest`
+pointer, a renumbered shard) are written through `atomic_file`: under a temporary name beside
+the file, renamed over it at the end.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -220,3 +224,18 @@ def atomic_folder(out: str | Path, overwrite: bool, kind: str | None = None, inp
         shutil.rmtree(partial, ignore_errors=True)
         raise
     publish(out)
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside `path` for the caller to write, renamed over `path` when
+    the block ends and removed when it raises: a crash never leaves a half-written file under
+    the final name. Beside it, so that the rename stays on one file system (atomic); the process
+    id in its name keeps two writers from sharing it."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -22,7 +22,6 @@ the non-null values.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fgdist.output_folder import atomic_file
 from fgdist.retrieval_metrics import VALUES
 from fgdist.shardset import sample_key
 
@@ -98,14 +98,9 @@ def table(
 def write(path: str | Path, per_query: pa.Table) -> Path:
     """Write atomically: a temporary file beside `path`, renamed over it (a crash leaves no
     half-written table under the final name)."""
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
+    with atomic_file(path) as partial:
         pq.write_table(per_query, partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def read(path: str | Path, where: str | None = None) -> PerQuery:

@@ -38,6 +38,8 @@ from fgdist.config import DataConfig, RunConfig
 from fgdist.data import MEAN, STD, eval_batches, make_transform, normalization, open_data_split
 from fgdist.figures import new_figure
 from fgdist.images import open_image
+from fgdist.model import unit_features
+from fgdist.retrieval_metrics import ranked, similarities
 from fgdist.shardset import SplitDir, open_split, reader_for
 
 log = logging.getLogger("fgdist.pictures")
@@ -92,8 +94,7 @@ def _features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """L2-normalized f(x): EmbeddingNet returns a dict, a bare backbone the features."""
     p = _param(model)
     out = model(images.to(device=p.device, dtype=p.dtype))
-    features = out["features"] if isinstance(out, dict) else out
-    return F.normalize(features.float(), dim=1).cpu()
+    return unit_features(out).cpu()
 
 
 class _EvalMode:
@@ -330,12 +331,18 @@ def nearest(
 ) -> list[list[tuple[int, float]]]:
     """For each query, its k nearest other test images: (instance id, cosine similarity)."""
     feats, ids = embed_split(model, split, data_cfg, batch_size)
+    return neighbours(feats, ids, query_ids, k)
+
+
+def neighbours(feats: torch.Tensor, ids: torch.Tensor, query_ids: list[int], k: int) -> list[list[tuple[int, float]]]:
+    """For each query id, the k rows of `feats` (L2-normalized, instance ids `ids`) nearest to
+    its own, itself left out: (instance id, cosine similarity), ranked as the retrieval metrics
+    rank them (ties by the lower row), so the grid shows the neighbours the metrics count."""
     position = {int(i): p for p, i in enumerate(ids.tolist())}
     rows = torch.tensor([position[i] for i in query_ids])
-    sims = feats[rows] @ feats.T
-    sims[torch.arange(len(rows)), rows] = float("-inf")  # not itself
-    top = sims.topk(min(k, feats.shape[0] - 1), dim=1)
-    return [[(int(ids[j]), float(s)) for s, j in zip(vals, idx)] for vals, idx in zip(top.values, top.indices)]
+    sims = similarities(feats[rows], feats, rows)
+    order = ranked(sims, min(k, feats.shape[0] - 1))
+    return [[(int(ids[j]), float(s)) for s, j in zip(vals, idx)] for vals, idx in zip(sims.gather(1, order), order)]
 
 
 def log_pictures(
@@ -468,11 +475,12 @@ def main(argv=None) -> int:
     p.add_argument("--num-queries", type=int, default=8, help="test images drawn as queries in the retrieval grid")
     p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, cuda:1)")
     args = p.parse_args(argv)
-    try:
-        model, cfg, folder = load_checkpoint_model(args.model)
-        split = _test_split(args, cfg)
-    except (FileNotFoundError, ValueError) as err:
-        return cli.report(err)
+    return cli.run_reporting(lambda: _pictures(args), (FileNotFoundError, ValueError))
+
+
+def _pictures(args) -> int:
+    model, cfg, folder = load_checkpoint_model(args.model)
+    split = _test_split(args, cfg)
     out = Path(args.out) if args.out else folder.parent.parent / "pictures"
     paths = log_pictures(
         model.to(args.device), split, cfg.data, out, args.device, args.num_queries, cfg.eval.batch_size

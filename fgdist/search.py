@@ -41,7 +41,6 @@ from fgdist import cli
 from fgdist.embeddings_io import TEXT_COLUMNS, Embeddings, read_embeddings
 from fgdist.index_choice import (
     KINDS,
-    IndexSpec,
     _faiss,
     build_spec,
     describe_choice,
@@ -55,12 +54,6 @@ from fgdist.search_errors import ERRORS, DimensionMismatchError, IndexFolderErro
 from fgdist.shardset import INDEX as SHARD_INDEX
 
 INDEX, ROWS, META = "index.faiss", "rows.parquet", "index.json"
-
-
-def factory_string(kind: str, nlist: int = 1024, m: int = 16, nbits: int = 8) -> str:
-    if kind not in KINDS:
-        raise ValueError(f"index type {kind!r}: expected one of {', '.join(KINDS)}")
-    return IndexSpec(kind, nlist, m, nbits).factory
 
 
 def build(vectors: np.ndarray, kind: str = "flat", nlist=None, m=None, nbits: int = 8, train_size=None):

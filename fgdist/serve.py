@@ -348,14 +348,15 @@ def setup_logging() -> None:
 
 
 def main(argv=None) -> int:
-    import uvicorn
-
     args = parse_args(argv)
     setup_logging()
-    try:
-        embedder, index, description = load(args)
-    except ERRORS + (FileNotFoundError, ValueError, LookupError, ImportError) as err:
-        return cli.report(err)
+    return cli.run_reporting(lambda: _serve(args), ERRORS + (FileNotFoundError, ValueError, LookupError, ImportError))
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    embedder, index, description = load(args)
     limits = Limits(args.k_max, int(args.max_upload_mb * 2**20), args.max_batch)
     app = create_app(embedder, index, limits, description)
     log.info(

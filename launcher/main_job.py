@@ -19,9 +19,9 @@ sys.path.insert(0, str(ROOT))
 
 from fgdist import cli, per_query  # noqa: E402
 from fgdist.bootstrap import paired_difference  # noqa: E402
-from fgdist.config import load_config  # noqa: E402
+from fgdist.config import ConfigError, load_config  # noqa: E402
+from fgdist.harness import free_port  # noqa: E402
 from fgdist.shardset import open_split  # noqa: E402
-from launcher.ports import free_port  # noqa: E402
 from shards.sources.synthetic import open_synthetic  # noqa: E402
 
 OBJECTIVES = ("base", "base_indi_eff")  # the paper's baseline and its method (Eqn 1, Eqn 5)
@@ -38,6 +38,10 @@ def main(argv=None) -> int:
     p.add_argument("--num-gpus", type=int, default=2, help="ranks per machine (CPU processes without a GPU)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
+    return cli.run_reporting(lambda: _main_job(args), (ConfigError, subprocess.CalledProcessError))
+
+
+def _main_job(args) -> int:
     cfg = load_config(args.config, args.overrides)
 
     shards = Path(cfg.data.shards)

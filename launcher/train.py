@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from fgdist import cli  # noqa: E402
 from fgdist.config import ConfigError, RunConfig, load_config, parse_override  # noqa: E402
+from fgdist.harness import free_port  # noqa: E402
 from fgdist.objective_table import OBJECTIVE_NAMES  # noqa: E402
-from launcher.ports import free_port  # noqa: E402
 
 # What torchrun and the deepspeed launcher give every process; DeepSpeed looks for MPI (mpi4py)
 # when one is missing.
@@ -87,12 +87,13 @@ def single_process_env(environ=os.environ) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = run_config(args)
-        single_process_env()
-    except ConfigError as err:
-        return cli.report(err)
-    from fgdist.collectives import leave
+    return cli.run_reporting(lambda: _train(args), (ConfigError,))
+
+
+def _train(args) -> int:
+    cfg = run_config(args)
+    single_process_env()
+    from fgdist.collectives import leave  # slow imports (torch, MLflow): a bad config is named before them
     from fgdist.trainer import Trainer
 
     Trainer(cfg, resume=args.resume).train()

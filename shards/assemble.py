@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fgdist.output_folder import Inputs, atomic_folder
+from fgdist.output_folder import Inputs, atomic_file, atomic_folder
 from fgdist.shardset import (
     COLLECTION,
     INDEX,
@@ -72,8 +72,11 @@ class ShardResult:
 def renumber_tar(source: Path, dest: Path, delta: int) -> str:
     """Write `source` to `dest` with every instance id moved by `delta` (member names and `.json`
     members; image bytes as they are). Returns the new tar's sha256."""
-    temporary = dest.with_name(f".{dest.name}.renumbering")
-    with tarfile.open(source) as old, tarfile.open(temporary, "w", format=tarfile.USTAR_FORMAT) as new:
+    with (
+        atomic_file(dest) as temporary,
+        tarfile.open(source) as old,
+        tarfile.open(temporary, "w", format=tarfile.USTAR_FORMAT) as new,
+    ):
         for member in old:
             data = old.extractfile(member).read()
             key, ext = member.name.split(".", 1)
@@ -82,7 +85,6 @@ def renumber_tar(source: Path, dest: Path, delta: int) -> str:
                 meta = json.loads(data)
                 data = sample_meta(instance, meta["super"], meta["fine"])
             add_member(new, f"{sample_key(instance)}.{ext}", data)
-    os.replace(temporary, dest)
     return sha256_of(dest)
 
 

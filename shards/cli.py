@@ -1,4 +1,4 @@
-"""Build, merge, inspect and verify fgdist shard sets (docs/DESIGN.md, "Shards").
+"""Build, merge, inspect and verify fgdist shard sets (docs/DESIGN.md, "The data path").
 
 examples:
   python -m shards build --source synthetic --out data/synthetic
@@ -253,7 +253,4 @@ def main(argv=None) -> int:
         p.add_argument("--splits", nargs="+", default=["train", "test"], help="the splits to " + name)
         p.set_defaults(run=run)
     args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except (SourceError, ShardSetError, FileExistsError, ValueError) as err:
-        return cli.report(err)
+    return cli.run_reporting(lambda: args.run(args), (SourceError, ShardSetError, FileExistsError, ValueError))

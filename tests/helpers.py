@@ -1,4 +1,5 @@
-"""Shared test helpers: free ports, tiny manifests, and a gloo process group per test."""
+"""Shared test helpers: tiny shard sets, run folders and configs, training launches, servers; the
+free port, gloo group, manifest and HTTP wait that bench/ needs too live in fgdist.harness."""
 
 from __future__ import annotations
 
@@ -6,26 +7,8 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch.distributed as dist
-
-from fgdist.shardset import Manifest, SuperClassInfo
-from launcher.ports import free_port  # noqa: F401  (the one definition; tests import it from here)
-
-
-def manifest_with_sizes(sizes: list[int], num_fine: int = 0) -> Manifest:
-    supers, begin = [], 0
-    for i, n in enumerate(sizes):
-        supers.append(SuperClassInfo(i, f"s{i}", begin, begin + n))
-        begin += n
-    fine_to_super = [i % len(sizes) for i in range(num_fine)]
-    return Manifest("train", begin, supers, [f"f{i}" for i in range(num_fine)], fine_to_super, [])
-
-
-def init_gloo(rank: int, world_size: int, port: int) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-
+# Tests import these from here, beside the helpers above.
+from fgdist.harness import free_port, init_gloo, manifest_with_sizes, wait_for_http  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,27 +120,6 @@ TINY_TRAINING = [
     "--set",
     "eval.batch_size=16",
 ]
-
-
-def wait_for_http(url: str, proc, log: Path, timeout_s: float = 120) -> None:
-    """Poll `url` until it answers 200; fail (with the end of `log`) if the server process `proc`
-    exits first or `timeout_s` passes."""
-    import time
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{proc.args[:4]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError):
-            pass  # not listening yet
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not answer within {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from fgdist.data import EvalStream, collate, deal, shard_urls
 from fgdist.embed import main as embed_main
 from fgdist.embeddings_io import read_embeddings
 from fgdist.export import export_model, load_model
-from fgdist.model import embed, model_for_eval
+from fgdist.model import model_for_eval, unit_features
 from fgdist.pictures import load_checkpoint_model
 from fgdist.shardset import open_split
 from tests.integration.conftest import assert_same_metrics
@@ -70,7 +70,7 @@ def test_two_rank_run_finishes_and_every_way_to_load_it_embeds_the_same(trained,
     split = open_split(tiny_runs.shards, "test")
     data = DataConfig(**{**loaded.config.data.model_dump(), "shards": str(tiny_runs.shards), "num_workers": 0})
     batch = collate(list(EvalStream(deal(shard_urls(split, split.manifest.shards), 0, 1), data)))
-    want = embed(model_for_eval(loaded.model.eval(), loaded.config.eval.features), batch["images"])
+    want = unit_features(model_for_eval(loaded.model.eval(), loaded.config.eval.features)(batch["images"]))
     with torch.no_grad():
         from_run = load_model(run)(batch["images"])
         export_model(load_model(run), tmp_path / "exported")

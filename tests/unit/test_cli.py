@@ -79,3 +79,31 @@ def test_device_names():
 def test_a_named_error_is_one_line_and_exit_2(capsys):
     assert cli.run_reporting(lambda: (_ for _ in ()).throw(FileNotFoundError("x.json: no such file")), (OSError,)) == 2
     assert capsys.readouterr().err == "error: FileNotFoundError: x.json: no such file\n"
+
+
+def bad_input(value: str, tmp) -> list[str]:
+    """A command line naming an input that is not there, per entry point."""
+    missing = str(tmp / "missing")
+    return {
+        "fgdist.comparison:main": ["--experiment", "x", "--tracking-uri", f"sqlite:///{missing}", "--out", str(tmp)],
+        "fgdist.embed:main": ["--model", missing, "--images", missing, "--out", str(tmp / "out")],
+        "fgdist.export:main": ["--model", missing, "--out", str(tmp / "out")],
+        "fgdist.search:index_main": ["--embeddings", missing, "--out", str(tmp / "out")],
+        "fgdist.search:search_main": ["--index", missing, "--queries", missing, "--out", str(tmp / "out")],
+        "fgdist.pictures:main": ["--model", missing],
+        "fgdist.serve:main": ["--index", missing],
+        "shards.cli:main": ["inspect", missing],
+        "launcher.train:main": ["--config", missing],
+        "launcher.main_job:main": ["--config", missing],
+        "fgdist.retrieval_metrics:main": ["--embeddings", missing, "--gallery", missing],
+    }[value]
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_names_a_missing_input_in_one_line(name, tmp_path, capsys):
+    """Every entry point ends a user's mistake through cli.run_reporting: exit 2, one line."""
+    code = entry(COMMANDS[name])(bad_input(COMMANDS[name], tmp_path))
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USAGE and err.startswith("error: ") and err.count("\n") == 1, err
+    assert str(tmp_path / "missing") in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written on the way

@@ -19,7 +19,7 @@ from fgdist.embed import main as embed_main
 from fgdist.export import embedder_from, export_model
 from fgdist.export import main as export_main
 from fgdist.model import EmbeddingNet
-from fgdist.output_folder import MARKER, atomic_folder, begin, check_free, partial_path
+from fgdist.output_folder import MARKER, atomic_file, atomic_folder, begin, check_free, partial_path
 from fgdist.search import index_main
 from fgdist.search_errors import NotFgdistOutputError, OutputExistsError, OutputIsInputError
 from shards.cli import main as shards_main
@@ -252,3 +252,17 @@ def test_outputs_have_the_usual_modes(world):
         (partial / "a").write_text("x")
     assert (world.model.parent / "private").stat().st_mode & 0o777 == 0o700
     assert (world.model.parent / "private" / "a").stat().st_mode & 0o777 == 0o600
+
+
+def test_atomic_file_replaces_only_a_complete_file(tmp_path):
+    target = tmp_path / "table.parquet"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="crash"):
+        with atomic_file(target) as partial:
+            partial.write_text("half")
+            raise RuntimeError("crash while writing")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["table.parquet"]
+    with atomic_file(target) as partial:
+        partial.write_text("new")
+        assert target.read_text() == "old"  # nothing under the final name until the block ends
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["table.parquet"]

@@ -17,9 +17,11 @@ from fgdist.pictures import (
     embed_split,
     log_pictures,
     nearest,
+    neighbours,
     pick_queries,
     read_images,
 )
+from fgdist.retrieval_metrics import retrieval_pass
 from fgdist.shardset import open_split
 from tests.helpers import tiny_synthetic, write_run_folder
 
@@ -94,6 +96,22 @@ def test_neighbours_are_exact_cosine_top5(setup):
         assert q not in [i for i, _ in row]
         assert torch.allclose(torch.tensor([s for _, s in row]), expected, atol=1e-6)
         assert all(abs(float(feats[pos[i]] @ feats[pos[q]]) - s) < 1e-6 for i, s in row)
+
+
+def test_neighbours_break_ties_as_the_metrics_do():
+    """Many test images equally similar to the query: the grid shows the ones the metrics rank
+    first (the lower rows), so its first same-label neighbour stands at the query's first rank
+    in Recall@k; a top-k selection picks among the tied rows in another order."""
+    feats = torch.tensor([[1.0, 0.0]]).repeat(40, 1)
+    feats[0] = feats[30] = torch.tensor([0.8, 0.6])  # the query, and the one row nearer than the tie
+    ids = torch.arange(40) + 100
+    labels = torch.zeros(40, dtype=torch.long)
+    labels[0] = labels[12] = 1  # the query's one same-label image, inside the tie
+    found = neighbours(feats, ids, [100], k=13)[0]
+    assert [i for i, _ in found] == [130, *range(101, 113)]
+    assert [round(s, 6) for _, s in found] == [1.0] + [0.8] * 12
+    _, values = retrieval_pass(feats[:1], {"fine": labels[:1]}, feats, {"fine": labels}, [1, 13], self_offset=0)
+    assert [i for i, _ in found].index(112) + 1 == int(values["fine"]["first_rank"][0]) == 13
 
 
 def test_load_checkpoint_model_names_what_it_returns(setup, tmp_path):
