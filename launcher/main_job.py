@@ -41,6 +41,17 @@ def main(argv=None) -> int:
     return cli.run_reporting(lambda: _main_job(args), (ConfigError, subprocess.CalledProcessError))
 
 
+def train_command(config: str, overrides: list[str], objective: str, name: str, num_gpus: int) -> list[str]:
+    """One objective's `deepspeed launcher/train.py` run. Its name comes after the user's
+    settings, so a `--set name=...` of the user's names the pair and never merges the two runs."""
+    settings = [*overrides, f"name={name}"]
+    return [
+        *["deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(free_port())],
+        *[str(ROOT / "launcher" / "train.py"), "--config", config, "--objective", objective],
+        *sum((["--set", s] for s in settings), []),
+    ]
+
+
 def _main_job(args) -> int:
     cfg = load_config(args.config, args.overrides)
 
@@ -53,23 +64,7 @@ def _main_job(args) -> int:
     run_ids, tables = [], {}
     for objective in OBJECTIVES:
         name = f"{cfg.name}_{objective}"
-        run(
-            [
-                "deepspeed",
-                "--num_gpus",
-                str(args.num_gpus),
-                "--master_port",
-                str(free_port()),
-                str(ROOT / "launcher" / "train.py"),
-                "--config",
-                args.config,
-                "--objective",
-                objective,
-                "--set",
-                f"name={name}",
-                *sum((["--set", o] for o in args.overrides), []),
-            ]
-        )
+        run(train_command(args.config, args.overrides, objective, name, args.num_gpus))
         run_dir = Path(cfg.output_dir) / name
         run_ids.append(json.loads((run_dir / "results.json").read_text())["mlflow_run_id"])
         tables[objective] = per_query.read(run_dir / per_query.FILE)

@@ -11,8 +11,9 @@ import pytest
 
 from fgdist import per_query
 from fgdist.bootstrap import paired_difference
+from fgdist.config import load_config
 from fgdist.objective_table import OBJECTIVE_NAMES
-from launcher.main_job import older_test_split, verdict
+from launcher.main_job import older_test_split, train_command, verdict
 from launcher.train import parse_args
 from tests.helpers import REPO, tiny_synthetic
 
@@ -81,3 +82,15 @@ def test_main_job_notes_a_synthetic_shard_set_built_with_another_test_split(tmp_
         f"interval of about +-2 points); remove {shards} to rebuild it"
     )
     assert older_test_split(tmp_path / "not_built") is None
+
+
+def test_main_job_runs_keep_their_own_names_under_a_users_name_setting():
+    """`main_job.py --set name=mine` once sent both objectives' runs to runs/mine (the second
+    overwrote the first); the last `name=` on the train command is the objective's."""
+    config = str(REPO / "configs" / "synthetic_cpu.json")
+    names = set()
+    for objective in ("base", "base_indi_eff"):
+        cmd = train_command(config, ["name=mine", "seed=3"], objective, f"mine_{objective}", 2)
+        settings = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+        names.add(load_config(config, settings).name)
+    assert names == {"mine_base", "mine_base_indi_eff"}
