@@ -94,7 +94,11 @@ def main(argv=None) -> int:
         return cli.report(err)
     from fgdist.trainer import Trainer
 
-    Trainer(cfg, resume=args.resume).train()
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+    except ConfigError as err:  # a setting that does not fit the data (e.g. a pool with objective.name=base)
+        return cli.report(err)
+    trainer.train()
     return 0
 
 

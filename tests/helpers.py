@@ -8,17 +8,20 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from fgdist.shardset import Manifest, SuperClassInfo
+from fgdist.shardset import Manifest, PoolInfo, SuperClassInfo
 from launcher.ports import free_port  # noqa: F401  (the one definition; tests import it from here)
 
 
-def manifest_with_sizes(sizes: list[int], num_fine: int = 0) -> Manifest:
+def manifest_with_sizes(sizes: list[int], num_fine: int = 0, pool: int = 0) -> Manifest:
+    """A train manifest (no shards) with super-classes of these sizes and `pool` unlabeled images after them."""
     supers, begin = [], 0
     for i, n in enumerate(sizes):
         supers.append(SuperClassInfo(i, f"s{i}", begin, begin + n))
         begin += n
     fine_to_super = [i % len(sizes) for i in range(num_fine)]
-    return Manifest("train", begin, supers, [f"f{i}" for i in range(num_fine)], fine_to_super, [])
+    pool_info = PoolInfo(begin, begin + pool, pool) if pool else None
+    fine_names = [f"f{i}" for i in range(num_fine)]
+    return Manifest("train", begin + pool, supers, fine_names, fine_to_super, [], pool=pool_info)
 
 
 def init_gloo(rank: int, world_size: int, port: int) -> None:
