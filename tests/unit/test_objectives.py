@@ -103,21 +103,21 @@ POOL_ROWS = {
 }
 
 
-def pool_oracle(x, super_logits, w, instance_ids):
+def pool_oracle(x, super_logits, w, instance_ids, sizes=SIZES, pool=POOL, lambda_I=LAMBDA, lambda_U=LAMBDA_U):
     """The loss with a pool from its definition, with dense logits: a labeled row's softmax over
-    its super-class's columns, an unlabeled row's (instance id >= 12) over the pool's; super CE
-    over labeled rows only; each part a mean over its rows (0 where there are none)."""
-    bounds = torch.tensor([0, *torch.tensor(SIZES).cumsum(0).tolist(), sum(SIZES) + POOL])
+    its super-class's columns, an unlabeled row's (instance id >= sum(sizes)) over the pool's;
+    super CE over labeled rows only; each part a mean over its rows (0 where there are none)."""
+    bounds = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist(), sum(sizes) + pool])
     group = torch.bucketize(instance_ids, bounds[1:], right=True)
-    labeled = group < len(SIZES)
+    labeled = group < len(sizes)
     col = torch.arange(w.shape[0])
     own = (col >= bounds[group, None]) & (col < bounds[group + 1, None])
     ce = F.cross_entropy((x @ w.T).masked_fill(~own, float("-inf")), instance_ids, reduction="none")
     zero = x.new_zeros(())
     super_ce = F.cross_entropy(super_logits[labeled], group[labeled], reduction="sum") / max(int(labeled.sum()), 1)
-    instance = ce[labeled].sum() / max(int(labeled.sum()), 1) if labeled.any() else zero
-    pool = ce[~labeled].sum() / max(int((~labeled).sum()), 1) if (~labeled).any() else zero
-    return super_ce + LAMBDA * instance + LAMBDA_U * pool
+    instance = ce[labeled].mean() if labeled.any() else zero
+    pool_term = ce[~labeled].mean() if (~labeled).any() else zero
+    return super_ce + lambda_I * instance + lambda_U * pool_term
 
 
 @pytest.mark.parametrize("rows", POOL_ROWS)
