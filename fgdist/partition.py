@@ -70,13 +70,13 @@ class Plan:
         """The groups with columns on `rank` (super ids, and the pool's B), and their local column
         offsets (local group g owns local columns [offsets[g], offsets[g+1]))."""
         lo, hi = self.column_range(rank)
-        supers, offsets = [], [0]
-        for s, (begin, end) in enumerate(self.group_ranges):
+        groups, offsets = [], [0]
+        for g, (begin, end) in enumerate(self.group_ranges):
             a, b = max(begin, lo), min(end, hi)
             if a < b:
-                supers.append(s)
+                groups.append(g)
                 offsets.append(b - lo)
-        return supers, offsets
+        return groups, offsets
 
     def shards_for_rank(self, manifest: Manifest, rank: int) -> list[ShardInfo]:
         """The shards overlapping the rank's columns (by_superclass routing)."""
@@ -139,7 +139,7 @@ def group_lookup(plan: Plan, rank: int, dense: bool, device=None):
     num_groups = len(plan.group_ranges)
     if dense:
         return torch.zeros(num_groups, dtype=torch.long, device=device), torch.tensor([0, hi - lo], device=device)
-    supers, offsets = plan.local_groups(rank)
+    groups, offsets = plan.local_groups(rank)
     lookup = torch.full((num_groups,), -1, dtype=torch.long, device=device)
-    lookup[torch.tensor(supers, dtype=torch.long)] = torch.arange(len(supers))
+    lookup[torch.tensor(groups, dtype=torch.long)] = torch.arange(len(groups))
     return lookup, torch.tensor(offsets, dtype=torch.long, device=device)
