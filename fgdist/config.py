@@ -150,6 +150,12 @@ class ObjectiveConfig(Section):
     # of training done. The instance term's lead in fine R@1 peaks early and fades while its loss
     # memorises (bench/RESULTS.md, issue 11); constant is the paper's.
     lambda_I_schedule: Literal["constant", "cosine"] = "constant"
+    # Weight of the pool term: the instance CE of the unlabeled training images (a shard set built
+    # with unlabeled images, base_indi_eff only), each over the pool's columns (Eqn 3 on unlabeled
+    # data). Constant (lambda_I_schedule does not touch it); ignored without a pool. The loss is
+    # then super_ce + lambda_I * instance_ce + lambda_U * pool_ce, each part a mean over the global
+    # batch's rows of its kind (labeled rows, pool rows; docs/DESIGN.md, "The pool").
+    lambda_U: float = Field(1.0, ge=0.0)
 
 
 class HeadConfig(Section):

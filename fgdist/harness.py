@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from fgdist.shardset import Manifest, SuperClassInfo
+from fgdist.shardset import Manifest, PoolInfo, SuperClassInfo
 
 
 class ServerNotReadyError(RuntimeError):
@@ -54,12 +54,15 @@ def wait_for_http(url: str, proc, log: Path, timeout_s: float = 120) -> None:
     raise ServerNotReadyError(f"{url} did not answer within {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
-def manifest_with_sizes(sizes: list[int], num_fine: int = 0) -> Manifest:
+def manifest_with_sizes(sizes: list[int], num_fine: int = 0, pool: int = 0) -> Manifest:
     """A training manifest whose super-class i holds sizes[i] instances (contiguous ids, in
-    order), with `num_fine` fine classes spread round-robin over the super-classes."""
+    order), with `num_fine` fine classes spread round-robin over the super-classes and `pool`
+    unlabeled images after them."""
     supers, begin = [], 0
     for i, n in enumerate(sizes):
         supers.append(SuperClassInfo(i, f"s{i}", begin, begin + n))
         begin += n
     fine_to_super = [i % len(sizes) for i in range(num_fine)]
-    return Manifest("train", begin, supers, [f"f{i}" for i in range(num_fine)], fine_to_super, [])
+    pool_info = PoolInfo(begin, begin + pool, pool) if pool else None
+    fine_names = [f"f{i}" for i in range(num_fine)]
+    return Manifest("train", begin + pool, supers, fine_names, fine_to_super, [], pool=pool_info)

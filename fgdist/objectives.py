@@ -12,8 +12,16 @@ One mechanism crosses ranks: rows whose columns are not all local (rows of split
 every row under `shuffled` routing or in dense mode) are gathered to every rank, each rank
 computes their partial statistics on its columns in the same kernel call as its local rows, and
 the partials are gathered back and combined. Autograd through that combination gives each rank
-the right gradient. Under by_superclass routing with no split super-class nothing is exchanged.
+the right gradient. Under by_superclass routing with no split group nothing is exchanged.
 docs/DESIGN.md, "How a step runs" and "The gradient-scale rule", has the whole path.
+
+Unlabeled training images (the pool, super id -1) are one more group of columns, B, after the
+super-classes: a pool row's instance term is the softmax over the pool's columns (Eqn 3 on
+unlabeled data, the same kernel call); it adds no super-class CE. With a pool the parts are means
+over the GLOBAL batch (docs/DESIGN.md, "The pool"):
+    loss = super_ce + lambda_I * instance_ce + lambda_U * pool_ce
+super_ce and instance_ce over the labeled rows of all ranks, pool_ce over the pool rows of all
+ranks, so 1 rank and k ranks give the same loss however the rows of each kind fall on the ranks.
 """
 
 from __future__ import annotations
@@ -25,13 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fgdist.collectives import gather_counts, gather_rows
-from fgdist.config import ObjectiveConfig, RunConfig
+from fgdist.collectives import gather_counts, gather_rows, sum_over_ranks
+from fgdist.config import ConfigError, ObjectiveConfig, RunConfig
 from fgdist.head import InstanceHead
 from fgdist.kernels import grouped_lse
 from fgdist.model import instance_features
 from fgdist.objective_table import OBJECTIVES
 from fgdist.partition import Plan, group_lookup
+from fgdist.shardset import UNLABELED
 
 
 def instance_ce_chance(counts: Sequence[int]) -> float:
@@ -47,9 +56,25 @@ def instance_ce_chance(counts: Sequence[int]) -> float:
 
 
 def softmax_group_sizes(plan: Plan, dense: bool) -> list[int]:
-    """How many columns each row's instance softmax runs over, per group of rows: all of them
-    (dense, Eqn 3) or its super-class's (grouped, Eqn 5)."""
+    """How many columns a labeled row's instance softmax runs over, per group of rows: all of them
+    (dense, Eqn 3) or its super-class's (grouped, Eqn 5). The pool's rows are not among them:
+    their term is pool_ce, at chance ln(pool size)."""
     return [plan.num_instances] if dense else [end - begin for begin, end in plan.super_ranges]
+
+
+def check_pool_objective(name: str, plan: Plan) -> None:
+    """Unlabeled images train only through a grouped instance term (their own group, the pool):
+    another objective would give them a super-class CE they have no label for (base, fine) or fold
+    them into a dense softmax that lambda_U could not weigh (indi, base_indi)."""
+    if plan.pool_range is None or OBJECTIVES[name].instance == "grouped":
+        return
+    grouped = [n for n, spec in OBJECTIVES.items() if spec.instance == "grouped"]
+    count = plan.pool_range[1] - plan.pool_range[0]
+    raise ConfigError(
+        f"objective.name={name!r}: the training split holds {count} unlabeled images (a pool), which only "
+        f"{' or '.join(map(repr, grouped))} trains on; set objective.name={grouped[0]}, or use data.shards "
+        "built without unlabeled images"
+    )
 
 
 class InstanceLoss(nn.Module):
@@ -72,12 +97,12 @@ class InstanceLoss(nn.Module):
         self.register_buffer("col_offsets", offsets, persistent=False)
         # A row can be finished locally only if every column it needs is on this rank.
         needs_remote = [
-            (dense and plan.world_size > 1) or plan.owners(s) != [rank] for s in range(len(plan.super_ranges))
+            (dense and plan.world_size > 1) or plan.owners(g) != [rank] for g in range(len(plan.group_ranges))
         ]
-        self.register_buffer("super_needs_remote", torch.tensor(needs_remote, dtype=torch.bool), persistent=False)
+        self.register_buffer("group_needs_remote", torch.tensor(needs_remote, dtype=torch.bool), persistent=False)
         # Known in advance on every rank: no row ever leaves its rank.
         self.never_exchange = plan.world_size == 1 or (
-            not dense and routing == "by_superclass" and not plan.split_supers
+            not dense and routing == "by_superclass" and not plan.split_groups
         )
         # Rows this rank got whose columns are elsewhere although no row is ever exchanged (a
         # routing bug): counted on the device, read on logging steps (check_routing), so the
@@ -91,35 +116,36 @@ class InstanceLoss(nn.Module):
             w = F.normalize(w, dim=1)
         return x, w.to(x.dtype)
 
-    def _partials(self, x, w, super_ids, instance_ids):
+    def _partials(self, x, w, groups, instance_ids):
         """One kernel call: partial logsumexp and target logit of these rows on local columns."""
         target = instance_ids - self.head.column_begin
         target = torch.where((target >= 0) & (target < self.head.num_columns), target, torch.full_like(target, -1))
         self.head.record_visits(target, x)  # head.update=ema: these rows update their columns after the step
-        return grouped_lse(x, w, self.group_of_super[super_ids], self.col_offsets, target, self.kernel)
+        return grouped_lse(x, w, self.group_of_super[groups], self.col_offsets, target, self.kernel)
 
-    def forward(self, features: torch.Tensor, super_ids: torch.Tensor, instance_ids: torch.Tensor) -> torch.Tensor:
-        """Per-row instance loss of this rank's rows, in their order."""
+    def forward(self, features: torch.Tensor, groups: torch.Tensor, instance_ids: torch.Tensor) -> torch.Tensor:
+        """Per-row instance loss of this rank's rows, in their order. `groups`: each row's group
+        (its super id, or the plan's pool_group for an unlabeled row)."""
         x, w = self._logit_inputs(features)
-        remote = self.super_needs_remote[super_ids]
+        remote = self.group_needs_remote[groups]
         if self.never_exchange:
             self.misrouted += remote.sum()
-            lse, target = self._partials(x, w, super_ids, instance_ids)
+            lse, target = self._partials(x, w, groups, instance_ids)
             return lse - target
         counts = gather_counts(remote.sum())  # a host read: the exchanged rows' shapes depend on it
         if sum(counts) == 0:
-            lse, target = self._partials(x, w, super_ids, instance_ids)
+            lse, target = self._partials(x, w, groups, instance_ids)
             return lse - target
         local = (~remote).nonzero(as_tuple=True)[0]
         sent = remote.nonzero(as_tuple=True)[0]
         # Rows of all ranks that need columns beyond their own rank, in rank order.
         x_ex = gather_rows(x[sent], counts)
-        super_ex = gather_rows(super_ids[sent], counts)
+        group_ex = gather_rows(groups[sent], counts)
         inst_ex = gather_rows(instance_ids[sent], counts)
         lse, target = self._partials(
             torch.cat([x[local], x_ex]),
             w,
-            torch.cat([super_ids[local], super_ex]),
+            torch.cat([groups[local], group_ex]),
             torch.cat([instance_ids[local], inst_ex]),
         )
         n_local = local.numel()
@@ -138,8 +164,8 @@ class InstanceLoss(nn.Module):
         count summed over ranks since the start, read by the trainer on a logging step)."""
         if misrouted:
             raise RuntimeError(
-                f"rank {self.rank}: {misrouted} row(s) reached a rank that does not own their super-class's "
-                "columns; by_superclass routing must only send a rank its own super-classes"
+                f"rank {self.rank}: {misrouted} row(s) reached a rank that does not own their group's "
+                "columns; by_superclass routing must only send a rank its own super-classes (and pool rows)"
             )
 
 
@@ -157,9 +183,11 @@ class Objective(nn.Module):
 
     def __init__(self, cfg: RunConfig, plan: Plan, rank: int, head: InstanceHead | None):
         super().__init__()
+        check_pool_objective(cfg.objective.name, plan)
         self.spec = OBJECTIVES[cfg.objective.name]
         self.objective_cfg = cfg.objective
-        self.weights = self.spec.loss_weights(cfg.objective.lambda_I)
+        self.pool_group, self.world_size = plan.pool_group, plan.world_size
+        self.weights = self.loss_weights(cfg.objective.lambda_I)
         self.instance = None
         if self.spec.instance is not None:
             if head is None:
@@ -179,9 +207,25 @@ class Objective(nn.Module):
         """Where training stands (the fraction done, 0 to 1): the weights follow
         objective.lambda_I_schedule. A function of the position alone, so a resumed run, on any
         world size, weighs each step as the uninterrupted run did."""
-        self.weights = self.spec.loss_weights(lambda_I_at(self.objective_cfg, progress))
+        self.weights = self.loss_weights(lambda_I_at(self.objective_cfg, progress))
+
+    def loss_weights(self, lambda_I: float) -> dict[str, float]:
+        """The objective's weights, and lambda_U for the pool term where there is a pool."""
+        weights = self.spec.loss_weights(lambda_I)
+        if self.pool_group is not None:
+            weights["pool_ce"] = self.objective_cfg.lambda_U
+        return weights
 
     def forward(self, outputs: dict, super_ids, fine_ids, instance_ids) -> dict[str, torch.Tensor]:
+        if self.pool_group is None:
+            parts = self._parts(outputs, super_ids, fine_ids, instance_ids)
+        else:
+            parts = self._pool_parts(outputs, super_ids, instance_ids)
+        parts["loss"] = sum(self.weights[k] * v for k, v in parts.items())
+        return parts
+
+    def _parts(self, outputs: dict, super_ids, fine_ids, instance_ids) -> dict[str, torch.Tensor]:
+        """Each part the mean over this rank's rows (every rank has batch_size rows)."""
         parts = {}
         if self.spec.super_head:
             parts["super_ce"] = F.cross_entropy(outputs["super_logits"].float(), super_ids)
@@ -189,5 +233,23 @@ class Objective(nn.Module):
             parts["fine_ce"] = F.cross_entropy(outputs["fine_logits"].float(), fine_ids)
         if self.instance is not None:
             parts["instance_ce"] = self.instance(instance_features(outputs), super_ids, instance_ids).mean()
-        parts["loss"] = sum(self.weights[k] * v for k, v in parts.items())
         return parts
+
+    def _pool_parts(self, outputs: dict, super_ids, instance_ids) -> dict[str, torch.Tensor]:
+        """base_indi_eff with a pool: each part a sum over this rank's rows of its kind divided by
+        the count of such rows over all ranks, times the world size. DeepSpeed (and
+        InstanceHead.step) average the ranks' gradients, so the gradient is that of the global
+        batch's means, and the parts averaged over ranks (the logged values) are those means."""
+        labeled = super_ids != UNLABELED
+        # Rows of each kind in the global batch: one small all-reduce, no host read.
+        counts = sum_over_ranks(torch.stack([labeled.sum(), (~labeled).sum()]))
+        scale = self.world_size / counts.clamp(min=1).float()
+        groups = torch.where(labeled, super_ids, self.pool_group)
+        per_row = self.instance(instance_features(outputs), groups, instance_ids)
+        zero = per_row.new_zeros(())
+        super_ce = F.cross_entropy(outputs["super_logits"].float(), super_ids, ignore_index=UNLABELED, reduction="sum")
+        return {
+            "super_ce": super_ce * scale[0],
+            "instance_ce": torch.where(labeled, per_row, zero).sum() * scale[0],
+            "pool_ce": torch.where(labeled, zero, per_row).sum() * scale[1],
+        }

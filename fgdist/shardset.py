@@ -2,8 +2,11 @@
 `index.parquet` (one row per sample) and `manifest.json` (per shard and per super-class).
 
 Instance ids are sorted by super-class and contiguous within one; every shard holds one
-super-class and a contiguous instance range. This module reads and checks that layout; the
-builder in `shards/` writes it.
+super-class and a contiguous instance range. Unlabeled training images (the pool) come after
+every super-class: their shards hold only pool rows, their super and fine ids are -1 (in the
+index and in each sample's `.json`), and the manifest's `pool` records their instance range
+(docs/DESIGN.md, "The pool"). This module reads and checks that layout; the builder in `shards/`
+writes it.
 """
 
 from __future__ import annotations
@@ -33,10 +36,14 @@ class ShardSetError(ValueError):
     """A shard set that does not match its manifest; the message names the file."""
 
 
+# The super (and fine) id of an unlabeled row, in the index, the samples' `.json` and ShardInfo.
+UNLABELED = -1
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     file: str
-    super_id: int
+    super_id: int  # UNLABELED for a shard of the pool
     instance_begin: int
     instance_end: int  # exclusive
     count: int
@@ -52,6 +59,16 @@ class SuperClassInfo:
 
 
 @dataclass(frozen=True)
+class PoolInfo:
+    """The unlabeled training images: instance ids [instance_begin, instance_end), after every
+    super-class; `count` is their number (written out for readers of manifest.json)."""
+
+    instance_begin: int
+    instance_end: int
+    count: int
+
+
+@dataclass(frozen=True)
 class Manifest:
     split: str
     num_instances: int
@@ -62,10 +79,17 @@ class Manifest:
     # Origins of the images the build skipped as undecodable (`--opt on_corrupt=skip`).
     skipped_corrupt: list[str] = field(default_factory=list)
     format: str = FORMAT
+    # The unlabeled training images (train split only); None: none (and every shard set written
+    # before the pool existed).
+    pool: PoolInfo | None = None
 
     @property
     def num_super(self) -> int:
         return len(self.super_classes)
+
+    @property
+    def num_unlabeled(self) -> int:
+        return self.pool.count if self.pool else 0
 
     @property
     def num_fine(self) -> int:
@@ -88,6 +112,7 @@ class Manifest:
                 fine_to_super=[int(v) for v in raw["fine_to_super"]],
                 shards=[ShardInfo(**s) for s in raw["shards"]],
                 skipped_corrupt=[str(v) for v in raw.get("skipped_corrupt", [])],
+                pool=PoolInfo(**raw["pool"]) if raw.get("pool") else None,
             )
         except (KeyError, TypeError, json.JSONDecodeError) as err:
             raise ShardSetError(f"{where}: malformed manifest ({type(err).__name__}: {err})") from None
@@ -158,7 +183,8 @@ def reader_for(split: SplitDir, retry_seconds: float) -> TarReader:
 
 
 def check_manifest(manifest: Manifest, where: str) -> None:
-    """The invariants the partition and the routing rely on."""
+    """The invariants the partition and the routing rely on: super-classes, then the pool, tile
+    [0, num_instances); shards tile it in the same order, each inside one super-class or the pool."""
     expected = 0
     for s in manifest.super_classes:
         if s.instance_begin != expected or s.instance_end < s.instance_begin:
@@ -167,23 +193,43 @@ def check_manifest(manifest: Manifest, where: str) -> None:
                 f"contiguous after {expected}"
             )
         expected = s.instance_end
+    pool = manifest.pool
+    if pool is not None:
+        if pool.instance_begin != expected or pool.instance_end - pool.instance_begin != pool.count or not pool.count:
+            raise ShardSetError(
+                f"{where}: pool range [{pool.instance_begin}, {pool.instance_end}) with {pool.count} unlabeled images "
+                f"does not follow the super-classes' end {expected}"
+            )
+        if manifest.split != "train":
+            raise ShardSetError(f"{where}: split {manifest.split!r} holds unlabeled images; only train may")
+        expected = pool.instance_end
     if expected != manifest.num_instances:
         raise ShardSetError(
-            f"{where}: super-class ranges cover {expected} instances, manifest says {manifest.num_instances}"
+            f"{where}: super-class and pool ranges cover {expected} instances, manifest says {manifest.num_instances}"
         )
     expected = 0
     for shard in manifest.shards:
-        owner = manifest.super_classes[shard.super_id]
         if shard.instance_begin != expected or shard.instance_end - shard.instance_begin != shard.count:
             raise ShardSetError(
                 f"{where}: shard {shard.file} range [{shard.instance_begin}, {shard.instance_end}) with {shard.count} "
                 f"samples does not follow {expected}"
             )
-        if not owner.instance_begin <= shard.instance_begin <= shard.instance_end <= owner.instance_end:
-            raise ShardSetError(f"{where}: shard {shard.file} crosses the range of super-class {shard.super_id}")
+        owner = _shard_owner(manifest, shard, where)
+        if not owner[0] <= shard.instance_begin <= shard.instance_end <= owner[1]:
+            raise ShardSetError(f"{where}: shard {shard.file} crosses the range of {owner[2]}")
         expected = shard.instance_end
     if expected != manifest.num_instances:
         raise ShardSetError(f"{where}: shards hold {expected} samples, manifest says {manifest.num_instances}")
+
+
+def _shard_owner(manifest: Manifest, shard: ShardInfo, where: str) -> tuple[int, int, str]:
+    """(begin, end, name) of the range a shard must lie in: its super-class's, or the pool's."""
+    if shard.super_id == UNLABELED and manifest.pool is not None:
+        return manifest.pool.instance_begin, manifest.pool.instance_end, "the pool"
+    if not 0 <= shard.super_id < manifest.num_super:
+        raise ShardSetError(f"{where}: shard {shard.file} has super id {shard.super_id}, not a super-class here")
+    owner = manifest.super_classes[shard.super_id]
+    return owner.instance_begin, owner.instance_end, f"super-class {shard.super_id}"
 
 
 def verify_split(split: SplitDir, retry_seconds: float = 60.0) -> list[str]:

@@ -172,8 +172,11 @@ class Trainer:
         self._build()
         self._restore(resume)
         self._start_tracking(resumed=bool(resume))
+        pool = self.train_split.manifest.num_unlabeled
         log.info(
-            f"{self.spec.name} on {self.world_size} rank(s), {self.device}, {self.num_instances} training images, "
+            f"{self.spec.name} on {self.world_size} rank(s), {self.device}, {self.num_instances} training images"
+            + (f" ({pool} unlabeled, in the pool: lambda_U={cfg.objective.lambda_U})" if pool else "")
+            + ", "
             f"{self.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs, batch {cfg.data.batch_size}/rank, "
             f"routing {cfg.data.routing}, norm {batchnorm_mode(cfg, self.world_size)}"
         )
@@ -308,11 +311,14 @@ class Trainer:
             **flatten(cfg.model_dump()),
             "world_size": str(self.world_size),
             "num_instances": str(self.num_instances),
+            "num_unlabeled": str(self.train_split.manifest.num_unlabeled),  # the pool's size
         }
         if self.spec.instance is not None:
             # What the logged instance_ce is at chance (fgdist-compare: the epoch it leaves it).
             chance = instance_ce_chance(softmax_group_sizes(self.plan, self.spec.dense))
             params["instance_ce_chance"] = repr(chance)
+        if self.plan.pool_range:  # pool_ce at chance: a uniform softmax over the pool's columns
+            params["pool_ce_chance"] = repr(instance_ce_chance([self.plan.pool_range[1] - self.plan.pool_range[0]]))
         self.tracker.log_params(params)
         self.tracker.set_tags(
             {"objective": self.spec.name, "dataset": str(cfg.data.shards), "lambda_I": str(cfg.objective.lambda_I)}

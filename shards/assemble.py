@@ -31,7 +31,9 @@ from fgdist.shardset import (
     INDEX,
     MANIFEST,
     PART,
+    UNLABELED,
     Manifest,
+    PoolInfo,
     ShardInfo,
     ShardSetError,
     SuperClassInfo,
@@ -144,8 +146,12 @@ def assemble_split(
     for super_id, name in enumerate(classes.super_names):
         supers.append(SuperClassInfo(super_id, name, begin, begin + held[super_id]))
         begin += held[super_id]
+    # The unlabeled images' shards come last in the listing (shards/build.py sorted_by_super).
+    pool = PoolInfo(begin, next_id, held[UNLABELED]) if held[UNLABELED] else None
     pq.write_table(pa.concat_tables(tables).combine_chunks(), out / INDEX)
-    manifest = Manifest(split, next_id, supers, list(classes.fine_names), list(classes.fine_to_super), shards, skipped)
+    manifest = Manifest(
+        split, next_id, supers, list(classes.fine_names), list(classes.fine_to_super), shards, skipped, pool=pool
+    )
     (out / MANIFEST).write_text(manifest.to_json())
     return manifest
 

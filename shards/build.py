@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from fgdist.images import check_shape, open_image
 from fgdist.output_folder import Inputs, atomic_folder
-from fgdist.shardset import DECODE_ERRORS, INDEX, INDEX_COLUMNS, Manifest, sample_key, sha256_of
+from fgdist.shardset import DECODE_ERRORS, INDEX, INDEX_COLUMNS, UNLABELED, Manifest, sample_key, sha256_of
 from shards.assemble import ShardResult, add_member, assemble_split, sample_meta, write_collection, write_part
 from shards.sources import Collection, CorruptImageError, Record
 
@@ -78,15 +78,21 @@ class ShardJob:
         return f"{self.split}-{self.number:06d}.tar"
 
 
-def sorted_by_super(records: list[Record], collection: Collection) -> list[Record]:
-    """The split's listing: sorted by super-class, the source's order kept inside one."""
+def sorted_by_super(split: str, records: list[Record], collection: Collection) -> list[Record]:
+    """The split's listing: sorted by super-class, the source's order kept inside one; unlabeled
+    training images (super id UNLABELED) last, the pool (docs/DESIGN.md, "The pool")."""
+    num_super = len(collection.super_names)
     for record in records:
-        if not 0 <= record.super_id < len(collection.super_names):
+        if record.super_id == UNLABELED and split != "train":
             raise ValueError(
-                f"{record.origin}: super id {record.super_id} outside the class table "
-                f"({len(collection.super_names)} classes)"
+                f"{record.origin}: an unlabeled image (no super-class) in the {split} split; only training images "
+                "may be unlabeled (evaluation needs each query's label)"
             )
-    return sorted(records, key=lambda record: record.super_id)  # stable
+        if not (0 <= record.super_id < num_super or record.super_id == UNLABELED):
+            raise ValueError(
+                f"{record.origin}: super id {record.super_id} outside the class table ({num_super} classes)"
+            )
+    return sorted(records, key=lambda record: num_super if record.super_id == UNLABELED else record.super_id)
 
 
 def plan_jobs(split: str, listing: list[Record], shard_size: int) -> list[ShardJob]:
@@ -187,8 +193,15 @@ def _workers(count: int, listings: dict, folders: dict, on_corrupt: str):
 
 def with_test_split(collection: Collection, test_fraction: float | None, split_seed: int) -> dict[str, list[Record]]:
     """The collection's splits, with a test split: training evaluates on it, so a source without
-    test rows gets a seeded random `test_fraction` of its train rows, or an error now."""
-    train, test = collection.splits.get("train", []), collection.splits.get("test", [])
+    test rows gets a seeded random `test_fraction` of its labeled train rows (unlabeled ones stay
+    in train, after them), or an error now."""
+    rows = collection.splits.get("train", [])
+    train, unlabeled = [r for r in rows if r.super_id != UNLABELED], [r for r in rows if r.super_id == UNLABELED]
+    test = collection.splits.get("test", [])
+    if unlabeled and not train:
+        raise ValueError(
+            f"{collection.name}: no labeled training image ({len(unlabeled)} unlabeled); the super-classes need some"
+        )
     if test_fraction is None:
         if not test:
             raise ValueError(
@@ -214,7 +227,7 @@ def with_test_split(collection: Collection, test_fraction: float | None, split_s
     chosen[np.random.default_rng(split_seed).permutation(len(train))[:count]] = True
     return {
         **collection.splits,
-        "train": [r for r, c in zip(train, chosen) if not c],
+        "train": [r for r, c in zip(train, chosen) if not c] + unlabeled,
         "test": [r for r, c in zip(train, chosen) if c],
     }
 
@@ -228,7 +241,7 @@ def _plan(collection: Collection, shard_size, on_corrupt, workers, test_fraction
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     splits = with_test_split(collection, test_fraction, split_seed)
-    listings = {split: sorted_by_super(records, collection) for split, records in splits.items()}
+    listings = {split: sorted_by_super(split, records, collection) for split, records in splits.items()}
     return listings, {split: plan_jobs(split, listing, shard_size) for split, listing in listings.items()}
 
 

@@ -22,7 +22,7 @@ import json
 import time
 
 from fgdist import cli
-from fgdist.shardset import ShardSetError, open_split, verify_split
+from fgdist.shardset import UNLABELED, ShardSetError, open_split, verify_split
 from shards.assemble import merge_parts
 from shards.build import BUILD_OPTIONS, build_part, build_shards
 from shards.sources import SourceError
@@ -147,8 +147,15 @@ def _print_manifests(out, manifests) -> None:
     for split, m in manifests.items():
         print(
             f"{out}/{split}: {m.num_instances} samples, {len(m.shards)} shards, {m.num_super} super-classes, "
-            f"{m.num_fine} fine classes" + _skipped_note(m)
+            f"{m.num_fine} fine classes" + _pool_note(m) + _skipped_note(m)
         )
+
+
+def _pool_note(manifest) -> str:
+    pool = manifest.pool
+    return (
+        f", {pool.count} unlabeled (the pool, instances [{pool.instance_begin}, {pool.instance_end}))" if pool else ""
+    )
 
 
 def cmd_merge(args) -> int:
@@ -176,13 +183,19 @@ def cmd_inspect(args) -> int:
         m = s.manifest
         print(
             f"{s.path}: {m.num_instances} samples in {len(m.shards)} shards, {m.num_super} super-classes, "
-            f"{m.num_fine} fine classes" + _skipped_note(m)
+            f"{m.num_fine} fine classes" + _pool_note(m) + _skipped_note(m)
         )
         for c in m.super_classes:
             shards = [sh for sh in m.shards if sh.super_id == c.id]
             print(
                 f"  super {c.id:3d} {c.name:20s} instances [{c.instance_begin}, {c.instance_end})  {len(shards)} "
                 "shard(s)"
+            )
+        if m.pool:
+            shards = [sh for sh in m.shards if sh.super_id == UNLABELED]
+            print(
+                f"  pool          {'unlabeled':20s} instances [{m.pool.instance_begin}, {m.pool.instance_end})  "
+                f"{len(shards)} shard(s)"
             )
     return 0
 

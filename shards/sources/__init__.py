@@ -29,8 +29,8 @@ class CorruptImageError(SourceError):
 
 @dataclass(frozen=True)
 class Record:
-    super_id: int
-    fine_id: int  # -1 when the source has no fine labels
+    super_id: int  # -1 (fgdist.shardset.UNLABELED): an unlabeled training image, for the pool
+    fine_id: int  # -1 when the source has no fine labels (and for an unlabeled image)
     load: Callable[[], bytes]  # encoded image bytes (PNG or JPEG)
     ext: str  # "png" or "jpg": the member name's extension in the tar
     origin: str  # where it came from, for errors and the index's `source` column

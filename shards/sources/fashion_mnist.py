@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fgdist.shardset import UNLABELED
 from shards.sources import Collection, Record, SourceError, encode_png
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -47,10 +48,13 @@ def _find(root: Path, stem: str) -> Path:
 
 
 def open_fashion_mnist(
-    root: str = DEFAULT_ROOT, limit_per_split: int | None = None, limit_train: int | None = None
+    root: str = DEFAULT_ROOT, limit_per_split: int | None = None, limit_train: int | None = None, unlabeled: int = 0
 ) -> Collection:
     """limit_per_split: only the first N images of each split; limit_train: of the train split
-    only (a small training set measured on the whole test split)."""
+    only (a small training set measured on the whole test split). unlabeled: the next N training
+    images after the labeled ones, their labels dropped (the pool, docs/DESIGN.md "The pool")."""
+    if isinstance(unlabeled, bool) or not isinstance(unlabeled, int) or unlabeled < 0:
+        raise SourceError(f"fashion-mnist: unlabeled must be an integer >= 0, got {unlabeled!r}")
     base = Path(root)
     collection = Collection("fashion-mnist", SUPER_NAMES, FINE_NAMES, FINE_TO_SUPER)
     for split, prefix in FILES.items():
@@ -67,14 +71,24 @@ def open_fashion_mnist(
             fine = int(labels[i])
             if fine >= len(FINE_NAMES):
                 raise SourceError(f"{labels_path}: item {i}: label {fine} out of range 0..9")
-            records.append(
-                Record(
-                    FINE_TO_SUPER[fine],
-                    fine,
-                    (lambda a=images[i]: encode_png(Image.fromarray(a))),
-                    "png",
-                    f"{images_path.name}#{i}",
-                )
-            )
+            records.append(_record(images, i, FINE_TO_SUPER[fine], fine, images_path))
+        if split == "train":
+            records += _unlabeled(images, count, unlabeled, images_path)
         collection.splits[split] = records
     return collection
+
+
+def _record(images: np.ndarray, i: int, super_id: int, fine: int, images_path: Path) -> Record:
+    return Record(
+        super_id, fine, (lambda a=images[i]: encode_png(Image.fromarray(a))), "png", f"{images_path.name}#{i}"
+    )
+
+
+def _unlabeled(images: np.ndarray, labeled: int, count: int, images_path: Path) -> list[Record]:
+    """Images [labeled, labeled + count) of the training file as unlabeled records."""
+    if labeled + count > len(images):
+        raise SourceError(
+            f"{images_path}: unlabeled={count} asks for images {labeled}..{labeled + count - 1}, but the file holds "
+            f"{len(images)} ({len(images) - labeled} after the {labeled} labeled ones; lower limit_train or unlabeled)"
+        )
+    return [_record(images, i, UNLABELED, UNLABELED, images_path) for i in range(labeled, labeled + count)]

@@ -7,7 +7,11 @@ collections hold (WebP, BMP, GIF, TIFF) are stored as lossless PNG of their RGB 
 is `.jpg` or `.png`.
 
 `read_manifest`, `tree_labels` and `class_tables` are also how `fgdist-embed` reads its
-`--manifest` and `--images` labels, so a manifest or folder means the same classes to both."""
+`--manifest` and `--images` labels, so a manifest or folder means the same classes to both.
+
+Unlabeled training images (the pool, docs/DESIGN.md "The pool"): a manifest row with an empty
+`super` (and no `fine`), or an image under the folder's top-level `unlabeled/` (`train/unlabeled/`
+with split folders). The test split has none: such a row there is an error naming it."""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from shards.sources import Collection, Record, SourceError, class_table, require
 IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}  # stored as they are
 TRANSCODED = (".webp", ".bmp", ".gif", ".tif", ".tiff")  # stored as PNG
 IMAGE_SUFFIXES = (*IMAGE_EXTS, *TRANSCODED)  # what a folder source (and fgdist-embed --images) reads
+UNLABELED_FOLDER = "unlabeled"  # a folder source's tree of unlabeled training images
 
 
 def _png_of(path: Path) -> bytes:
@@ -68,7 +73,8 @@ class ClassTables:
     fine_ids: dict[str, int]
 
     def ids(self, image: ListedImage) -> tuple[int, int]:
-        """(super id, fine id) of an image, -1 for a label it does not have."""
+        """(super id, fine id) of an image, -1 for a label it does not have (both -1: unlabeled,
+        fgdist.shardset.UNLABELED)."""
         return self.super_ids.get(image.super, -1), self.fine_ids.get(image.fine, -1)
 
 
@@ -119,17 +125,33 @@ def _collect(name: str, images: list[ListedImage]) -> Collection:
         fine_to_super[fine_id] = super_id
     collection = Collection(name, tables.super_names, tables.fine_names, fine_to_super)
     for image in images:
+        if image.super is None:
+            _check_unlabeled(image)
         ext = _ext(image.file, image.origin)
         record = Record(*tables.ids(image), _reader(image.file), ext, image.origin)
         collection.splits.setdefault(image.split, []).append(record)
     return collection
 
 
-def read_manifest(path: str | Path, required: tuple[str, ...] = ("path",)) -> list[ListedImage]:
+def _check_unlabeled(image: ListedImage) -> None:
+    """An image without a super-class is an unlabeled training image: no fine label, train only."""
+    if image.fine is not None:
+        raise SourceError(f"{image.origin}: fine label {image.fine!r} without a super label")
+    if image.split != "train":
+        raise SourceError(
+            f"{image.origin}: an unlabeled image (empty super) in the {image.split} split; only training images "
+            "may be unlabeled (evaluation needs each query's label)"
+        )
+
+
+def read_manifest(
+    path: str | Path, required: tuple[str, ...] = ("path",), columns: tuple[str, ...] = ()
+) -> list[ListedImage]:
     """The images of a CSV or Parquet manifest. Columns: `path` (relative to the manifest's folder,
     or absolute), optional `super`, `fine` (class names or integer ids, see `class_table`) and
-    `split` (default train); `required` columns must exist and be non-empty on every row. Every
-    listed image must be a file, listed once."""
+    `split` (default train); `required` columns must exist and be non-empty on every row,
+    `columns` must exist (their values may be empty). Every listed image must be a file, listed
+    once."""
     manifest = Path(path)
     if not manifest.exists():
         raise SourceError(f"{manifest}: manifest not found")
@@ -143,7 +165,7 @@ def read_manifest(path: str | Path, required: tuple[str, ...] = ("path",)) -> li
             ),
         )
     )
-    for column in ("path", *required):
+    for column in ("path", *required, *columns):
         if column not in table.column_names:
             raise SourceError(f"{manifest}: missing column {column!r} (columns: {table.column_names})")
     columns = {c: table.column(c).to_pylist() for c in table.column_names}
@@ -173,14 +195,16 @@ def read_manifest(path: str | Path, required: tuple[str, ...] = ("path",)) -> li
 
 def open_manifest(path: str) -> Collection:
     """Columns: `path` (relative to the manifest's folder), `super`, optional `fine`, optional
-    `split` (train/test; default train). Integer labels keep their value as id (`class_table`)."""
-    return _collect(f"manifest:{Path(path).name}", read_manifest(path, required=("super",)))
+    `split` (train/test; default train). Integer labels keep their value as id (`class_table`).
+    A row with an empty `super` is an unlabeled training image."""
+    return _collect(f"manifest:{Path(path).name}", read_manifest(path, columns=("super",)))
 
 
 def open_folder(root: str) -> Collection:
     """`root/<super>/<fine>/*.jpg` or `root/<super>/*.jpg` (one layout for the whole tree); with
-    `root/train` and `root/test`, each is one split. An image anywhere else is an error naming it:
-    it would train without a label."""
+    `root/train` and `root/test`, each is one split. Images under `root/unlabeled/` (or
+    `root/train/unlabeled/`, any depth) are unlabeled training images. An image anywhere else is
+    an error naming it: it would train without a label nobody meant it to lack."""
     base = Path(root)
     if not base.is_dir():
         raise SourceError(f"{base}: folder not found")
@@ -189,20 +213,26 @@ def open_folder(root: str) -> Collection:
     for split, split_root in split_roots.items():
         for image in tree_images(split_root):
             relative = image.relative_to(split_root)
+            if relative.parts[0] == UNLABELED_FOLDER:  # any depth below it: no labels
+                require_image_file(image, str(base))
+                rows.append(ListedImage(image, relative.as_posix(), None, None, str(image), split))
+                continue
             labels = tree_labels(relative)
             if labels[0] is None:
                 raise SourceError(
                     f"{image}: not in a class folder: images go in {split_root}/<super>/<fine>/ "
-                    f"or {split_root}/<super>/ (move it, or remove it)"
+                    f"or {split_root}/<super>/, unlabeled training images in {split_root}/{UNLABELED_FOLDER}/ "
+                    "(move it, or remove it)"
                 )
             require_image_file(image, str(base))
             rows.append(ListedImage(image, relative.as_posix(), *labels, str(image), split))
     if not rows:
         raise SourceError(f"{base}: no images found under <super>/<fine>/ or <super>/ ({', '.join(IMAGE_SUFFIXES)})")
-    layouts = {r.fine is None for r in rows}
+    labelled = [r for r in rows if r.super is not None]
+    layouts = {r.fine is None for r in labelled}
     if len(layouts) > 1:
-        flat = next(r for r in rows if r.fine is None)
-        nested = next(r for r in rows if r.fine is not None)
+        flat = next(r for r in labelled if r.fine is None)
+        nested = next(r for r in labelled if r.fine is not None)
         raise SourceError(
             f"{base}: {flat.listed} has no fine-class folder while {nested.listed} has one: "
             "use <super>/<fine>/ everywhere, or <super>/ everywhere"

@@ -28,7 +28,12 @@ def fixed_batch_loss(trainer: Trainer) -> float:
         out = model(batch["images"][mine])
         parts = trainer.objective(out, batch["super"][mine], batch["fine"][mine], batch["instance"][mine])
     model.train()
-    total = torch.tensor([float(parts["loss"]) * int(mine.sum()), float(mine.sum())], dtype=torch.float64)
+    if trainer.objective.pool_group is not None:
+        # With a pool each rank's loss is its share of the global batch's means
+        # (objectives.Objective._pool_parts): their mean over ranks is the loss.
+        total = torch.tensor([float(parts["loss"]), 1.0], dtype=torch.float64)
+    else:  # each rank's loss is the mean over its own rows
+        total = torch.tensor([float(parts["loss"]) * int(mine.sum()), float(mine.sum())], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(total)
     return float(total[0] / total[1])

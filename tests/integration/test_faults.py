@@ -1,5 +1,6 @@
 """Faults on real DeepSpeed CPU ranks: a rank SIGKILLed mid-epoch or mid-checkpoint-write, an
-elastic resume on another world size, corrupt samples."""
+elastic resume on another world size, corrupt samples. The mid-epoch kill and the elastic resume
+run on the labeled data and on data with a pool of unlabeled images (split over the ranks)."""
 
 import io
 import json
@@ -26,21 +27,22 @@ def killed(tiny_runs, name, kill_at):
     return proc
 
 
-def test_rank_killed_mid_epoch_resumes_to_the_same_result(tiny_runs, straight_run):
+def test_rank_killed_mid_epoch_resumes_to_the_same_result(runs_and_straight):
+    runs, straight_run = runs_and_straight  # with and without unlabeled images
     # 2 steps per epoch: global step 3 is the middle of epoch 2.
-    killed(tiny_runs, "kill_step", "step:1:3")
-    ckpt = tiny_runs.run_dir("kill_step") / "checkpoints"
+    killed(runs, "kill_step", "step:1:3")
+    ckpt = runs.run_dir("kill_step") / "checkpoints"
     assert (ckpt / "latest").read_text() == "epoch0001-step000000"
     first_run = json.loads((ckpt / "epoch0001-step000000" / "meta.json").read_text())["mlflow_run_id"]
-    tiny_runs.train("kill_step", "--set", "optim.epochs=3", "--resume")
-    resumed = tiny_runs.results("kill_step")
+    runs.train("kill_step", "--set", "optim.epochs=3", "--resume")
+    resumed = runs.results("kill_step")
     assert_same_metrics(straight_run, resumed)
     assert resumed["mlflow_run_id"] == first_run
-    client = mlflow.MlflowClient(f"sqlite:///{tiny_runs.root}/mlflow.db")
-    runs = client.search_runs(
+    client = mlflow.MlflowClient(f"sqlite:///{runs.root}/mlflow.db")
+    found = client.search_runs(
         [client.get_experiment_by_name("synthetic").experiment_id], "attributes.run_name = 'kill_step'"
     )
-    assert len(runs) == 1  # no duplicate run
+    assert len(found) == 1  # no duplicate run
     steps = sorted({m.step for m in client.get_metric_history(first_run, "loss")})
     assert steps == list(range(1, 7))  # steps continue, not reset
 
@@ -76,19 +78,19 @@ def probe(tiny_runs, name, checkpoint, epochs, num_gpus, *extra):
     return float(re.search(r"FIXED_BATCH_LOSS (\S+) world_size=(\d+)", proc.stdout).group(1))
 
 
-def test_elastic_resume_recuts_the_head_and_keeps_the_loss(tiny_runs):
-    tiny_runs.train("elastic", "--set", "optim.epochs=1")
-    ckpt = tiny_runs.run_dir("elastic") / "checkpoints"
+def test_elastic_resume_recuts_the_head_and_keeps_the_loss(runs):  # with and without unlabeled images
+    runs.train("elastic", "--set", "optim.epochs=1")
+    ckpt = runs.run_dir("elastic") / "checkpoints"
     two_rank_ckpt = ckpt / "epoch0001-step000000"
-    loss_2_on_2 = probe(tiny_runs, "elastic", two_rank_ckpt, epochs=1, num_gpus=2)
-    loss_2_on_1 = probe(tiny_runs, "elastic", two_rank_ckpt, epochs=2, num_gpus=1)  # then trains epoch 2 on 1 rank
+    loss_2_on_2 = probe(runs, "elastic", two_rank_ckpt, epochs=1, num_gpus=2)
+    loss_2_on_1 = probe(runs, "elastic", two_rank_ckpt, epochs=2, num_gpus=1)  # then trains epoch 2 on 1 rank
     assert loss_2_on_1 == pytest.approx(loss_2_on_2, abs=1e-6)
     one_rank_ckpt = ckpt / "epoch0002-step000000"
     assert json.loads((one_rank_ckpt / "meta.json").read_text())["world_size"] == 1
-    loss_1_on_1 = probe(tiny_runs, "elastic", one_rank_ckpt, epochs=2, num_gpus=1)
-    loss_1_on_2 = probe(tiny_runs, "elastic", one_rank_ckpt, epochs=3, num_gpus=2)  # then trains epoch 3 on 2 ranks
+    loss_1_on_1 = probe(runs, "elastic", one_rank_ckpt, epochs=2, num_gpus=1)
+    loss_1_on_2 = probe(runs, "elastic", one_rank_ckpt, epochs=3, num_gpus=2)  # then trains epoch 3 on 2 ranks
     assert loss_1_on_2 == pytest.approx(loss_1_on_1, abs=1e-6)
-    assert tiny_runs.results("elastic")["world_size"] == 2
+    assert runs.results("elastic")["world_size"] == 2
 
 
 def corrupt_copy(src, dst):

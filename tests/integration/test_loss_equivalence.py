@@ -8,7 +8,11 @@ real shard set with a split super-class (each rank writes its own columns from i
 
 A real backbone keeps it too (issue 20): timm's MobileNetV3 (its BatchNormAct2d layers made
 cross-rank, a 1024-wide f(x) and instance head) in one case, the product's (base_indi_eff,
-by_superclass routing, a split super-class); one case only, to keep this test's time."""
+by_superclass routing, a split super-class); one case only, to keep this test's time.
+
+Unlabeled images (issue 21) keep it: a pool of 10 after two super-classes, split over the two
+ranks (rank 1 holds only pool rows under by_superclass routing), both routings; the 1-rank loss
+is also the dense oracle's (tests/unit/test_objectives.py pool_oracle)."""
 
 import io
 import itertools
@@ -29,16 +33,20 @@ from fgdist.objectives import Objective
 from fgdist.partition import make_plan
 from fgdist.shardset import open_split
 from tests.helpers import free_port, init_gloo, manifest_with_sizes, tiny_synthetic
+from tests.unit.test_objectives import pool_oracle
 
-SIZES = {"no_split": [5, 4, 9], "split": [5, 7, 6]}  # n=18, two ranks own 9 columns each
+LABELED = {"no_split": [5, 4, 9], "split": [5, 7, 6]}  # n=18, two ranks own 9 columns each
+POOL = {"pool_split": 10}  # unlabeled images after the super-classes: columns 8..17, on both ranks
+SIZES = {**LABELED, "pool_split": [5, 3]}
 ROUTINGS = ["by_superclass", "shuffled"]
 DIM, BATCH = 16, 12
 PROJECTION_DIM = 8
 # paper: today's recipe; combined: views=2, projection mlp, cosine logits, ema head
 CASES = (
-    [(*c, "paper") for c in itertools.product(SIZES, OBJECTIVE_NAMES, ROUTINGS)]
-    + [(*c, "combined") for c in itertools.product(SIZES, ["base", "base_indi", "base_indi_eff"], ROUTINGS)]
+    [(*c, "paper") for c in itertools.product(LABELED, OBJECTIVE_NAMES, ROUTINGS)]
+    + [(*c, "combined") for c in itertools.product(LABELED, ["base", "base_indi", "base_indi_eff"], ROUTINGS)]
     + [("split", "base_indi_eff", "by_superclass", "timm_backbone")]
+    + [("pool_split", "base_indi_eff", routing, "paper") for routing in ROUTINGS]
 )
 TIMM_BACKBONE = ModelConfig(arch="timm:mobilenetv3_small_050")
 # head.init=features: 3 super-classes of 6 training images; on 2 ranks super-class 1 is split
@@ -66,16 +74,17 @@ class TinyNet(nn.Module):
         return out
 
 
-def global_batch(sizes, image_size=6):
+def global_batch(sizes, image_size=6, pool=0):
     gen = torch.Generator().manual_seed(1)
-    n = sum(sizes)
+    n = sum(sizes) + pool
     # Pick rows so that each of the two ranks owns exactly half of them (by instance id).
     inst = torch.cat(
         [torch.randperm(9, generator=gen)[: BATCH // 2], 9 + torch.randperm(n - 9, generator=gen)[: BATCH // 2]]
     )
     bounds = torch.tensor(sizes).cumsum(0)
-    sup = torch.bucketize(inst, bounds, right=True)
-    fine = (inst * 7) % 6
+    unlabeled = inst >= sum(sizes)  # the pool's rows carry no labels (super and fine id -1)
+    sup = torch.bucketize(inst, bounds, right=True).masked_fill(unlabeled, -1)
+    fine = ((inst * 7) % 6).masked_fill(unlabeled, -1)
     images = torch.randn(BATCH, 3, image_size, image_size, generator=gen)
     return images, sup, fine, inst
 
@@ -88,7 +97,7 @@ def two_views(images, sup, fine, inst):
     return (images, *(t.repeat_interleave(2) for t in (sup, fine, inst)))
 
 
-def run_case(sizes, objective, routing, options, rank, world):
+def run_case(sizes, objective, routing, options, rank, world, pool=0):
     combined = options == "combined"
     head_cfg = {"kernel": "torch"}
     if combined:
@@ -96,7 +105,7 @@ def run_case(sizes, objective, routing, options, rank, world):
     cfg = validate(
         {"objective": {"name": objective, "lambda_I": 0.7}, "data": {"routing": routing}, "head": head_cfg}, "test"
     )
-    manifest = manifest_with_sizes(sizes, num_fine=6)
+    manifest = manifest_with_sizes(sizes, num_fine=6, pool=pool)
     plan = make_plan(manifest, world)
     real = options == "timm_backbone"
     if real:
@@ -107,7 +116,7 @@ def run_case(sizes, objective, routing, options, rank, world):
         net, dim = TinyNet(len(sizes), 6, projection=combined), PROJECTION_DIM if combined else DIM
     head = InstanceHead(plan, rank, dim, seed=3, update=cfg.head.update, ema_momentum=0.6)
     loss_fn = Objective(cfg, plan, rank, head if OBJECTIVES[objective].instance else None)
-    images, sup, fine, inst = global_batch(sizes, image_size=32 if real else 6)
+    images, sup, fine, inst = global_batch(sizes, image_size=32 if real else 6, pool=pool)
     image_of_row = torch.arange(BATCH)
     if combined:
         images, sup, fine, inst = two_views(images, sup, fine, inst)
@@ -149,7 +158,7 @@ def compute_all_cases(rank, world, port, queue, shards):
     results = {"init": init_case(shards, rank, world)}
     for case in CASES:
         sizes = SIZES[case[0]]
-        loss, grads, head_grad, begin, head_after = run_case(sizes, *case[1:], rank, world)
+        loss, grads, head_grad, begin, head_after = run_case(sizes, *case[1:], rank, world, POOL.get(case[0], 0))
         # What DeepSpeed does to engine gradients: average over ranks.
         loss_mean = loss.clone()
         torch.distributed.all_reduce(loss_mean)
@@ -191,8 +200,10 @@ def two_rank_results(init_shards):
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
 def test_same_loss_and_gradients_on_one_and_two_ranks(case, two_rank_results):
-    sizes = SIZES[case[0]]
-    loss1, grads1, head1, _, after1 = run_case(sizes, *case[1:], rank=0, world=1)
+    sizes, pool = SIZES[case[0]], POOL.get(case[0], 0)
+    loss1, grads1, head1, _, after1 = run_case(sizes, *case[1:], rank=0, world=1, pool=pool)
+    if pool:
+        assert abs(float(loss1) - pool_oracle_loss(sizes, pool)) < 1e-5
     ema = case[3] == "combined" and OBJECTIVES[case[1]].instance is not None
     if ema:
         assert head1 is None  # the memory bank gets no gradient
@@ -215,6 +226,15 @@ def test_same_loss_and_gradients_on_one_and_two_ranks(case, two_rank_results):
         assert not torch.allclose(after1[visited], before[visited])  # every visited column moved
         assert torch.equal(after1[~visited], before[~visited])  # the others kept
         assert torch.allclose(after1[visited].norm(dim=1), torch.ones(int(visited.sum())))
+
+
+def pool_oracle_loss(sizes, pool) -> float:
+    """The global batch's loss by the dense oracle, from the same network and initial head."""
+    images, _, _, inst = global_batch(sizes, pool=pool)
+    with torch.no_grad():
+        out = TinyNet(len(sizes), 6)(images)
+    w = InstanceHead(make_plan(manifest_with_sizes(sizes, pool=pool), 1), 0, DIM, seed=3).weight.detach()
+    return float(pool_oracle(out["features"], out["super_logits"], w, inst, sizes, pool, 0.7, 1.0))
 
 
 def test_feature_init_writes_each_column_from_its_image_on_one_and_two_ranks(init_shards, two_rank_results):

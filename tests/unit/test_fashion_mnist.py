@@ -53,3 +53,16 @@ def test_truncated_idx_file_names_the_file(tmp_path):
             f.write(data)
     with pytest.raises(SourceError, match=r"train-images-idx3-ubyte.gz: truncated IDX file"):
         open_fashion_mnist(root=str(tmp_path))
+
+
+@needs_dataset
+def test_unlabeled_are_the_next_training_images_with_their_labels_dropped():
+    collection = open_fashion_mnist(limit_train=200, unlabeled=50)
+    train = collection.splits["train"]
+    assert len(train) == 250 and len(collection.splits["test"]) == 10000
+    assert all(r.super_id >= 0 for r in train[:200])
+    assert [(r.super_id, r.fine_id) for r in train[200:]] == [(-1, -1)] * 50
+    assert [r.origin for r in train[199:201]] == ["train-images-idx3-ubyte.gz#199", "train-images-idx3-ubyte.gz#200"]
+    assert train[200].load() == open_fashion_mnist(limit_train=201).splits["train"][200].load()  # the same image
+    with pytest.raises(SourceError, match=r"train-images-idx3-ubyte.gz: unlabeled=20 asks for images 59990..60009"):
+        open_fashion_mnist(limit_train=59990, unlabeled=20)

@@ -1,8 +1,8 @@
 """Parallel and partitioned shard builds: `--workers 2` and `--part 0/2` + `--part 1/2` + `merge`
 write exactly the files of the serial build (tars byte for byte, index, manifest), on the
-synthetic source, a folder of JPEGs, and a manifest with undecodable images skipped (which
-shifts the ids of every later shard); merges of mismatched, missing or repeated parts are
-refused; a failing worker leaves nothing."""
+synthetic source (with and without unlabeled images), a folder of JPEGs, and a manifest with
+undecodable images skipped (which shifts the ids of every later shard); merges of mismatched,
+missing or repeated parts are refused; a failing worker leaves nothing."""
 
 import io
 import json
@@ -73,10 +73,14 @@ def assert_same_files(folders):
             assert other[name] == data, f"{folder}/{name} differs from the serial build's"
 
 
-@pytest.mark.parametrize("source", ["synthetic", "folder"])
+@pytest.mark.parametrize("source", ["synthetic", "synthetic_with_pool", "folder"])
 def test_parallel_and_partitioned_builds_write_the_serial_builds_files(tmp_path, source, capsys):
-    args = SYNTHETIC if source == "synthetic" else photo_folder(tmp_path / "photos")
+    args = {
+        "synthetic": SYNTHETIC,
+        "synthetic_with_pool": [*SYNTHETIC, "--opt", "unlabeled=7"],  # unlabeled images: shards after the rest
+    }.get(source) or photo_folder(tmp_path / "photos")
     folders = build_three_ways(tmp_path, args)
+    assert open_split(folders[0], "train").manifest.num_unlabeled == (7 if source == "synthetic_with_pool" else 0)
     assert "images/s, 2 worker(s))" in capsys.readouterr().out  # the throughput line
     assert_same_files(folders)
     for folder in folders:

@@ -24,6 +24,22 @@ def test_column_line_and_split_super_classes():
     assert lookup.tolist() == [0, 0, 0] and offsets.tolist() == [0, 9]
 
 
+def test_the_pool_is_one_more_group_cut_like_any_other():
+    """Unlabeled images: group B = 3 after the super-classes, split over ranks 1 and 2 here."""
+    plan = make_plan(manifest_with_sizes([5, 7, 6], pool=12), 3)
+    assert plan.pool_range == (18, 30) and plan.pool_group == 3 and plan.columns_per_rank == 10
+    assert [plan.owners(g) for g in range(4)] == [[0], [0, 1], [1], [1, 2]]
+    assert plan.split_groups == [1, 3] and plan.split_supers == [1]
+    assert plan.local_groups(1) == ([1, 2, 3], [0, 2, 8, 10]) and plan.local_groups(2) == ([3], [0, 10])
+    lookup, offsets = group_lookup(plan, 2, dense=False)
+    assert lookup.tolist() == [-1, -1, -1, 0] and offsets.tolist() == [0, 10]
+    described = plan.describe()
+    assert described["pool"] == {"columns": [18, 30], "split": True}
+    assert [r.get("pool_columns") for r in described["ranks"]] == [None, [18, 20], [20, 30]]
+    assert [r["super_classes"] for r in described["ranks"]] == [[0, 1], [1, 2], []]
+    assert make_plan(manifest_with_sizes([5, 7, 6]), 3).pool_group is None
+
+
 def test_last_rank_gets_the_remainder_and_recut_is_pure():
     m = manifest_with_sizes([10, 1, 12])
     assert [make_plan(m, 3).column_range(r) for r in range(3)] == [(0, 8), (8, 16), (16, 23)]
@@ -37,13 +53,21 @@ def test_world_size_larger_than_instances_is_an_error():
         make_plan(manifest_with_sizes([2, 3]), 4)
 
 
-@pytest.fixture(scope="module")
-def uneven(tmp_path_factory):
-    """6 super-classes of 6 images, shards of at most 4: boundaries fall inside shards."""
+@pytest.fixture(scope="module", params=[0, 10], ids=["labeled", "pool"])
+def uneven(tmp_path_factory, request):
+    """6 super-classes of 6 images (and a pool of 10 unlabeled ones), shards of at most 4:
+    boundaries fall inside shards."""
     out = tmp_path_factory.mktemp("routing") / "syn"
     build_shards(
         open_synthetic(
-            num_super=6, fine_per_super=2, train_per_fine=3, test_per_fine=1, image_size=16, big_patch=6, small_patch=3
+            num_super=6,
+            fine_per_super=2,
+            train_per_fine=3,
+            test_per_fine=1,
+            image_size=16,
+            big_patch=6,
+            small_patch=3,
+            unlabeled=request.param,
         ),
         out,
         shard_size=4,
@@ -76,7 +100,7 @@ def epoch_ids(split, world, routing, workers, batch=4, seed=0):
 @pytest.mark.parametrize("world, workers", [(2, 0), (3, 2), (5, 1)])
 def test_by_superclass_rank_streams_exactly_its_columns(uneven, world, workers):
     plan, per_rank = epoch_ids(uneven, world, "by_superclass", workers)
-    steps = steps_per_epoch(36, world, 4)
+    steps = steps_per_epoch(uneven.manifest.num_instances, world, 4)  # the pool's rows count too
     for r, ids in enumerate(per_rank):
         lo, hi = plan.column_range(r)
         assert len(ids) == steps * 4  # every rank takes the same number of steps
@@ -99,9 +123,10 @@ def test_slots_filled_up_to_what_their_streams_deliver():
 @pytest.mark.parametrize("world, workers, seed", [(2, 2, 0), (3, 0, 0), (3, 0, 1), (3, 0, 2), (2, 2, 3)])
 def test_shuffled_routing_covers_every_instance_once_per_rank_set(uneven, world, workers, seed):
     _, per_rank = epoch_ids(uneven, world, "shuffled", workers, seed=seed)
-    steps = steps_per_epoch(36, world, 4)
+    n = uneven.manifest.num_instances
+    steps = steps_per_epoch(n, world, 4)
     assert all(len(ids) == steps * 4 for ids in per_rank)
-    assert set().union(*map(set, per_rank)) == set(range(36))
+    assert set().union(*map(set, per_rank)) == set(range(n))
     supers_per_rank = [{i // 6 for i in ids} for ids in per_rank]
     assert all(len(s) > 1 for s in supers_per_rank)  # not grouped by super-class
 
@@ -115,4 +140,4 @@ def test_tars_read_through_a_pipe_url_give_the_same_stream(uneven):
     plan = make_plan(uneven.manifest, 2)
     a = [b["instance"].tolist() for b in train_batches(uneven, plan, cfg, 1, epoch=0, seed=0)]
     b = [b["instance"].tolist() for b in train_batches(piped, plan, cfg, 1, epoch=0, seed=0)]
-    assert a == b and len(a) == steps_per_epoch(36, 2, 4)
+    assert a == b and len(a) == steps_per_epoch(uneven.manifest.num_instances, 2, 4)

@@ -9,7 +9,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from fgdist.shardset import ShardSetError, open_split, verify_split
+from fgdist.shardset import PoolInfo, ShardSetError, open_split, verify_split
 from shards.build import build_shards
 from shards.cli import main as shards_main
 from shards.sources import SourceError
@@ -115,10 +115,89 @@ def test_manifest_source_and_its_errors(tmp_path):
     missing.write_text("path,super\na.png,kettle\nnope.png,mug\n")
     with pytest.raises(SourceError, match=r"missing.csv row 3: image .*nope.png does not exist"):
         open_manifest(str(missing))
-    empty = tmp_path / "empty.csv"
-    empty.write_text("path,super\na.png,kettle\nb.png,\n")
-    with pytest.raises(SourceError, match=r"empty.csv row 3: empty 'super'"):
-        open_manifest(str(empty))
+    no_super = tmp_path / "no_super.csv"
+    no_super.write_text("path,fine\na.png,k1\n")
+    with pytest.raises(SourceError, match=r"no_super.csv: missing column 'super'"):
+        open_manifest(str(no_super))
+
+
+def test_manifest_rows_with_an_empty_super_are_unlabeled_training_images(tmp_path):
+    """An empty super is an unlabeled training image; one in the test split, or one with a fine
+    label, is an error naming the file and row. test_fraction draws its test rows from the
+    labeled ones only."""
+    write_images(tmp_path, ["a.png", "b.png", "c.png", "d.png", "e.png"])
+    good = tmp_path / "m.csv"
+    good.write_text("path,super,fine\na.png,kettle,k1\nb.png,,\nc.png,kettle,k2\nd.png,mug,m1\ne.png,,\n")
+    c = open_manifest(str(good))
+    assert [(r.super_id, r.fine_id) for r in c.splits["train"]] == [(0, 0), (-1, -1), (0, 1), (1, 2), (-1, -1)]
+    assert c.super_names == ["kettle", "mug"]
+    manifests = build_shards(c, tmp_path / "out", progress=False, test_fraction=0.34, split_seed=0)
+    assert manifests["test"].pool is None and manifests["test"].num_instances == 1
+    assert manifests["train"].num_unlabeled == 2 and manifests["train"].num_instances == 4
+    for text, message in (
+        ("path,super,split\na.png,kettle,train\nb.png,,test\n", r"test.csv row 3 b.png: an unlabeled image"),
+        ("path,super,fine\na.png,kettle,k1\nb.png,,k2\n", r"test.csv row 3 b.png: fine label 'k2' without a super"),
+    ):
+        (tmp_path / "test.csv").write_text(text)
+        with pytest.raises(SourceError, match=message):
+            open_manifest(str(tmp_path / "test.csv"))
+
+
+def test_synthetic_unlabeled_images_form_the_pool_after_the_super_classes(synthetic, tmp_path, capsys):
+    """--opt unlabeled=N: N more images from the generator, labels dropped, in shards of their own
+    after every super-class; the labeled and test shards stay byte for byte the same. The
+    manifest records the pool; index and samples mark its rows with super id -1."""
+    pooled = tmp_path / "pooled"
+    opts = [f"--opt={k}={v}" for k, v in {**SMALL, "unlabeled": 10}.items()]
+    assert (
+        shards_main(["build", "--source", "synthetic", "--out", str(pooled), "--quiet", "--shard-size=4", *opts]) == 0
+    )
+    assert "10 unlabeled (the pool, instances [24, 34))" in capsys.readouterr().out
+    plain, split = open_split(synthetic, "train"), open_split(pooled, "train")
+    m = split.manifest
+    assert m.pool == PoolInfo(24, 34, 10) and m.num_unlabeled == 10 and m.num_instances == 34
+    assert m.super_classes == plain.manifest.super_classes
+    assert m.shards[: len(plain.manifest.shards)] == plain.manifest.shards  # same files, same checksums
+    pool_shards = m.shards[len(plain.manifest.shards) :]
+    assert [(s.super_id, s.instance_begin, s.instance_end) for s in pool_shards] == [(-1, 24, 28), (-1, 28, 32)] + [
+        (-1, 32, 34)
+    ]
+    assert open_split(pooled, "test").manifest == open_split(synthetic, "test").manifest
+    index = pq.read_table(split.path / "index.parquet").to_pydict()
+    assert index["instance_id"] == list(range(34))
+    assert [(i, s, f) for i, s, f in zip(index["instance_id"], index["super_id"], index["fine_id"]) if s < 0] == [
+        (i, -1, -1) for i in range(24, 34)
+    ]
+    samples = list(wds.WebDataset(str(split.path / pool_shards[0].file), shardshuffle=False).decode("pil"))
+    assert [(s["json"]["instance"], s["json"]["super"], s["json"]["fine"]) for s in samples] == [
+        (i, -1, -1) for i in range(24, 28)
+    ]
+    with tarfile.open(split.path / pool_shards[0].file) as tar:
+        assert tar.getnames()[:2] == ["0000000024.png", "0000000024.json"]
+    assert verify_split(split) == []
+
+
+def test_a_manifest_written_before_the_pool_still_loads(synthetic):
+    path = synthetic / "train" / "manifest.json"
+    raw = json.loads(path.read_text())
+    assert raw.pop("pool") is None
+    path.write_text(json.dumps(raw))
+    assert open_split(synthetic, "train").manifest.pool is None
+
+
+def test_a_pool_outside_the_train_split_or_off_the_line_is_refused(synthetic):
+    path = synthetic / "test" / "manifest.json"
+    raw = json.loads(path.read_text())
+    last = raw["super_classes"][-1]
+    raw["super_classes"][-1] = {**last, "instance_end": last["instance_begin"]}
+    raw["pool"] = {"instance_begin": last["instance_begin"], "instance_end": last["instance_end"], "count": 2}
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ShardSetError, match=r"test/manifest.json: pool range \[12, 16\) with 2 unlabeled images"):
+        open_split(synthetic, "test")
+    raw["pool"]["count"] = last["instance_end"] - last["instance_begin"]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ShardSetError, match=r"test/manifest.json: split 'test' holds unlabeled images"):
+        open_split(synthetic, "test")
 
 
 def test_folder_source(tmp_path):
@@ -129,6 +208,22 @@ def test_folder_source(tmp_path):
     c = open_folder(str(tmp_path / "photos"))
     assert c.super_names == ["kettle", "mug"] and c.fine_names == ["kettle/blue", "kettle/red", "mug/white"]
     assert c.fine_to_super == [0, 0, 1] and len(c.splits["test"]) == 1
+
+
+def test_folder_source_unlabeled_tree(tmp_path):
+    """Images under unlabeled/ (any depth) are unlabeled training images; under test/ an error."""
+    root = tmp_path / "photos"
+    write_images(
+        root, ["train/kettle/1.jpg", "train/unlabeled/2.jpg", "train/unlabeled/deep/3.png", "test/kettle/4.png"]
+    )
+    c = open_folder(str(root))
+    assert c.super_names == ["kettle"] and [r.super_id for r in c.splits["train"]] == [0, -1, -1]
+    assert [r.fine_id for r in c.splits["train"]] == [-1, -1, -1] and len(c.splits["test"]) == 1
+    write_images(root, ["test/unlabeled/5.png"])
+    with pytest.raises(
+        SourceError, match=r"test/unlabeled/5.png: an unlabeled image \(empty super\) in the test split"
+    ):
+        open_folder(str(root))
 
 
 def test_folder_source_without_fine_folders_and_other_formats(tmp_path):

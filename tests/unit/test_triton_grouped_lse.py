@@ -369,3 +369,37 @@ def test_dispatch_triton_matches_torch():
     via_torch = run(lambda *a: grouped_lse(*a, kernel="torch"), p, torch.float32)
     for a, b in zip(via_triton, via_torch):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@kernel_test
+def test_objective_with_a_pool_on_triton_matches_torch():
+    """Unlabeled images are one more group (the pool, 150 columns after 3 super-classes) for the
+    kernel, whose contract is unchanged: the objective's loss and gradients with head.kernel=triton
+    equal those with the PyTorch reference."""
+    from fgdist.config import validate
+    from fgdist.head import InstanceHead
+    from fgdist.objectives import Objective
+    from fgdist.partition import make_plan
+    from tests.helpers import manifest_with_sizes
+
+    plan = make_plan(manifest_with_sizes([40, 90, 21], pool=150), 1)
+    gen = torch.Generator().manual_seed(14)
+    instance_ids = torch.randint(0, plan.num_instances, (37,), generator=gen)
+    super_ids = torch.bucketize(instance_ids, torch.tensor([40, 130, 151]), right=True)
+    super_ids[super_ids == 3] = -1  # the pool's rows
+    features = torch.randn(37, 45, generator=gen)
+    logits = torch.randn(37, 3, generator=gen)
+    results = []
+    for kernel_name in ("triton", "torch"):
+        cfg = validate({"objective": {"lambda_U": 0.5}, "head": {"kernel": kernel_name}}, "test")
+        head = InstanceHead(plan, 0, 45, seed=2).to(DEVICE)
+        x, lg = leaf(features, DEVICE, torch.float32), leaf(logits, DEVICE, torch.float32)
+        objective = Objective(cfg, plan, 0, head).to(DEVICE)
+        parts = objective({"features": x, "super_logits": lg}, super_ids.to(DEVICE), -1, instance_ids.to(DEVICE))
+        parts["loss"].backward()
+        results.append(
+            [parts["pool_ce"].detach().cpu(), parts["loss"].detach().cpu(), x.grad.cpu(), head.weight.grad.cpu()]
+        )
+    assert (super_ids == -1).sum() > 5 and results[0][0] > 0
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
