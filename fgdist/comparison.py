@@ -21,8 +21,9 @@ is. The trainer logs the fractional epoch beside each step's metrics (metric `ep
 
 --baseline RUN (a run id or name) adds each run's difference to it on fine R@1, R@4 and MAP@R with
 a 95% paired bootstrap interval over the test queries (differences.md, differences.csv); runs
-evaluated on another test set are refused. --group-by KEY (a param: objective.name, a recipe key)
-shows the mean +- standard error over each group's runs (seeds) instead, and with --baseline the
+evaluated on another test set are refused. --group-by KEY (a param: objective.name, a recipe key;
+several joined by commas) shows the mean +- standard error over each group's runs (seeds) instead,
+and with --baseline the
 groups' differences (groups.md, groups.csv). Where a `fine` run is compared: "gap closed" =
 (run - baseline) / (fine - baseline) on fine R@1. See fgdist.differences.
 """
@@ -501,7 +502,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--group-by",
         metavar="KEY",
-        help="a run param (objective.name, objective.lambda_I_schedule, ...): mean +- standard error per value",
+        help="a run param (objective.name, objective.lambda_I_schedule, ...), or several joined by commas "
+        "(objective.name,num_unlabeled): mean +- standard error per value",
     )
     return p.parse_args(argv)
 

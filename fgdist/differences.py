@@ -7,7 +7,8 @@ the baseline's are refused (TestSetMismatchError). Where a run of the `fine` obj
 bound) is among those compared, "gap closed" = (run - baseline) / (fine - baseline) on GAP_METRIC,
 fine being the mean over the fine runs.
 
---group-by KEY (a run param such as objective.name or objective.lambda_I_schedule): one row per
+--group-by KEY (a run param such as objective.name or objective.lambda_I_schedule, or several
+joined by commas, e.g. objective.name,num_unlabeled: a recipe named by more than one param): one row per
 value of KEY with the mean +- standard error of PAIRED_METRICS over the group's runs (seeds);
 with --baseline, each group's difference to the baseline's group, the per-query values averaged
 over each group's runs first (runs on the same test set, so the queries stay paired).
@@ -162,6 +163,11 @@ def differences(
     return columns, rows
 
 
+def param_value(run: RunInfo, key: str) -> str:
+    """The run's value of param `key`; of several params ("A,B"), their values joined by ", "."""
+    return ", ".join(run.params.get(k, NOT_LOGGED) for k in key.split(","))
+
+
 def groups(
     runs: list[RunInfo], key: str, tables: dict[str, per_query.PerQuery] | None = None, baseline: RunInfo | None = None
 ) -> tuple[list[str], list[list]]:
@@ -171,12 +177,12 @@ def groups(
     run lacks its per-query table) and, where a fine run is compared, gap closed (on the means)."""
     members: dict[str, list[RunInfo]] = {}
     for r in sort_runs(runs):
-        members.setdefault(r.params.get(key, NOT_LOGGED), []).append(r)
+        members.setdefault(param_value(r, key), []).append(r)
     fine = fine_upper_bound(runs)
     columns = [key, "runs", "seeds", *PAIRED_METRICS]
     if baseline is not None:
         columns += [f"{m}_minus_base" for m in PAIRED_METRICS] + ([GAP_COLUMN] if fine is not None else [])
-        base_group = members[baseline.params.get(key, NOT_LOGGED)]
+        base_group = members[param_value(baseline, key)]
         base_mean = group_mean(base_group, GAP_METRIC)
     rows = []
     for value, group in members.items():
@@ -243,7 +249,7 @@ def caption(baseline: RunInfo | None, tables: dict, key: str | None, missing: li
         lines.append(f"Grouped by param `{key}`: mean ± standard error over each group's runs.")
     if baseline is not None:
         n = len(tables[baseline.run_id].keys)
-        against = f"the group of `{baseline.name}` ({key} = {baseline.params.get(key, NOT_LOGGED)})" if key else None
+        against = f"the group of `{baseline.name}` ({key} = {param_value(baseline, key)})" if key else None
         lines.append(
             f"Differences to {against or f'`{baseline.name}`'} in points: 95% paired bootstrap interval over its "
             f"{n:,} test queries ({RESAMPLES:,} resamples, seed {SEED})"

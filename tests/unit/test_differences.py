@@ -146,6 +146,13 @@ def test_group_by_gives_mean_and_standard_error_over_seeds_and_pooled_difference
     plain = read_csv(tmp_path / "plain" / "groups.csv")
     assert list(plain) == ["0", "1"] and plain["0"]["runs"] == "4"
     assert not any(c.endswith("_minus_base") for c in plain["0"])
+    # Several params name a recipe: one group per combination, the baseline's combination the base.
+    assert compare(uri, tmp_path / "two", "--group-by", "objective.name,seed", "--baseline", "base-s1") == 0
+    two = read_csv(tmp_path / "two" / "groups.csv")
+    assert list(two)[:2] == ["base, 0", "base, 1"] and {v["runs"] for v in two.values()} == {"1"}
+    assert two["base, 1"]["fine_recall_at_1_minus_base"] == ""
+    d = paired_difference(values(tables["eff-s0"], METRICS[0]), values(tables["base-s1"], METRICS[0]))
+    assert float(two["base_indi_eff, 0"]["fine_recall_at_1_minus_base"]) == pytest.approx(d.value, rel=1e-12)
 
 
 @pytest.mark.parametrize(
