@@ -10,8 +10,8 @@ and fine labels. This script runs the product's own code on random data of that 
     11,316 fine classes (as many as in SOP's standard test half; the paper's random 80,000/rest
     split spreads its test images over more, smaller classes), each in one of 12 super-classes;
   * every rank generates its own contiguous slice of rows, gathers rows and labels with
-    fgdist.collectives.gather_rows (as fgdist.evaluation.evaluate does after embedding), then
-    calls fgdist.evaluation.query_slice_sums on its query slice (the retrieval pass evaluate runs);
+    fgdist.collectives.gather_rows (as fgdist.training.evaluation.evaluate does after embedding), then
+    calls fgdist.training.evaluation.query_slice_sums on its query slice (the retrieval pass evaluate runs);
     the sums are added over ranks with fgdist.collectives.sum_over_ranks;
   * 1 rank (one spawned process, no process group) and 2 ranks (2 spawned processes, gloo).
 
@@ -68,9 +68,9 @@ from bench.common import (  # noqa: E402
     run_meta,
 )
 from fgdist.collectives import barrier, gather_counts, gather_rows, sum_over_ranks  # noqa: E402
-from fgdist.evaluation import query_slice_sums  # noqa: E402
 from fgdist.harness import free_port  # noqa: E402
 from fgdist.retrieval_metrics import SUB_CHUNK  # noqa: E402
+from fgdist.training.evaluation import query_slice_sums  # noqa: E402
 
 KS = [1, 10, 100, 1000]
 BLOCK = 4096  # rows are generated in global blocks, so the data does not depend on the rank count
@@ -399,7 +399,7 @@ def main() -> None:
         f"{args.super_classes} super-classes (random labels, features clustered by fine class, signal {args.signal}); "
         f"every row a query against the rest; Recall@{KS}",
         f"- {args.threads} torch thread(s) per rank; each configuration in fresh spawned processes (gloo for 2 ranks); "
-        "code under test: `fgdist.evaluation.query_slice_sums` (evaluation's one retrieval pass) after "
+        "code under test: `fgdist.training.evaluation.query_slice_sums` (evaluation's one retrieval pass) after "
         "`fgdist.collectives.gather_rows`",
         f"- Peak memory method: {sweep[0]['peak_method'] if sweep else '-'} (see the script's docstring); total "
         f"benchmark time {total:.0f} s",

@@ -13,7 +13,7 @@ Modes (each in a fresh pair of processes, so each peak RSS is its own):
   grouped/shuffled         rows drawn from all n columns (ordinary data parallel)
   grouped-cosine/by_superclass  head.logit = cosine (normalizes the whole slice every step)
   dense/shuffled           indi / base_indi's instance term: every row against all n columns
-  backbone-w64, backbone-w8    ResNet-18 (fgdist.model.EmbeddingNet, CIFAR stem, 32x32 images) at
+  backbone-w64, backbone-w8    ResNet-18 (fgdist.training.model.EmbeddingNet, CIFAR stem, 32x32 images) at
                            width 64 (torchvision's, d=512) and width 8 (d=64, the head's d):
                            forward + backward of the super-class CE, the gloo all-reduce of its
                            gradients (what DeepSpeed does), SGD step; for the head's share of a
@@ -65,11 +65,11 @@ from bench.common import (  # noqa: E402
     run_meta,
 )
 from fgdist.config import ModelConfig, OptimConfig  # noqa: E402
+from fgdist.data.partition import make_plan  # noqa: E402
 from fgdist.harness import free_port, init_gloo, manifest_with_sizes  # noqa: E402
-from fgdist.head import InstanceHead  # noqa: E402
-from fgdist.model import EmbeddingNet  # noqa: E402
-from fgdist.objectives import InstanceLoss  # noqa: E402
-from fgdist.partition import make_plan  # noqa: E402
+from fgdist.training.head import InstanceHead  # noqa: E402
+from fgdist.training.model import EmbeddingNet  # noqa: E402
+from fgdist.training.objectives import InstanceLoss  # noqa: E402
 
 MODES = {
     # name: (kind, dense, routing, logit, batch multiplier)
@@ -576,7 +576,8 @@ def notes(a, results) -> str:
             f"The measured peak: {mib(r['peak'])} MiB = baseline {mib(r['baseline'])} + W + M + G + "
             f"{mib(extra(g, 'head_step'))} MiB (the head.step phase peaks that far above its start, in steady state) + "
             f"{mib(other)} MiB. `head.step` adds the weight decay into the gradient in place "
-            "(`fgdist/head.py`: `grad.div_(world_size).add_(w, alpha=weight_decay)`, the optimizer's own weight decay "
+            "(`fgdist/training/head.py`: `grad.div_(world_size).add_(w, alpha=weight_decay)`, the optimizer's own "
+            "weight decay "
             "set to 0) because `torch.optim.SGD` with `weight_decay` computes `grad + weight_decay * w` into a new "
             "slice-sized tensor (`_single_tensor_sgd`: `grad = grad.add(param, alpha=weight_decay)`), which would make "
             "the head peak at 4x its weights; a head.step phase near W above its start means that copy is back. The "
@@ -614,7 +615,8 @@ def notes(a, results) -> str:
         if c in results:
             out += [
                 "`head.logit = cosine` is the exception in size, though not rows x n_local: `F.normalize(w, dim=1)` "
-                "(`fgdist/objectives.py`, `_logit_inputs`) materializes a normalized copy of the whole slice every "
+                "(`fgdist/training/objectives.py`, `_logit_inputs`) materializes a normalized copy of the whole slice "
+                "every "
                 f"step (+{mib(extra(c, 'forward'))} MiB in the forward, saved for backward) and its backward allocates "
                 f"+{mib(extra(c, 'backward'))} MiB of n_local x d temporaries; the step takes "
                 f"{slower_rank(results[c])['median_cpu_s']['head']:.1f} CPU s instead of "
@@ -679,7 +681,8 @@ def notes(a, results) -> str:
                 parts.append(line)
             out += [
                 "**Share of a real step.** This bench has no backbone, so the head is nearly all of its own step (the "
-                "rest is drawing the batch). Against a ResNet-18 step (fgdist.model.EmbeddingNet, CIFAR stem, 32x32 "
+                "rest is drawing the batch). Against a ResNet-18 step (fgdist.training.model.EmbeddingNet, CIFAR stem, "
+                "32x32 "
                 "images, fp32, forward + backward + gradient all-reduce + SGD, both ranks at once on the same "
                 "machine): " + "; ".join(parts) + ".",
                 "",

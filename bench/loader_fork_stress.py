@@ -31,8 +31,8 @@ import torch.distributed as dist  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 
 from fgdist.config import DataConfig  # noqa: E402
-from fgdist.data import eval_batches, open_data_split  # noqa: E402
-from fgdist.deepspeed_shm import unlink_deepspeed_shm_buffer  # noqa: E402
+from fgdist.data.loader import eval_batches, open_data_split  # noqa: E402
+from fgdist.training.deepspeed_shm import unlink_deepspeed_shm_buffer  # noqa: E402
 
 
 def dump_worker_stacks(iterator) -> None:

@@ -6,7 +6,7 @@
         [--set optim.epochs=4 ...] --out bench/results/fmnist_quality
 
 A variant is NAME:KEY=VALUE[,KEY=VALUE...]; --set applies to all of them. Each variant is a real
-`deepspeed launcher/train.py` run; the table comes from MLflow through `fgdist.comparison`.
+`deepspeed launcher/train.py` run; the table comes from MLflow through `fgdist.report.comparison`.
 The five objectives with the same recipe: --objectives base fine indi base_indi base_indi_eff.
 """
 
@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import deepspeed_command, md_head, md_row, parse_variant  # noqa: E402
-from fgdist.comparison import main as compare  # noqa: E402
 from fgdist.config import load_config  # noqa: E402
+from fgdist.report.comparison import main as compare  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import RssPeak, md_head, md_row, mib, run_meta, write_report  # noqa: E402
-from fgdist.index_choice import make_index  # noqa: E402
+from fgdist.retrieval.index_choice import make_index  # noqa: E402
 
 BATCH_REPEATS = 3  # q/s from the fastest: a busy shared machine slows some batches several times
 COLUMNS = [
@@ -218,7 +218,8 @@ def main() -> int:
         f"- Machine: {os.cpu_count()} CPU cores shared with other jobs (load average {load} at the end); "
         f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} OpenMP threads; "
         f"total {time.perf_counter() - started:.0f} s",
-        "- Memory: the serialized index; `fgdist.index_choice`'s estimate (what `--memory-budget` is compared "
+        "- Memory: the serialized index; `fgdist.retrieval.index_choice`'s estimate (what `--memory-budget` is "
+        "compared "
         "with); the peak RSS growth while building (training buffers included).",
         f"- Latency: {args.latency_queries} single-vector queries one at a time; q/s: all queries in one batch, "
         f"the fastest of {BATCH_REPEATS}.",

@@ -52,8 +52,8 @@ def random_model(out: Path, d: int) -> Path:
     import torch
 
     from fgdist.config import RunConfig
-    from fgdist.export import embedder_from, export_model
-    from fgdist.model import EmbeddingNet
+    from fgdist.retrieval.export import embedder_from, export_model
+    from fgdist.training.model import EmbeddingNet
 
     if d % 8:
         raise SystemExit(f"--d {d}: the random model's dimension is 8 x its width; pick a multiple of 8")
@@ -82,7 +82,7 @@ def synthetic_embeddings(out: Path, n: int, d: int, model: Path) -> Path:
 
 def build_index(embeddings: Path, out: Path, spec: str) -> float:
     """fgdist-index --type SPEC... into `out`; its wall seconds."""
-    from fgdist.search import index_main
+    from fgdist.retrieval.search import index_main
 
     started = time.perf_counter()
     if index_main(["--embeddings", str(embeddings), "--out", str(out), "--type", *shlex.split(spec)]) != 0:
@@ -109,7 +109,7 @@ class Served:
 
     def __enter__(self):
         port = free_port()
-        cmd = [sys.executable, "-m", "fgdist.serve", "--index", str(self.index), "--port", str(port)]
+        cmd = [sys.executable, "-m", "fgdist.retrieval.serve", "--index", str(self.index), "--port", str(port)]
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(
                 [*cmd, "--k-max", str(self.k_max)],

@@ -63,8 +63,8 @@ def measure(args) -> None:
     import torch.distributed as dist
 
     from fgdist.config import load_config
-    from fgdist.data import train_batches
-    from fgdist.trainer import Trainer
+    from fgdist.data.loader import train_batches
+    from fgdist.training.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)

@@ -1,40 +1,36 @@
 """fgdist: representation learning with fine-grained patterns, distributed.
 
-The design of the code as it is: docs/DESIGN.md.
+The design of the code as it is, and a newcomer's tour: docs/DESIGN.md.
 
-Library modules (one job each):
-  config      typed run configuration (pydantic), loaded from one JSON file
-  objective_table  the five objectives: heads, dense or grouped instance term, loss weights
-  shardset    reading a shard set: manifest, Parquet index, validation against the tars
-  partition   the column line: which rank owns which instance columns
-  data        per-rank WebDataset streams for both routings, augmentation, equal steps
-  kernels     grouped logsumexp: PyTorch reference and fused Triton kernel behind one dispatch
-  head        the partitioned instance head (a per-rank slice outside DeepSpeed)
-  collectives every collective of fgdist, on the communication device: the instance loss,
-              cross-rank BatchNorm, evaluation, checkpoints, embed (autograd-aware gathers and sums)
-  objectives  base / fine / indi / base_indi / base_indi_eff as one loss module
-  backbones   the backbone: ResNet-18, any torchvision or timm model, pretrained weights
-  model       the engine-wrapped network (backbone + heads), cross-rank BatchNorm
-  trainer     the DeepSpeed training loop
-  checkpoint  atomic checkpoints and restart
-  evaluation  distributed, chunked Recall@k and super-class top-k
-  tracking    MLflow from rank 0
-  log         logging with time and rank
-  deepspeed_shm  the workaround for DeepSpeed's leaked /dev/shm all-reduce buffer
-  cli         one command-line grammar; run_reporting ends every command's named errors
-  harness     a free port, a gloo group, a local HTTP wait: for the launcher, tests and bench
-  figures     the shared matplotlib figure helper of comparison and pictures
-  export, embed, search, retrieval_metrics
-              from a trained run to visual search: model export and load_model, Parquet
-              embeddings, faiss index and queries, MAP@R and R-precision
-  serve       fgdist-serve: the search over HTTP, and its page (static/index.html)
+Packages, lowest first (LAYERS below: a module imports only from its own package and those below):
+  (top level)  the foundation every package uses: config, objective_table, backbones and
+               narrow_resnet (what a config may name), collectives (every collective of fgdist:
+               the instance loss, cross-rank BatchNorm, evaluation, checkpoints, embed), cli, log,
+               output_folder (atomic outputs), images (decode), search_errors (the named errors),
+               embeddings_io (the Parquet embeddings format), retrieval_metrics (Recall@k, MAP@R)
+  data         shard sets (shardset, remote), the column line (partition), the per-rank streams
+               (loader) and augmentation (augment)
+  kernels      grouped logsumexp: PyTorch reference and fused Triton kernel behind one dispatch
+  training     the model (model, head), the objectives, the DeepSpeed loop (trainer,
+               deepspeed_config), checkpoints, evaluation and per-query rows, MLflow tracking
+  report       comparison of runs, paired differences (bootstrap), figures and pictures
+  retrieval    from a trained run to visual search: export and load_model, embed, index and
+               search, serve (and its page, static/index.html), publish (the end of a run)
+  harness      a free port, a gloo group, a local HTTP wait: for the launcher, tests and bench
 """
 
-__version__ = "0.1.0"
+from fgdist.cli import __version__
+
+# The allowed import directions, lowest first; tests/unit/test_import_layers.py holds every module
+# to it. Top-level modules not named here are the foundation (layer 0); this package's own
+# __init__ (load_model) and harness sit above everything.
+LAYERS = ("data", "kernels", "training", "report", "retrieval", "harness")
+
+__all__ = ["LAYERS", "__version__", "load_model"]
 
 
 def load_model(source):
-    """A module mapping images to L2-normalized embeddings (fgdist.export.load_model)."""
-    from fgdist.export import load_model as load
+    """A module mapping images to L2-normalized embeddings (fgdist.retrieval.export.load_model)."""
+    from fgdist.retrieval.export import load_model as load
 
     return load(source)

@@ -131,7 +131,7 @@ def _torchvision_model(cfg) -> tuple[nn.Module, tuple[str, ...], int]:
     from torchvision import models
 
     if cfg.arch == DEFAULT_ARCH and cfg.width != STANDARD_WIDTH:
-        from fgdist.model import NarrowResNet18
+        from fgdist.narrow_resnet import NarrowResNet18
 
         return NarrowResNet18(cfg.width), ("fc",), 8 * cfg.width
 

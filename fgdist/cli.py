@@ -29,12 +29,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{action.help} (default: %(default)s)"
 
 
+__version__ = "0.1.0"  # the package's version, re-exported as fgdist.__version__
+
+
 def installed_version() -> str:
     try:
         return version("fgdist")
     except PackageNotFoundError:  # run from a checkout that is not installed
-        from fgdist import __version__
-
         return f"{__version__}, not installed"
 
 

@@ -27,7 +27,7 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     shards: str = "data/synthetic"  # the shard set root (with train/ and test/)
-    # Read the tars from a URL: "http(s)://host/fmnist" (read with retries, fgdist/remote.py) or
+    # Read the tars from a URL: "http(s)://host/fmnist" (read with retries, fgdist/data/remote.py) or
     # anything else webdataset opens ("pipe:gsutil cat gs://bucket/fmnist"), the file's path appended
     # ("/train/train-000000.tar"). The manifests and indexes are read from `shards`, fetched from the URL into it
     # when missing. A shared file system needs nothing: point `shards` at it.
@@ -40,10 +40,10 @@ class DataConfig(Section):
     num_workers: int = Field(2, ge=0)
     shuffle_buffer: int = Field(1000, ge=1)
     # crop_flip: the paper's CIFAR recipe; resized_crop_flip: the ImageNet recipe; strong
-    # (fgdist/augment.py): colour images get a random resized crop (crop_scale), flip, colour
+    # (fgdist/data/augment.py): colour images get a random resized crop (crop_scale), flip, colour
     # jitter and random grayscale, single-channel images a random resized crop, a small affine
     # and random erasing. Evaluation (every mode) resizes the shorter side to image_size (to
-    # `resize` for resized_crop_flip) and center-crops image_size (fgdist/data.py eval_side).
+    # `resize` for resized_crop_flip) and center-crops image_size (fgdist/data/loader.py eval_side).
     augment: Literal["crop_flip", "resized_crop_flip", "strong", "none"] = "crop_flip"
     image_size: int = Field(32, ge=8)  # the crop fed to the network
     padding: int = Field(4, ge=0)  # crop_flip: zero padding before the random crop (CIFAR: 32 from 40)
@@ -166,7 +166,7 @@ class HeadConfig(Section):
     temperature: float = Field(0.1, gt=0.0)
     kernel: Literal["auto", "triton", "torch"] = "auto"
     # features: on a fresh start each column is set to the L2-normalized instance-term input
-    # (projection output if any) of its own image, unaugmented (fgdist/head.py init_from_features).
+    # (projection output if any) of its own image, unaugmented (fgdist/training/head.py init_from_features).
     init: Literal["random", "features"] = "random"
     # ema: a memory bank. W gets no gradient; after each step every visited column becomes
     # normalize(m * column + (1 - m) * normalize(mean of its rows' normalized features)).

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from fgdist.shardset import Manifest, PoolInfo, SuperClassInfo
+from fgdist.data.shardset import Manifest, PoolInfo, SuperClassInfo
 
 
 class ServerNotReadyError(RuntimeError):

@@ -2,9 +2,9 @@
 mode becomes upright 8-bit RGB (`to_rgb`), and where an image too small or too elongated to mean
 anything is refused (`check_shape`).
 
-Every decoder calls `open_image` (training and evaluation streams, `fgdist.embed.decode`, the
+Every decoder calls `open_image` (training and evaluation streams, `fgdist.retrieval.embed.decode`, the
 pictures, the shard builder and `shards verify`); every transform, training and evaluation alike,
-calls `to_rgb` first (fgdist/data.py `make_transform`), so a PIL image handed to
+calls `to_rgb` first (fgdist/data/loader.py `make_transform`), so a PIL image handed to
 `ImageEmbedder.preprocess` is read exactly as a file is. `open_image` keeps the image's own mode:
 the strong augmentation treats single-channel images differently, and reads that from the mode.
 """
@@ -44,7 +44,7 @@ MAX_ASPECT = 20.0
 
 def open_image(data: bytes) -> Image.Image:
     """Encoded image bytes, fully decoded (every pixel: a truncated file fails here, not later) in
-    the image's own mode. Raises what Pillow raises (fgdist.shardset.DECODE_ERRORS)."""
+    the image's own mode. Raises what Pillow raises (fgdist.data.shardset.DECODE_ERRORS)."""
     with Image.open(io.BytesIO(data)) as image:
         image.load()
         return image

@@ -1,8 +1,8 @@
 """The five objectives in one table: which heads each trains, how its instance term is cut, and
 how the loss parts are weighted. Everything that depends on the objective reads this table: the
-config's allowed names (fgdist.config), the loss (fgdist.objectives), the model's heads and the
-evaluation (fgdist.trainer), the comparison table's order and lambda_I column
-(fgdist.comparison), `launcher/train.py --objective`, and the tests that run every objective
+config's allowed names (fgdist.config), the loss (fgdist.training.objectives), the model's heads and the
+evaluation (fgdist.training.trainer), the comparison table's order and lambda_I column
+(fgdist.report.comparison), `launcher/train.py --objective`, and the tests that run every objective
 (tests/unit/test_objectives.py, test_config.py, tests/integration/test_loss_equivalence.py).
 
 This module imports nothing heavy (no torch), so that the config can import it. docs/DESIGN.md,

@@ -41,6 +41,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from fgdist.cli import __version__
 from fgdist.search_errors import NotFgdistOutputError, OutputExistsError, OutputIsInputError
 
 MARKER = ".fgdist-output.json"
@@ -70,22 +71,28 @@ def _read_json(path: Path) -> dict:
     return raw if isinstance(raw, dict) else {}
 
 
+# What each kind of output wrote before the marker existed: (file, key, value). Written out here, not
+# read from the modules that own them: those sit above this one (fgdist.LAYERS) and write through
+# it; tests/unit/test_output_folder.py builds real outputs with the owners' names, so a rename fails
+EMBEDDINGS_META = ("_embeddings.json", "format", "fgdist-embeddings/1")  # fgdist.embeddings_io
+MODEL_META = ("fgdist_model.json", "format", "fgdist-model/1")  # fgdist.retrieval.export
+INDEX_META, INDEX_KEYS = "index.json", {"factory", "dim", "count"}  # fgdist.retrieval.search
+SHARD_SET = ("collection.json", "manifest.json", "fgdist-shards/1")  # fgdist.data.shardset
+
+
 def _older_output(folder: Path) -> bool:
     """A folder fgdist wrote before the marker existed, recognised by its own metadata file."""
-    # here, not at the top: these modules write through this one
-    from fgdist import embeddings_io, export, search, shardset
-
-    if _read_json(folder / embeddings_io.META).get("format") == embeddings_io.FORMAT:
+    for name, key, value in (EMBEDDINGS_META, MODEL_META):
+        if _read_json(folder / name).get(key) == value:
+            return True
+    if INDEX_KEYS <= _read_json(folder / INDEX_META).keys():
         return True
-    if _read_json(folder / export.CONFIG).get("format") == export.FORMAT:
-        return True
-    if {"factory", "dim", "count"} <= _read_json(folder / search.META).keys():
-        return True
-    splits = _read_json(folder / shardset.COLLECTION).get("splits")
+    collection, manifest, shard_format = SHARD_SET
+    splits = _read_json(folder / collection).get("splits")
     return (
         isinstance(splits, list)
         and bool(splits)
-        and all(_read_json(folder / str(s) / shardset.MANIFEST).get("format") == shardset.FORMAT for s in splits)
+        and all(_read_json(folder / str(s) / manifest).get("format") == shard_format for s in splits)
     )
 
 
@@ -160,8 +167,6 @@ def check_free(out: str | Path, overwrite: bool, inputs: Inputs | None = None) -
 
 
 def _write_marker(folder: Path, kind: str | None, files: list[str] | None) -> None:
-    from fgdist import __version__
-
     marker = {
         "format": MARKER_FORMAT,
         "kind": kind,

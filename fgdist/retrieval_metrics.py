@@ -17,10 +17,10 @@ gallery row (a stable sort), for Recall@k as for MAP@R, so the metrics are a fun
 (a top-k selection would pick among tied items arbitrarily).
 
 The metrics are means of per-query values (first rank, AP@R, R-precision), which
-`retrieval_pass` returns beside the sums (evaluation writes them: `fgdist.per_query`).
+`retrieval_pass` returns beside the sums (evaluation writes them: `fgdist.training.per_query`).
 
 `python -m fgdist.retrieval_metrics --embeddings Q --gallery G` scores a query set against a
-different gallery set (two `fgdist-embed` outputs); evaluation (`fgdist.evaluation.evaluate`)
+different gallery set (two `fgdist-embed` outputs); evaluation (`fgdist.training.evaluation.evaluate`)
 uses the test split for both, and all its retrieval metrics come from one `retrieval_pass`.
 """
 
@@ -185,7 +185,7 @@ def relevant_counts(gallery_labels: torch.Tensor, query_labels: torch.Tensor, ex
     return (r - 1).clamp_min(0) if excluded else r
 
 
-VALUES = ("first_rank", "ap_at_r", "r_precision")  # per query and label; fgdist.per_query writes them
+VALUES = ("first_rank", "ap_at_r", "r_precision")  # per query and label; fgdist.training.per_query writes them
 
 
 def empty_values(device) -> dict[str, torch.Tensor]:

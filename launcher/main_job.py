@@ -17,11 +17,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fgdist import cli, per_query  # noqa: E402
-from fgdist.bootstrap import paired_difference  # noqa: E402
+from fgdist import cli  # noqa: E402
 from fgdist.config import ConfigError, load_config  # noqa: E402
+from fgdist.data.shardset import open_split  # noqa: E402
 from fgdist.harness import free_port  # noqa: E402
-from fgdist.shardset import open_split  # noqa: E402
+from fgdist.report.bootstrap import paired_difference  # noqa: E402
+from fgdist.training import per_query  # noqa: E402
 from shards.sources.synthetic import open_synthetic  # noqa: E402
 
 OBJECTIVES = ("base", "base_indi_eff")  # the paper's baseline and its method (Eqn 1, Eqn 5)
@@ -68,7 +69,7 @@ def _main_job(args) -> int:
         run_dir = Path(cfg.output_dir) / name
         run_ids.append(json.loads((run_dir / "results.json").read_text())["mlflow_run_id"])
         tables[objective] = per_query.read(run_dir / per_query.FILE)
-    from fgdist.comparison import main as compare
+    from fgdist.report.comparison import main as compare
 
     code = compare(
         [

@@ -94,9 +94,10 @@ def _train(args) -> int:
     cfg = run_config(args)
     single_process_env()
     from fgdist.collectives import leave  # slow imports (torch, MLflow): a bad config is named before them
-    from fgdist.trainer import Trainer
+    from fgdist.retrieval.publish import publish_run
+    from fgdist.training.trainer import Trainer
 
-    Trainer(cfg, resume=args.resume).train()
+    Trainer(cfg, resume=args.resume, publish=publish_run).train()
     leave()
     return 0
 

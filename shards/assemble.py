@@ -25,8 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fgdist.output_folder import Inputs, atomic_file, atomic_folder
-from fgdist.shardset import (
+from fgdist.data.shardset import (
     COLLECTION,
     INDEX,
     MANIFEST,
@@ -40,6 +39,7 @@ from fgdist.shardset import (
     sample_key,
     sha256_of,
 )
+from fgdist.output_folder import Inputs, atomic_file, atomic_folder
 from shards.sources import Collection
 
 PART_FORMAT = "fgdist-shards-part/1"

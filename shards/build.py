@@ -30,9 +30,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from fgdist.data.shardset import DECODE_ERRORS, INDEX, INDEX_COLUMNS, UNLABELED, Manifest, sample_key, sha256_of
 from fgdist.images import check_shape, open_image
 from fgdist.output_folder import Inputs, atomic_folder
-from fgdist.shardset import DECODE_ERRORS, INDEX, INDEX_COLUMNS, UNLABELED, Manifest, sample_key, sha256_of
 from shards.assemble import ShardResult, add_member, assemble_split, sample_meta, write_collection, write_part
 from shards.sources import Collection, CorruptImageError, Record
 

@@ -22,7 +22,7 @@ import json
 import time
 
 from fgdist import cli
-from fgdist.shardset import UNLABELED, ShardSetError, open_split, verify_split
+from fgdist.data.shardset import UNLABELED, ShardSetError, open_split, verify_split
 from shards.assemble import merge_parts
 from shards.build import BUILD_OPTIONS, build_part, build_shards
 from shards.sources import SourceError

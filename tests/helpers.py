@@ -44,7 +44,7 @@ def write_run_folder(run: Path, cfg, model, epoch: int | None = None) -> Path:
 
     import torch
 
-    from fgdist.checkpoint import Position
+    from fgdist.training.checkpoint import Position
 
     position = Position(cfg.optim.epochs if epoch is None else epoch, 0, 0, 1, None)
     folder = run / "checkpoints" / position.tag

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from fgdist.data.shardset import DECODE_ERRORS
 from fgdist.images import to_rgb
-from fgdist.shardset import DECODE_ERRORS
 
 
 class SourceError(ValueError):
@@ -29,7 +29,7 @@ class CorruptImageError(SourceError):
 
 @dataclass(frozen=True)
 class Record:
-    super_id: int  # -1 (fgdist.shardset.UNLABELED): an unlabeled training image, for the pool
+    super_id: int  # -1 (fgdist.data.shardset.UNLABELED): an unlabeled training image, for the pool
     fine_id: int  # -1 when the source has no fine labels (and for an unlabeled image)
     load: Callable[[], bytes]  # encoded image bytes (PNG or JPEG)
     ext: str  # "png" or "jpg": the member name's extension in the tar

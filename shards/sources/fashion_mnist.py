@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fgdist.shardset import UNLABELED
+from fgdist.data.shardset import UNLABELED
 from shards.sources import Collection, Record, SourceError, encode_png
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"

@@ -74,7 +74,7 @@ class ClassTables:
 
     def ids(self, image: ListedImage) -> tuple[int, int]:
         """(super id, fine id) of an image, -1 for a label it does not have (both -1: unlabeled,
-        fgdist.shardset.UNLABELED)."""
+        fgdist.data.shardset.UNLABELED)."""
         return self.super_ids.get(image.super, -1), self.fine_ids.get(image.fine, -1)
 
 

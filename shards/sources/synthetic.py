@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from fgdist.shardset import UNLABELED
+from fgdist.data.shardset import UNLABELED
 from shards.sources import Collection, Record, encode_png
 
 

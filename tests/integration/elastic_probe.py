@@ -11,8 +11,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from fgdist.data import EvalStream, collate, deal, shard_urls  # noqa: E402
-from fgdist.trainer import Trainer  # noqa: E402
+from fgdist.data.loader import EvalStream, collate, deal, shard_urls  # noqa: E402
+from fgdist.retrieval.publish import publish_run  # noqa: E402
+from fgdist.training.trainer import Trainer  # noqa: E402
 from launcher.train import parse_args, run_config  # noqa: E402
 
 
@@ -41,7 +42,7 @@ def fixed_batch_loss(trainer: Trainer) -> float:
 
 if __name__ == "__main__":
     args = parse_args()
-    trainer = Trainer(run_config(args), resume=args.resume)
+    trainer = Trainer(run_config(args), resume=args.resume, publish=publish_run)
     loss = fixed_batch_loss(trainer)
     if trainer.rank == 0:
         print(f"FIXED_BATCH_LOSS {loss:.10f} world_size={trainer.world_size}", flush=True)

@@ -14,13 +14,13 @@ import torch
 import torchvision
 
 from fgdist.config import DataConfig
-from fgdist.data import EvalStream, collate, deal, shard_urls
-from fgdist.embed import main as embed_main
+from fgdist.data.loader import EvalStream, collate, deal, shard_urls
+from fgdist.data.shardset import open_split
 from fgdist.embeddings_io import read_embeddings
-from fgdist.export import export_model, load_model
-from fgdist.model import model_for_eval, unit_features
-from fgdist.pictures import load_checkpoint_model
-from fgdist.shardset import open_split
+from fgdist.retrieval.embed import main as embed_main
+from fgdist.retrieval.export import export_model, load_model
+from fgdist.training.checkpoint import load_checkpoint_model
+from fgdist.training.model import model_for_eval, unit_features
 from tests.integration.conftest import assert_same_metrics
 from tests.integration.test_faults import probe
 

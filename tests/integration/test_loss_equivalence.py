@@ -25,13 +25,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from fgdist.config import DataConfig, ModelConfig, validate
-from fgdist.data import EvalStream, collate, deal, own_column_batches, shard_urls
-from fgdist.head import InstanceHead
-from fgdist.model import CrossRankBatchNorm2d, EmbeddingNet, convert_batchnorm, instance_features, projection_mlp
+from fgdist.data.loader import EvalStream, collate, deal, own_column_batches, shard_urls
+from fgdist.data.partition import make_plan
+from fgdist.data.shardset import open_split
 from fgdist.objective_table import OBJECTIVE_NAMES, OBJECTIVES
-from fgdist.objectives import Objective
-from fgdist.partition import make_plan
-from fgdist.shardset import open_split
+from fgdist.training.head import InstanceHead
+from fgdist.training.model import (
+    CrossRankBatchNorm2d,
+    EmbeddingNet,
+    convert_batchnorm,
+    instance_features,
+    projection_mlp,
+)
+from fgdist.training.objectives import Objective
 from tests.helpers import free_port, init_gloo, manifest_with_sizes, tiny_synthetic
 from tests.unit.test_objectives import pool_oracle
 

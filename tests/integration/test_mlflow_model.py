@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from fgdist import checkpoint
-from fgdist.export import load_model
+from fgdist.retrieval.export import load_model
+from fgdist.training import checkpoint
 from tests.helpers import LAUNCHER_ENV, REPO, TINY_TRAINING, free_port, launch_training, serving, tiny_synthetic
 
 EPOCHS, EVERY, SIZE = 30, 20, 16

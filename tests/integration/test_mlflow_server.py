@@ -193,7 +193,7 @@ def test_training_run_reads_back_from_the_server(env, tmp_path):
 
     # The pictures command on the saved checkpoint (taken after the last epoch) draws the same
     # retrieval grid as the trainer did with the live model.
-    from fgdist.pictures import main as pictures_main
+    from fgdist.report.pictures import main as pictures_main
 
     assert pictures_main(["--model", str(run_dir), "--out", str(tmp_path / "cli")]) == 0
     with Image.open(tmp_path / "cli" / "retrieval.png") as a, Image.open(run_dir / "pictures" / "retrieval.png") as b:

@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from fgdist import per_query
-from fgdist.shardset import open_split, split_fingerprint
+from fgdist.data.shardset import open_split, split_fingerprint
+from fgdist.training import per_query
 
 
 def test_a_run_writes_per_query_results_that_reproduce_its_metrics(tiny_runs, straight_run, tmp_path):

@@ -20,11 +20,11 @@ import torch
 from PIL import Image
 
 from fgdist.config import RunConfig
-from fgdist.embed import main as embed_main
 from fgdist.embeddings_io import read_embeddings
-from fgdist.export import embedder_from, export_model, load_model
-from fgdist.model import EmbeddingNet
-from fgdist.search import index_main, search_main
+from fgdist.retrieval.embed import main as embed_main
+from fgdist.retrieval.export import embedder_from, export_model, load_model
+from fgdist.retrieval.search import index_main, search_main
+from fgdist.training.model import EmbeddingNet
 from tests.helpers import REPO, free_port, wait_for_http
 
 pytest.importorskip("faiss")
@@ -86,7 +86,7 @@ class Server:
 def server(catalogue):
     """`fgdist-serve` on a free port, with the model the index records (no --model)."""
     port, log = free_port(), catalogue / "serve.log"
-    cmd = [sys.executable, "-m", "fgdist.serve", "--index", str(catalogue / "index"), "--port", str(port)]
+    cmd = [sys.executable, "-m", "fgdist.retrieval.serve", "--index", str(catalogue / "index"), "--port", str(port)]
     cmd += ["--k-max", str(K_MAX), "--max-upload-mb", str(MAX_UPLOAD_MB)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(log, "w") as out:
@@ -281,7 +281,7 @@ def test_concurrent_queries_each_get_their_own_neighbours(server, catalogue):
     ],
 )
 def test_a_server_that_cannot_start_says_why(catalogue, flags, words, capsys):
-    from fgdist.serve import main
+    from fgdist.retrieval.serve import main
 
     args = ["--index", str(catalogue / "index"), *flags]
     assert main(args) == 2
@@ -290,7 +290,7 @@ def test_a_server_that_cannot_start_says_why(catalogue, flags, words, capsys):
 
 
 def test_a_model_of_another_dimension_is_refused(catalogue, tmp_path, capsys):
-    from fgdist.serve import main
+    from fgdist.retrieval.serve import main
 
     cfg = RunConfig.model_validate({"model": {"width": 8}, "data": {"image_size": 16, "shards": str(tmp_path)}})
     export_model(embedder_from(EmbeddingNet(cfg.model, 2, None), cfg.model, cfg.data, "backbone"), tmp_path / "m")

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from fgdist.embeddings_io import read_embeddings
-from fgdist.export import load_model
-from fgdist.search import open_index
+from fgdist.retrieval.export import load_model
+from fgdist.retrieval.search import open_index
 from tests.helpers import REPO, free_port
 
 pytest.importorskip("faiss")
@@ -40,11 +40,11 @@ def searched(tiny_runs):
     root, run = tiny_runs.root, tiny_runs.run_dir("search")
     out = root / "search"
     common = ["--shards", str(tiny_runs.shards), "--split", "test", "--batch-size", "5", "--quiet"]
-    cli(root, "fgdist.embed", "--model", str(run), "--out", str(out / "emb1"), *common)
-    cli(root, "fgdist.embed", "--model", str(run), "--out", str(out / "emb2"), *common, ranks=2)
-    cli(root, "fgdist.export", "--model", str(run), "--out", str(out / "exported"))
-    cli(root, "fgdist.search", "--help")
-    from fgdist.search import index_main
+    cli(root, "fgdist.retrieval.embed", "--model", str(run), "--out", str(out / "emb1"), *common)
+    cli(root, "fgdist.retrieval.embed", "--model", str(run), "--out", str(out / "emb2"), *common, ranks=2)
+    cli(root, "fgdist.retrieval.export", "--model", str(run), "--out", str(out / "exported"))
+    cli(root, "fgdist.retrieval.search", "--help")
+    from fgdist.retrieval.search import index_main
 
     assert index_main(["--embeddings", str(out / "emb1"), "--out", str(out / "index")]) == 0
     return tiny_runs, run, out
@@ -60,8 +60,9 @@ def test_embeddings_from_one_and_two_ranks_are_identical(searched):
 
 def test_index_neighbours_are_the_evaluation_s_exact_top_k(searched):
     tiny_runs, run, out = searched
-    from fgdist.pictures import embed_split, load_checkpoint_model
-    from fgdist.shardset import open_split
+    from fgdist.data.shardset import open_split
+    from fgdist.report.pictures import embed_split
+    from fgdist.training.checkpoint import load_checkpoint_model
 
     # The evaluation's computation: the checkpoint's model, the eval pipeline, exact top-k without itself.
     model, cfg, _ = load_checkpoint_model(run)
@@ -115,7 +116,7 @@ def test_search_command_prints_the_neighbours(searched):
         instance = int(member.name.split(".")[0])
     printed = cli(
         tiny_runs.root,
-        "fgdist.search",
+        "fgdist.retrieval.search",
         "--index",
         str(out / "index"),
         "--image",

@@ -18,8 +18,10 @@ from torch import nn
 
 from fgdist.backbones import PretrainedMismatchError, WeightsNotCachedError, build_backbone
 from fgdist.config import ConfigError, DataConfig, ModelConfig, validate
-from fgdist.export import embedder_from, export_model, load_model
-from fgdist.model import (
+from fgdist.report.pictures import NoSpatialMapsError, attention_maps
+from fgdist.retrieval.export import embedder_from, export_model, load_model
+from fgdist.search_errors import CheckpointError
+from fgdist.training.model import (
     CrossRankBatchNorm1d,
     CrossRankBatchNormAct2d,
     EmbeddingNet,
@@ -27,9 +29,7 @@ from fgdist.model import (
     convert_batchnorm,
     reestimate_batchnorm,
 )
-from fgdist.pictures import NoSpatialMapsError, attention_maps
-from fgdist.search_errors import CheckpointError
-from fgdist.trainer import parameter_groups
+from fgdist.training.trainer import parameter_groups
 from tests.helpers import REPO, write_run_folder
 
 TIMM_CONV = "timm:mobilenetv3_small_050"  # timm's BatchNormAct2d layers

@@ -4,12 +4,12 @@ Bernoulli difference's interval is the normal approximation's."""
 import numpy as np
 import pytest
 
-from fgdist.bootstrap import mean_and_standard_error, paired_difference
+from fgdist.report.bootstrap import mean_and_standard_error, paired_difference
 
 
 def test_a_constant_paired_difference_gives_a_point_interval():
     rng = np.random.default_rng(1)
-    b = 100.0 * (rng.random(300) < 0.4)  # per-query hits in percent, as fgdist.per_query gives them
+    b = 100.0 * (rng.random(300) < 0.4)  # per-query hits in percent, as fgdist.training.per_query gives them
     d = paired_difference(b + 2.5, b)
     assert (d.value, d.low, d.high, d.n) == (2.5, 2.5, 2.5, 300)
     assert not d.holds_zero

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 import shards.build as build_module
+from fgdist.data.shardset import INDEX, open_split, verify_split
 from fgdist.images import open_image
 from fgdist.search_errors import ImageTooSmallError
-from fgdist.shardset import INDEX, open_split, verify_split
 from shards.build import build_shards
 from shards.cli import main as shards_main
 from shards.sources import Collection, CorruptImageError, Record, SourceError, jpeg_loader

@@ -85,13 +85,20 @@ def bad_input(value: str, tmp) -> list[str]:
     """A command line naming an input that is not there, per entry point."""
     missing = str(tmp / "missing")
     return {
-        "fgdist.comparison:main": ["--experiment", "x", "--tracking-uri", f"sqlite:///{missing}", "--out", str(tmp)],
-        "fgdist.embed:main": ["--model", missing, "--images", missing, "--out", str(tmp / "out")],
-        "fgdist.export:main": ["--model", missing, "--out", str(tmp / "out")],
-        "fgdist.search:index_main": ["--embeddings", missing, "--out", str(tmp / "out")],
-        "fgdist.search:search_main": ["--index", missing, "--queries", missing, "--out", str(tmp / "out")],
-        "fgdist.pictures:main": ["--model", missing],
-        "fgdist.serve:main": ["--index", missing],
+        "fgdist.report.comparison:main": [
+            "--experiment",
+            "x",
+            "--tracking-uri",
+            f"sqlite:///{missing}",
+            "--out",
+            str(tmp),
+        ],
+        "fgdist.retrieval.embed:main": ["--model", missing, "--images", missing, "--out", str(tmp / "out")],
+        "fgdist.retrieval.export:main": ["--model", missing, "--out", str(tmp / "out")],
+        "fgdist.retrieval.search:index_main": ["--embeddings", missing, "--out", str(tmp / "out")],
+        "fgdist.retrieval.search:search_main": ["--index", missing, "--queries", missing, "--out", str(tmp / "out")],
+        "fgdist.report.pictures:main": ["--model", missing],
+        "fgdist.retrieval.serve:main": ["--index", missing],
         "shards.cli:main": ["inspect", missing],
         "launcher.train:main": ["--config", missing],
         "launcher.main_job:main": ["--config", missing],

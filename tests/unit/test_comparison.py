@@ -10,9 +10,9 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from fgdist.comparison import LEAVES_COLUMN, comparison_table, instance_curves, load_runs, main
 from fgdist.objective_table import OBJECTIVES
-from fgdist.objectives import instance_ce_chance
+from fgdist.report.comparison import LEAVES_COLUMN, comparison_table, instance_curves, load_runs, main
+from fgdist.training.objectives import instance_ce_chance
 from tests.helpers import free_port
 
 # (run name, objective, lambda_I, final metrics); `indi` has no super head, so no super top-k.

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from fgdist.config import validate
-from fgdist.data import data_loader, eval_batches, steps_per_epoch, train_batches
-from fgdist.partition import make_plan
-from fgdist.shardset import open_split, sample_key
+from fgdist.data.loader import data_loader, eval_batches, steps_per_epoch, train_batches
+from fgdist.data.partition import make_plan
+from fgdist.data.shardset import open_split, sample_key
 from shards.build import build_shards
 from shards.sources.synthetic import open_synthetic
 

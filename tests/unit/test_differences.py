@@ -9,9 +9,9 @@ import mlflow
 import numpy as np
 import pytest
 
-from fgdist import per_query
-from fgdist.bootstrap import paired_difference
-from fgdist.comparison import main
+from fgdist.report.bootstrap import paired_difference
+from fgdist.report.comparison import main
+from fgdist.training import per_query
 
 N = 400  # test queries
 METRICS = ("fine_recall_at_1", "fine_recall_at_4", "fine_map_at_r")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from fgdist.evaluation import evaluate, query_slice_sums
+from fgdist.training.evaluation import evaluate, query_slice_sums
 
 
 def test_recall_counts_a_miss_as_a_miss_when_k_exceeds_the_other_rows():

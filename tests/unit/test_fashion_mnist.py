@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fgdist.shardset import open_split, verify_split
+from fgdist.data.shardset import open_split, verify_split
 from shards.build import build_shards
 from shards.sources import SourceError
 from shards.sources.fashion_mnist import DEFAULT_ROOT, FINE_TO_SUPER, open_fashion_mnist

@@ -4,10 +4,10 @@ of one cut load into any other cut (weights and momentum), so a resume may chang
 import pytest
 import torch
 
-import fgdist.head
+import fgdist.training.head
 from fgdist.config import OptimConfig
-from fgdist.head import InstanceHead, init_columns
-from fgdist.partition import make_plan
+from fgdist.data.partition import make_plan
+from fgdist.training.head import InstanceHead, init_columns
 from tests.helpers import manifest_with_sizes
 
 # n = 20 columns: 3 ranks own [0, 7), [7, 14), [14, 20); 2 ranks own [0, 10), [10, 20).
@@ -34,7 +34,7 @@ def line(hs, what="weight"):
 
 @pytest.fixture
 def small_init_block(monkeypatch):
-    monkeypatch.setattr(fgdist.head, "INIT_BLOCK", SMALL_BLOCK)
+    monkeypatch.setattr(fgdist.training.head, "INIT_BLOCK", SMALL_BLOCK)
 
 
 def test_init_columns_do_not_depend_on_the_cut(small_init_block):

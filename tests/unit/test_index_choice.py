@@ -1,4 +1,4 @@
-"""fgdist.index_choice: the auto rule under memory and latency budgets, the memory estimates, the
+"""fgdist.retrieval.index_choice: the auto rule under memory and latency budgets, the memory estimates, the
 default approximate index's recall against Flat, and what fgdist-index records in index.json."""
 
 import json
@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fgdist.embeddings_io import FORMAT, META, to_table
-from fgdist.index_choice import (
+from fgdist.retrieval.index_choice import (
     PLATEAU,
     IndexSpec,
     NoIndexFitsError,
@@ -18,7 +18,7 @@ from fgdist.index_choice import (
     set_breadth,
     spec_for,
 )
-from fgdist.search import index_main, open_index
+from fgdist.retrieval.search import index_main, open_index
 
 faiss = pytest.importorskip("faiss")
 

@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from fgdist.comparison import FROM_START, LEAVE_CHANCE_MARGIN, NEVER, InstanceCurve
-from fgdist.objectives import instance_ce_chance, softmax_group_sizes
-from fgdist.partition import Plan
+from fgdist.data.partition import Plan
+from fgdist.report.comparison import FROM_START, LEAVE_CHANCE_MARGIN, NEVER, InstanceCurve
+from fgdist.training.objectives import instance_ce_chance, softmax_group_sizes
 
 
 def test_chance_is_the_image_mean_of_ln_n():

@@ -12,15 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from fgdist.augment import random_resized_crop, strong_augment
 from fgdist.config import validate
-from fgdist.data import TrainStream, collate, rank_specs
-from fgdist.head import InstanceHead
-from fgdist.model import EmbeddingNet, model_for_eval
-from fgdist.objectives import Objective
-from fgdist.partition import make_plan
-from fgdist.shardset import open_split
-from fgdist.trainer import built_model_config
+from fgdist.data.augment import random_resized_crop, strong_augment
+from fgdist.data.loader import TrainStream, collate, rank_specs
+from fgdist.data.partition import make_plan
+from fgdist.data.shardset import open_split
+from fgdist.training.head import InstanceHead
+from fgdist.training.model import EmbeddingNet, model_for_eval
+from fgdist.training.objectives import Objective
+from fgdist.training.trainer import built_model_config
 from shards.build import build_shards
 from shards.sources.synthetic import open_synthetic
 from tests.helpers import manifest_with_sizes

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fgdist import per_query
-from fgdist.bootstrap import paired_difference
 from fgdist.config import load_config
 from fgdist.objective_table import OBJECTIVE_NAMES
+from fgdist.report.bootstrap import paired_difference
+from fgdist.training import per_query
 from launcher.main_job import older_test_split, train_command, verdict
 from launcher.train import parse_args
 from tests.helpers import REPO, tiny_synthetic
@@ -38,7 +38,7 @@ def test_objective_choices_come_from_the_objective_table(capsys):
 def test_every_console_script_points_at_a_main_taking_argv():
     tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["fgdist-pictures"] == "fgdist.pictures:main"
+    assert scripts["fgdist-pictures"] == "fgdist.report.pictures:main"
     for name, target in scripts.items():
         module, _, attr = target.partition(":")
         main = getattr(importlib.import_module(module), attr)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fgdist.config import RunConfig
-from fgdist.export import ImageEmbedder, embedder_from, load_model, log_to_mlflow
-from fgdist.model import EmbeddingNet
+from fgdist.retrieval.export import ImageEmbedder, embedder_from, load_model, log_to_mlflow
+from fgdist.training.model import EmbeddingNet
 
 SIZE = 16
 

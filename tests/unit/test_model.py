@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from fgdist.config import ModelConfig
-from fgdist.model import CrossRankBatchNorm2d, build_backbone, convert_batchnorm, reestimate_batchnorm
+from fgdist.training.model import CrossRankBatchNorm2d, build_backbone, convert_batchnorm, reestimate_batchnorm
 
 MARK = 12.375  # a value no initializer produces by chance
 

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from fgdist.config import ConfigError, validate
-from fgdist.head import InstanceHead
+from fgdist.data.partition import make_plan
 from fgdist.objective_table import OBJECTIVE_NAMES, OBJECTIVES
-from fgdist.objectives import Objective
-from fgdist.partition import make_plan
+from fgdist.training.head import InstanceHead
+from fgdist.training.objectives import Objective
 from tests.helpers import manifest_with_sizes
 
 SIZES = [3, 5, 4]  # 12 instances in 3 super-classes

@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 
 from fgdist.config import RunConfig
-from fgdist.embed import main as embed_main
-from fgdist.export import embedder_from, export_model
-from fgdist.export import main as export_main
-from fgdist.model import EmbeddingNet
 from fgdist.output_folder import MARKER, atomic_file, atomic_folder, begin, check_free, partial_path
-from fgdist.search import index_main
+from fgdist.retrieval.embed import main as embed_main
+from fgdist.retrieval.export import embedder_from, export_model
+from fgdist.retrieval.export import main as export_main
+from fgdist.retrieval.search import index_main
 from fgdist.search_errors import NotFgdistOutputError, OutputExistsError, OutputIsInputError
+from fgdist.training.model import EmbeddingNet
 from shards.cli import main as shards_main
 from tests.helpers import REPO
 
@@ -86,12 +86,12 @@ def world(built, tmp_path) -> World:
 # command -> (module, main function, its arguments writing `out`)
 COMMANDS = {
     "embed": (
-        "fgdist.embed",
+        "fgdist.retrieval.embed",
         "main",
         lambda w, out: ["--model", w.model, "--images", w.photos, "--out", out, "--quiet"],
     ),
-    "index": ("fgdist.search", "index_main", lambda w, out: ["--embeddings", w.embeddings, "--out", out]),
-    "export": ("fgdist.export", "main", lambda w, out: ["--model", w.model, "--out", out]),
+    "index": ("fgdist.retrieval.search", "index_main", lambda w, out: ["--embeddings", w.embeddings, "--out", out]),
+    "export": ("fgdist.retrieval.export", "main", lambda w, out: ["--model", w.model, "--out", out]),
     "shards": (
         "shards.cli",
         "main",
@@ -116,7 +116,11 @@ def cli(command: str, world: World, out, *extra) -> subprocess.CompletedProcess:
 
 def in_process(command: str, world: World, out, *extra) -> int:
     module, function, arguments = COMMANDS[command]
-    main = {"fgdist.embed": embed_main, "fgdist.search": index_main, "fgdist.export": export_main}.get(module)
+    main = {
+        "fgdist.retrieval.embed": embed_main,
+        "fgdist.retrieval.search": index_main,
+        "fgdist.retrieval.export": export_main,
+    }.get(module)
     return (main or shards_main)([str(a) for a in arguments(world, out)] + list(extra))
 
 

@@ -12,8 +12,8 @@ import tarfile
 import pytest
 from PIL import Image
 
+from fgdist.data.shardset import ShardSetError, open_split, verify_split
 from fgdist.output_folder import MARKER
-from fgdist.shardset import ShardSetError, open_split, verify_split
 from shards.assemble import merge_parts
 from shards.cli import main as shards_main
 

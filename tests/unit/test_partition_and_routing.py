@@ -3,9 +3,9 @@
 import pytest
 
 from fgdist.config import validate
-from fgdist.data import fill_slots, steps_per_epoch, train_batches
-from fgdist.partition import PlanError, group_lookup, make_plan
-from fgdist.shardset import open_split
+from fgdist.data.loader import fill_slots, steps_per_epoch, train_batches
+from fgdist.data.partition import PlanError, group_lookup, make_plan
+from fgdist.data.shardset import open_split
 from shards.build import build_shards
 from shards.sources.synthetic import open_synthetic
 from tests.helpers import manifest_with_sizes

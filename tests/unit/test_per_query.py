@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from fgdist import per_query
-from fgdist.evaluation import evaluate
-from fgdist.shardset import sample_key
+from fgdist.data.shardset import sample_key
+from fgdist.training import per_query
+from fgdist.training.evaluation import evaluate
 
 KS = [1, 2, 4, 8]
 

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from fgdist.config import validate
-from fgdist.model import EmbeddingNet
-from fgdist.pictures import (
+from fgdist.data.shardset import open_split
+from fgdist.report.pictures import (
     CORRECT,
     WRONG,
     attention_maps,
@@ -22,7 +22,7 @@ from fgdist.pictures import (
     read_images,
 )
 from fgdist.retrieval_metrics import retrieval_pass
-from fgdist.shardset import open_split
+from fgdist.training.model import EmbeddingNet
 from tests.helpers import tiny_synthetic, write_run_folder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,7 +117,7 @@ def test_neighbours_break_ties_as_the_metrics_do():
 def test_load_checkpoint_model_names_what_it_returns(setup, tmp_path):
     """A checkpoint in the trainer's layout (docs/DESIGN.md, "The checkpoint layout"): the model
     comes back with the saved weights, the run's config, and the checkpoint folder it read."""
-    from fgdist.pictures import load_checkpoint_model
+    from fgdist.training.checkpoint import load_checkpoint_model
 
     _, cfg, _, model = setup
     run_dir = tmp_path / "run"
@@ -132,14 +132,14 @@ def test_load_checkpoint_model_names_what_it_returns(setup, tmp_path):
 def test_a_run_folder_whose_newest_checkpoint_is_not_the_end_says_so(setup, tmp_path, caplog):
     """A run stopped after epoch 1 of 3: its newest checkpoint loads, with a warning naming the epoch;
     a finished run's loads without one."""
-    from fgdist.pictures import load_checkpoint_model
+    from fgdist.training.checkpoint import load_checkpoint_model
 
     _, cfg, _, model = setup
     stopped, finished = tmp_path / "stopped", tmp_path / "finished"
     three_epochs = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"epochs": 3})})
     write_run_folder(stopped, three_epochs, model, epoch=1)
     write_run_folder(finished, cfg, model)
-    with caplog.at_level("WARNING", logger="fgdist.pictures"):
+    with caplog.at_level("WARNING", logger="fgdist.training.checkpoint"):
         load_checkpoint_model(finished)
         assert not caplog.records
         load_checkpoint_model(stopped)
@@ -148,7 +148,7 @@ def test_a_run_folder_whose_newest_checkpoint_is_not_the_end_says_so(setup, tmp_
 
 
 def test_fgdist_export_of_a_run_folder_without_a_checkpoint_is_one_named_error(setup, tmp_path, capsys):
-    from fgdist.export import main as export_main
+    from fgdist.retrieval.export import main as export_main
 
     _, cfg, _, _ = setup
     run = tmp_path / "run"
@@ -161,8 +161,8 @@ def test_fgdist_export_of_a_run_folder_without_a_checkpoint_is_one_named_error(s
 
 
 def test_a_checkpoint_whose_meta_json_is_not_a_position_is_named(setup, tmp_path):
-    from fgdist.pictures import load_checkpoint_model
     from fgdist.search_errors import CheckpointError
+    from fgdist.training.checkpoint import load_checkpoint_model
 
     _, cfg, _, model = setup
     meta = write_run_folder(tmp_path / "run", cfg, model) / "meta.json"

@@ -1,6 +1,6 @@
-"""One evaluation preprocessing (fgdist/images.py, fgdist/data.py make_transform) on real images:
+"""One evaluation preprocessing (fgdist/images.py, fgdist/data/loader.py make_transform) on real images:
 the 20 CIFAR-100 test images of shared/fixtures/cifar100_test20 as a catalogue, embedded by
-random-init ResNets through export, load_model and fgdist.embed.decode, the path of embed and
+random-init ResNets through export, load_model and fgdist.retrieval.embed.decode, the path of embed and
 search. A larger copy and an RGBA copy find their original; every PIL mode embeds; data at its
 native size is preprocessed bit for bit as before the resize existed; too small or too elongated
 images are refused by name."""
@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 from fgdist.config import ModelConfig, load_config
-from fgdist.data import MEAN, STD, _crop_flip, make_transform
-from fgdist.embed import decode
-from fgdist.embed import main as embed_main
-from fgdist.export import ImageEmbedder, eval_transform, export_model, load_model
+from fgdist.data.loader import MEAN, STD, _crop_flip, make_transform
 from fgdist.images import MAX_ASPECT, MIN_SIDE, open_image, to_rgb
-from fgdist.model import build_backbone
+from fgdist.retrieval.embed import decode
+from fgdist.retrieval.embed import main as embed_main
+from fgdist.retrieval.export import ImageEmbedder, eval_transform, export_model, load_model
 from fgdist.search_errors import ImageTooSmallError
+from fgdist.training.model import build_backbone
 from shards.sources.fashion_mnist import DEFAULT_ROOT as FMNIST_ROOT
 from shards.sources.fashion_mnist import open_fashion_mnist
 from shards.sources.synthetic import open_synthetic

@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 
 from fgdist.config import validate
-from fgdist.data import eval_batches, train_batches
-from fgdist.embed import main as embed_main
-from fgdist.model import EmbeddingNet
-from fgdist.partition import make_plan
-from fgdist.pictures import main as pictures_main
-from fgdist.remote import ShardReadError
-from fgdist.shardset import open_split, reader_for
+from fgdist.data.loader import eval_batches, train_batches
+from fgdist.data.partition import make_plan
+from fgdist.data.remote import ShardReadError
+from fgdist.data.shardset import open_split, reader_for
+from fgdist.report.pictures import main as pictures_main
+from fgdist.retrieval.embed import main as embed_main
+from fgdist.training.model import EmbeddingNet
 from shards.build import build_shards
 from shards.cli import main as shards_main
 from shards.sources.synthetic import open_synthetic

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fgdist.evaluation import query_slice_sums
 from fgdist.retrieval_metrics import retrieval_sums, to_metrics
+from fgdist.training.evaluation import query_slice_sums
 
 
 def brute_force(q, q_labels, g, g_labels, ks, exclude_self):
@@ -96,7 +96,7 @@ def test_equals_pytorch_metric_learning():
 
 
 def test_compare_shows_map_at_r_and_r_precision_beside_recall():
-    from fgdist.comparison import RunInfo, column_title, comparison_table
+    from fgdist.report.comparison import RunInfo, column_title, comparison_table
 
     metrics = {"fine_recall_at_1": 50.0, "fine_map_at_r": 20.0, "fine_r_precision": 30.0}
     run = RunInfo("a" * 32, "r", "FINISHED", "base", "syn", "-", metrics, 0)

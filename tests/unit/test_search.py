@@ -12,12 +12,11 @@ from PIL import Image
 from safetensors import safe_open
 
 from fgdist.config import RunConfig
-from fgdist.embed import main as embed_main
 from fgdist.embeddings_io import read_embeddings
-from fgdist.export import embedder_from, export_model, load_model
-from fgdist.model import EmbeddingNet
 from fgdist.output_folder import atomic_folder, partial_path
-from fgdist.search import build, index_main, open_index, search_main
+from fgdist.retrieval.embed import main as embed_main
+from fgdist.retrieval.export import embedder_from, export_model, load_model
+from fgdist.retrieval.search import build, index_main, open_index, search_main
 from fgdist.search_errors import (
     CheckpointError,
     DimensionMismatchError,
@@ -25,6 +24,7 @@ from fgdist.search_errors import (
     OutputExistsError,
     UnknownRunError,
 )
+from fgdist.training.model import EmbeddingNet
 from tests.helpers import write_run_folder
 
 faiss = pytest.importorskip("faiss")
@@ -124,8 +124,8 @@ def test_mlflow_logged_model_embeds_the_projection(tmp_path, monkeypatch):
     and its signature's output width is the projection's."""
     import mlflow
 
-    from fgdist.export import log_trained_model
-    from fgdist.tracking import Tracker
+    from fgdist.retrieval.export import log_trained_model
+    from fgdist.training.tracking import Tracker
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -230,8 +230,8 @@ def test_undecodable_image_fails_with_its_name_and_no_output(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "ImageDecodeError" in err and "broken.png" in err
     assert not out.exists() and not partial_path(out).exists()
-    from fgdist.embed import decode
-    from fgdist.export import eval_transform
+    from fgdist.retrieval.embed import decode
+    from fgdist.retrieval.export import eval_transform
 
     with pytest.raises(ImageDecodeError, match="broken.png"):
         decode(photos / "broken.png", eval_transform(load_model(run).preprocessing))
@@ -269,7 +269,7 @@ def test_query_of_another_dimension_is_named(tmp_path):
 
 def test_model_from_training_state_is_plain_and_equal(tmp_path):
     """embedder_from copies the weights of an EmbeddingNet with cross-rank BatchNorm into plain modules."""
-    from fgdist.model import CrossRankBatchNorm2d, convert_batchnorm
+    from fgdist.training.model import CrossRankBatchNorm2d, convert_batchnorm
 
     cfg = tiny_config(tmp_path)
     torch.manual_seed(1)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fgdist.embed import main as embed_main
 from fgdist.embeddings_io import read_embeddings
-from fgdist.export import load_model
+from fgdist.retrieval.embed import main as embed_main
+from fgdist.retrieval.export import load_model
+from fgdist.retrieval.search import RESULT_FIELDS, index_main, open_index, search_main
 from fgdist.retrieval_metrics import retrieval_sums, to_metrics
-from fgdist.search import RESULT_FIELDS, index_main, open_index, search_main
 from fgdist.search_errors import IndexFolderError
 from shards.build import build_shards
 from shards.sources.files import open_folder, open_manifest
@@ -303,7 +303,7 @@ def outline_pixels(path, colour: str) -> int:
 
 def test_grid_outlines_unknown_labels_grey_not_green(tmp_path):
     """-1 == -1 is not "the same super-class": unknown labels are outlined grey."""
-    from fgdist.pictures import CORRECT, UNKNOWN, WRONG, TestImage, retrieval_grid
+    from fgdist.report.pictures import CORRECT, UNKNOWN, WRONG, TestImage, retrieval_grid
 
     torch.manual_seed(0)
     image = lambda s, f: TestImage(0, s, f, torch.randn(3, 16, 16))  # noqa: E731
@@ -322,7 +322,7 @@ def test_grid_outlines_unknown_labels_grey_not_green(tmp_path):
 def test_batch_results_do_not_depend_on_how_queries_are_split(tmp_path, capsys, monkeypatch):
     """Queries embedded CHUNK at a time and searched SEARCH_BUDGET // depth at a time give the
     same rows and metrics as one pass."""
-    from fgdist import search_batch
+    from fgdist.retrieval import search_batch
 
     run, photos, emb_dir, index_dir = embedded_tree(tmp_path)
     argv = ["--index", str(index_dir), "--queries", str(photos), "--k", "4", "--quiet"]

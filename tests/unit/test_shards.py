@@ -9,7 +9,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from fgdist.shardset import PoolInfo, ShardSetError, open_split, verify_split
+from fgdist.data.shardset import PoolInfo, ShardSetError, open_split, verify_split
 from shards.build import build_shards
 from shards.cli import main as shards_main
 from shards.sources import SourceError

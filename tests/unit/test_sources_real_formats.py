@@ -18,7 +18,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from fgdist.shardset import INDEX, open_split, verify_split
+from fgdist.data.shardset import INDEX, open_split, verify_split
 from shards.build import build_shards
 from shards.cli import SOURCES, main
 from shards.sources import SourceError

@@ -1,6 +1,6 @@
 """The tracker: a no-op where disabled (ranks other than 0), flat params."""
 
-from fgdist.tracking import Tracker, flatten
+from fgdist.training.tracking import Tracker, flatten
 
 
 def test_a_disabled_tracker_accepts_every_call_and_logs_nothing():

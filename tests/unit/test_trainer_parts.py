@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from fgdist import log as fgdist_log
-from fgdist.checkpoint import Position
 from fgdist.config import validate
-from fgdist.trainer import (
+from fgdist.training.checkpoint import Position
+from fgdist.training.trainer import (
     deepspeed_config,
     evaluates_after_epoch,
     logs_after_step,
@@ -83,7 +83,7 @@ def restore_fgdist_logger():
 
 
 def test_rank_0_logs_info_with_time_and_rank_other_ranks_only_warnings(capsys, restore_fgdist_logger):
-    child = logging.getLogger("fgdist.trainer")
+    child = logging.getLogger("fgdist.training.trainer")
     fgdist_log.setup(0)
     child.info("epoch 1/3 step 2/2 images_per_s=410")
     line = capsys.readouterr().out.strip()

@@ -377,9 +377,9 @@ def test_objective_with_a_pool_on_triton_matches_torch():
     kernel, whose contract is unchanged: the objective's loss and gradients with head.kernel=triton
     equal those with the PyTorch reference."""
     from fgdist.config import validate
-    from fgdist.head import InstanceHead
-    from fgdist.objectives import Objective
-    from fgdist.partition import make_plan
+    from fgdist.data.partition import make_plan
+    from fgdist.training.head import InstanceHead
+    from fgdist.training.objectives import Objective
     from tests.helpers import manifest_with_sizes
 
     plan = make_plan(manifest_with_sizes([40, 90, 21], pool=150), 1)

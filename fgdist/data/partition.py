@@ -16,7 +16,7 @@ from functools import cached_property
 
 import torch
 
-from fgdist.shardset import Manifest, ShardInfo
+from fgdist.data.shardset import Manifest, ShardInfo
 
 
 class PlanError(ValueError):

@@ -15,7 +15,7 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
 }
-log = logging.getLogger("fgdist.tracking")
+log = logging.getLogger("fgdist.training.tracking")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:

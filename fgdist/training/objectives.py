@@ -35,12 +35,12 @@ from torch import nn
 
 from fgdist.collectives import gather_counts, gather_rows, sum_over_ranks
 from fgdist.config import ConfigError, ObjectiveConfig, RunConfig
-from fgdist.head import InstanceHead
+from fgdist.data.partition import Plan, group_lookup
+from fgdist.data.shardset import UNLABELED
 from fgdist.kernels import grouped_lse
-from fgdist.model import instance_features
 from fgdist.objective_table import OBJECTIVES
-from fgdist.partition import Plan, group_lookup
-from fgdist.shardset import UNLABELED
+from fgdist.training.head import InstanceHead
+from fgdist.training.model import instance_features
 
 
 def instance_ce_chance(counts: Sequence[int]) -> float:

@@ -10,7 +10,7 @@ Scores are inner products of L2-normalized vectors, i.e. cosine similarities, as
 `Flat` is exact. `--type auto` (the default) keeps Flat while a query takes at most
 `--latency-budget-ms` and it fits `--memory-budget`, else builds the most accurate approximate
 index that fits (IVF-SQfp16 first) and tunes its nprobe to `--target-recall`; the rule, the
-other types and the measurements behind them are in fgdist/index_choice.py and
+other types and the measurements behind them are in fgdist/retrieval/index_choice.py and
 bench/results/search_scale.md. An index folder holds `index.faiss`,
 `rows.parquet` (key, instance, super, fine, super_name, fine_name, path of each index row) and
 `index.json` (type, parameters, nprobe, the choice and its reason, the measured recall, dimension,
@@ -38,8 +38,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fgdist import cli
+from fgdist.data.shardset import INDEX as SHARD_INDEX
 from fgdist.embeddings_io import TEXT_COLUMNS, Embeddings, read_embeddings
-from fgdist.index_choice import (
+from fgdist.output_folder import atomic_folder, check_free
+from fgdist.retrieval.index_choice import (
     KINDS,
     _faiss,
     build_spec,
@@ -49,9 +51,7 @@ from fgdist.index_choice import (
     size_arg,
     spec_for,
 )
-from fgdist.output_folder import atomic_folder, check_free
 from fgdist.search_errors import ERRORS, DimensionMismatchError, IndexFolderError
-from fgdist.shardset import INDEX as SHARD_INDEX
 
 INDEX, ROWS, META = "index.faiss", "rows.parquet", "index.json"
 
@@ -334,15 +334,15 @@ def _index(args) -> int:
 
 def neighbour_images(idx: Index, rows: list[int], preprocessing: dict):
     """TestImages (pictures.py) of index rows, decoded from where their embeddings came from."""
-    from fgdist.embed import decode
-    from fgdist.export import eval_transform
-    from fgdist.pictures import TestImage, read_images
+    from fgdist.report.pictures import TestImage, read_images
+    from fgdist.retrieval.embed import decode
+    from fgdist.retrieval.export import eval_transform
 
     images = idx.images
     records = idx.rows.take(rows).to_pylist()
     if images.get("kind") == "shards":
         from fgdist.config import DataConfig
-        from fgdist.shardset import open_split
+        from fgdist.data.shardset import open_split
 
         split = open_split(images["root"], images["split"], images.get("url"))
         found = read_images(split, DataConfig(shards=images["root"], **preprocessing), [r["instance"] for r in records])
@@ -355,7 +355,7 @@ def neighbour_images(idx: Index, rows: list[int], preprocessing: dict):
 
 def search_main(argv=None) -> int:
     p = cli.parser("fgdist-search", __doc__)
-    p.epilog = "--queries: see fgdist/search_batch.py (results columns, labels, metrics)."
+    p.epilog = "--queries: see fgdist/retrieval/search_batch.py (results columns, labels, metrics)."
     p.add_argument("--index", required=True, help="an fgdist-index folder")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", help="one query image: its neighbours are printed")
@@ -410,9 +410,9 @@ def check_search_args(args) -> None:
 
 def search_image(idx: Index, model_source: str, args) -> None:
     """One query: its neighbours printed as a table (PRINTED), and drawn with --grid."""
-    from fgdist.embed import decode
-    from fgdist.export import eval_transform, load_model
-    from fgdist.pictures import TestImage, retrieval_grid
+    from fgdist.report.pictures import TestImage, retrieval_grid
+    from fgdist.retrieval.embed import decode
+    from fgdist.retrieval.export import eval_transform, load_model
 
     embedder = load_model(model_source)
     query = decode(Path(args.image), eval_transform(embedder.preprocessing))
@@ -429,7 +429,7 @@ def search_image(idx: Index, model_source: str, args) -> None:
 
 def search_file(idx: Index, model_source: str, args) -> None:
     """--queries: results written to --out, metrics printed where the queries have labels."""
-    from fgdist.search_batch import metric_lines, recall_ks, search_queries
+    from fgdist.retrieval.search_batch import metric_lines, recall_ks, search_queries
 
     metrics = search_queries(
         idx,

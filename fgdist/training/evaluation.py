@@ -8,7 +8,7 @@ rows (and at most `retrieval_metrics.SUB_CHUNK`), so no all-pairs matrix is ever
 is stated there). The sums of all labels and the super-class top-1/top-5 counts are added over
 ranks in one collective and read to the host once. With `per_query_file`, the per-query values
 the sums are made of (3 numbers per query and label) and the queries' instance ids are gathered
-too, and rank 0 writes them (`fgdist.per_query`).
+too, and rank 0 writes them (`fgdist.training.per_query`).
 
 Everything stays on the model's device: collectives run through fgdist.collectives (which puts
 their tensors on the communication device).
@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fgdist import per_query
 from fgdist.collectives import gather_counts, gather_rows, sum_over_ranks, world
-from fgdist.model import unit_features
 from fgdist.retrieval_metrics import VALUES, retrieval_pass, to_metrics
+from fgdist.training import per_query
+from fgdist.training.model import unit_features
 
 
 @torch.no_grad()
@@ -69,7 +69,7 @@ def evaluate(
     test_set: str = "",
 ) -> dict[str, float]:
     """Metrics of `model` on a test split; `batches` is this rank's slice of it. With
-    `per_query_file`, rank 0 also writes the per-query values there (`fgdist.per_query`; the
+    `per_query_file`, rank 0 also writes the per-query values there (`fgdist.training.per_query`; the
     batches must carry `instance`), recording `test_set` (the split's fingerprint)."""
     rank, _ = world()
     was_training = model.training

@@ -2,7 +2,7 @@
 of one image (`data.views`).
 
 Every random choice is drawn from the `random.Random` the data stream passes in, which is seeded
-per (seed, epoch, rank, worker, sample position) (fgdist/data.py), so a resumed run replays
+per (seed, epoch, rank, worker, sample position) (fgdist/data/loader.py), so a resumed run replays
 exactly the pixels of an uninterrupted one. PIL only: no torchvision transform draws from a
 global generator behind our back.
 """

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from fgdist.data.remote import ShardReadError, ShardStream, TarReader, fetch_file, join_url
 from fgdist.images import open_image
-from fgdist.remote import ShardReadError, ShardStream, TarReader, fetch_file, join_url
 
 FORMAT = "fgdist-shards/1"
 MANIFEST = "manifest.json"
@@ -143,7 +143,7 @@ def open_split(root: str | Path, split: str, url: str | None = None, retry_secon
     """Open `root/split`, checking that the manifest is consistent and its tars are present.
 
     With `url` (data.shards_url) the tars are read from `url/split/`; the manifest and index are
-    read from `root/split/`, fetched from the URL first if they are not there (fgdist/remote.py)."""
+    read from `root/split/`, fetched from the URL first if they are not there (fgdist/data/remote.py)."""
     path = Path(root) / split
     manifest_path = path / MANIFEST
     if url:

@@ -4,7 +4,7 @@
     fgdist-embed --model runs/sop --shards data/sop --shards-url http://storage/sop --out emb/sop   # tars over HTTP
     fgdist-embed --model <mlflow run id> --images photos/ --out emb/photos --fp16
     fgdist-embed --model exported/m --manifest images.csv --out emb/mine     # columns path[,super[,fine]]
-    torchrun --nproc_per_node 2 -m fgdist.embed --model ... --out ...        # or deepspeed --num_gpus 2
+    torchrun --nproc_per_node 2 -m fgdist.retrieval.embed --model ... --out ...        # or deepspeed --num_gpus 2
 
 Labels are read as `shards build` reads them (shared code in shards/sources/files.py): `--images`
 takes `<super>/<fine>/` subfolders as classes (other images are unlabelled, -1), `--manifest` the
@@ -34,12 +34,12 @@ from tqdm import tqdm
 
 from fgdist import cli
 from fgdist.collectives import any_rank, barrier, sum_over_ranks
+from fgdist.data.shardset import DECODE_ERRORS
 from fgdist.embeddings_io import FORMAT, META, TEXT_COLUMNS, to_table
-from fgdist.export import ImageEmbedder, describe, eval_transform, load_model
 from fgdist.images import check_shape, open_image
 from fgdist.output_folder import begin, check_free, partial_path, publish
+from fgdist.retrieval.export import ImageEmbedder, describe, eval_transform, load_model
 from fgdist.search_errors import ERRORS, ImageDecodeError, ImageTooSmallError
-from fgdist.shardset import DECODE_ERRORS
 from shards.sources.files import IMAGE_SUFFIXES, ListedImage, class_tables, read_manifest, tree_images, tree_labels
 
 
@@ -124,8 +124,8 @@ def shard_batches(
     class names of the shard manifest and each image's `source` from the shard index. With `url`
     the tars are read from there (data.shards_url), the manifest and index fetched when missing."""
     from fgdist.config import DataConfig
-    from fgdist.data import eval_batches
-    from fgdist.shardset import open_split, sample_key
+    from fgdist.data.loader import eval_batches
+    from fgdist.data.shardset import open_split, sample_key
 
     split = open_split(root, split_name, url)
     super_names = [s.name for s in split.manifest.super_classes]
@@ -147,7 +147,7 @@ def _name(names: list[str], class_id: int) -> str | None:
 def shard_sources(split) -> dict[int, str]:
     """instance id -> the `source` column of a split's index.parquet (empty for shard sets
     written before that column existed)."""
-    from fgdist.shardset import INDEX
+    from fgdist.data.shardset import INDEX
 
     columns = pq.read_schema(split.path / INDEX).names
     if "source" not in columns:

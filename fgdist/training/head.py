@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fgdist.config import OptimConfig
-from fgdist.model import unit_features
-from fgdist.partition import Plan
+from fgdist.data.partition import Plan
+from fgdist.training.model import unit_features
 
 # Columns per initialization block: each block has its own seed, so a column's initial weights
 # do not depend on how the line is cut (1 rank and 2 ranks start from the same W_I).

@@ -12,7 +12,7 @@ Each epoch's stream is a pure function of (seed, epoch, rank, worker): a resume 
 passes the batches already trained without augmenting them (with data.on_corrupt=skip it decodes
 them, to count the undecodable samples that took no place in a batch).
 
-Shards are read by fgdist/remote.py: from the shard set's folder, or from data.shards_url
+Shards are read by fgdist/data/remote.py: from the shard set's folder, or from data.shards_url
 (`open_data_split`), a remote shard checked against its manifest checksum as it streams.
 """
 
@@ -29,12 +29,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from fgdist.augment import SINGLE_CHANNEL_MODES, random_resized_crop, strong_augment, with_views
 from fgdist.config import DataConfig
+from fgdist.data.augment import SINGLE_CHANNEL_MODES, random_resized_crop, strong_augment, with_views
+from fgdist.data.partition import Plan
+from fgdist.data.remote import TarReader
+from fgdist.data.shardset import DECODE_ERRORS, ShardInfo, SplitDir, image_problem, open_split, reader_for
 from fgdist.images import open_image, to_rgb
-from fgdist.partition import Plan
-from fgdist.remote import TarReader
-from fgdist.shardset import DECODE_ERRORS, ShardInfo, SplitDir, image_problem, open_split, reader_for
 
 # ImageNet statistics: right for pretrained ResNets and harmless for the small data sets; the
 # normalization of a DataConfig without its own (data.mean/std, filled in from the backbone when

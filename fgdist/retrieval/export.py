@@ -33,11 +33,11 @@ from torch import nn
 from fgdist import cli
 from fgdist.backbones import state_dict_problems
 from fgdist.config import DataConfig, ModelConfig
-from fgdist.data import make_transform, normalization
+from fgdist.data.loader import make_transform, normalization
 from fgdist.images import check_shape
-from fgdist.model import build_backbone, projection_mlp, unit_features
 from fgdist.output_folder import atomic_folder, check_free
 from fgdist.search_errors import ERRORS, CheckpointError, UnknownRunError
+from fgdist.training.model import build_backbone, projection_mlp, unit_features
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def embedder_from(model: nn.Module, model_cfg: ModelConfig, data_cfg: DataConfig
 
 # -- loading -----------------------------------------------------------------------------------
 def _from_checkpoint(path: Path) -> ImageEmbedder:
-    from fgdist.pictures import load_checkpoint_model
+    from fgdist.training.checkpoint import load_checkpoint_model
 
     try:
         model, cfg, _ = load_checkpoint_model(path)
@@ -184,7 +184,7 @@ def _from_mlflow(uri: str) -> ImageEmbedder:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from fgdist.tracking import resolve_uri
+    from fgdist.training.tracking import resolve_uri
 
     mlflow.set_tracking_uri(resolve_uri(None))
     try:

@@ -1,4 +1,4 @@
-"""Matplotlib figures for the library's pictures and plots (fgdist.pictures, fgdist.comparison)."""
+"""Matplotlib figures for the library's pictures and plots (fgdist.report.pictures, fgdist.report.comparison)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ instance ids, which are sorted by super-class, so the queries cover the super-cl
 trainer calls it on rank 0 after the final evaluation and logs the files as MLflow artifacts.
 
     fgdist-pictures --model runs/synthetic [--shards DIR] [--shards-url URL] [--out DIR] [--num-queries 8]
-    (or python -m fgdist.pictures ...)
+    (or python -m fgdist.report.pictures ...)
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,15 +33,16 @@ from PIL import Image
 from torch import nn
 
 from fgdist import cli
-from fgdist.config import DataConfig, RunConfig
-from fgdist.data import MEAN, STD, eval_batches, make_transform, normalization, open_data_split
-from fgdist.figures import new_figure
+from fgdist.config import DataConfig
+from fgdist.data.loader import MEAN, STD, eval_batches, make_transform, normalization, open_data_split
+from fgdist.data.shardset import SplitDir, open_split, reader_for
 from fgdist.images import open_image
-from fgdist.model import unit_features
+from fgdist.report.figures import new_figure
 from fgdist.retrieval_metrics import ranked, similarities
-from fgdist.shardset import SplitDir, open_split, reader_for
+from fgdist.training.checkpoint import load_checkpoint_model
+from fgdist.training.model import unit_features
 
-log = logging.getLogger("fgdist.pictures")
+log = logging.getLogger("fgdist.report.pictures")
 
 TOP_K = 5
 CORRECT, WRONG, QUERY = "#1a9850", "#d73027", "#222222"  # green, red, dark grey outlines
@@ -385,78 +385,6 @@ def log_pictures(
 
 
 # -- command line: pictures from a saved checkpoint --------------------------------------------
-class LoadedCheckpoint(NamedTuple):
-    model: nn.Module  # an EmbeddingNet with the checkpoint's weights, on the CPU, fp32
-    config: RunConfig  # the run's config (config.json in the run folder)
-    folder: Path  # the checkpoint folder read
-
-
-def newest_checkpoint(run_dir: Path) -> Path:
-    """A run folder's newest complete checkpoint; one error naming the folder when it has none."""
-    from fgdist import checkpoint
-
-    folder = checkpoint.latest(run_dir / "checkpoints")
-    if folder is not None:
-        return folder
-    if (run_dir / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{run_dir}: the run saved no checkpoint (no checkpoints/latest): it stopped before its first save, "
-            "or was trained by a version that did not save the last epoch"
-        )
-    raise FileNotFoundError(
-        f"{run_dir}: neither a checkpoint folder (with meta.json) nor a run folder with checkpoints/latest"
-    )
-
-
-def warn_if_not_final(folder: Path, cfg: RunConfig) -> None:
-    """Log a warning when a run folder's newest checkpoint is not the end of training (a run
-    stopped or still going, or one that finished before the last epoch always saved): its weights
-    are then not the final ones, which the MLflow model holds."""
-    from fgdist import checkpoint
-
-    position = checkpoint.read_position(folder)
-    if (position.epoch, position.step) == (cfg.optim.epochs, 0):
-        return
-    steps = f" and {position.step} steps" if position.step else ""
-    log.warning(
-        f"{folder.parent.parent}: the newest checkpoint ({folder.name}) is after epoch {position.epoch}{steps} "
-        f"of {cfg.optim.epochs}: not the end of training, so these are not the run's final weights"
-    )
-
-
-def load_checkpoint_model(path: str | Path) -> LoadedCheckpoint:
-    """The model, config and folder of a checkpoint, from a run folder (its newest checkpoint; a
-    logged warning when that is not the end of training) or one checkpoint folder
-    (runs/NAME/checkpoints/TAG); layout in docs/DESIGN.md, "The checkpoint layout"."""
-    from fgdist.config import validate
-    from fgdist.model import EmbeddingNet
-
-    path = Path(path)
-    from_run = not (path / "meta.json").is_file()
-    folder, run_dir = (newest_checkpoint(path), path) if from_run else (path, path.parent.parent)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(
-            f"{config_path}: the run's config is missing (the trainer writes it into the run folder)"
-        )
-    cfg = validate(json.loads(config_path.read_text()), str(config_path))
-    if from_run:
-        warn_if_not_final(folder, cfg)
-    states = sorted((folder / "engine").glob("**/mp_rank_00_model_states.pt"))
-    if not states:
-        raise FileNotFoundError(f"{folder / 'engine'}: no DeepSpeed model state (mp_rank_00_model_states.pt)")
-    state = {
-        k: v.float() if v.is_floating_point() else v
-        for k, v in torch.load(states[0], map_location="cpu", weights_only=False)["module"].items()
-    }
-    # The heads' sizes are in the weights (the data set's class counts at training time).
-    num_super = state["super_head.weight"].shape[0] if "super_head.weight" in state else None
-    num_fine = state["fine_head.weight"].shape[0] if "fine_head.weight" in state else None
-    model = EmbeddingNet(cfg.model.model_copy(update={"pretrained": None}), num_super, num_fine)
-    model.load_state_dict(state)  # CrossRankBatchNorm2d has BatchNorm2d's keys
-    return LoadedCheckpoint(model, cfg, folder)
-
-
 def _test_split(args, cfg) -> SplitDir:
     """The test split of --shards/--shards-url, or else of the run config's data section."""
     if args.shards or args.shards_url:

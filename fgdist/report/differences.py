@@ -1,8 +1,8 @@
 """`fgdist-compare --baseline RUN` and `--group-by KEY`: differences with their uncertainty.
 
 --baseline: each run's difference to the baseline run on PAIRED_METRICS, in points, with a 95%
-paired bootstrap interval over the test queries both were evaluated on (`fgdist.bootstrap`; the
-runs' `per_query.parquet` artifacts, `fgdist.per_query`). Runs evaluated on another test set than
+paired bootstrap interval over the test queries both were evaluated on (`fgdist.report.bootstrap`; the
+runs' `per_query.parquet` artifacts, `fgdist.training.per_query`). Runs evaluated on another test set than
 the baseline's are refused (TestSetMismatchError). Where a run of the `fine` objective (the upper
 bound) is among those compared, "gap closed" = (run - baseline) / (fine - baseline) on GAP_METRIC,
 fine being the mean over the fine runs.
@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fgdist import per_query
-from fgdist.bootstrap import RESAMPLES, Difference, mean_and_standard_error, paired_difference
-from fgdist.comparison import (
+from fgdist.report.bootstrap import RESAMPLES, Difference, mean_and_standard_error, paired_difference
+from fgdist.report.comparison import (
     ComparisonError,
     RunInfo,
     column_title,
@@ -34,6 +33,7 @@ from fgdist.comparison import (
     to_markdown,
     write_csv,
 )
+from fgdist.training import per_query
 
 PAIRED_METRICS = ("fine_recall_at_1", "fine_recall_at_4", "fine_map_at_r")
 GAP_METRIC = "fine_recall_at_1"

@@ -1,7 +1,7 @@
 """The paired bootstrap: a difference of two runs' metric, with a confidence interval over the test
 queries both were evaluated on.
 
-A metric is a mean over queries (`fgdist.per_query`), so the difference of two runs is the mean
+A metric is a mean over queries (`fgdist.training.per_query`), so the difference of two runs is the mean
 of the per-query differences d_i. A resample draws n queries with replacement (seeded) and takes
 the mean of their d; the interval is the 2.5th and 97.5th percentile of RESAMPLES such means (the
 percentile bootstrap, Efron and Tibshirani, ch. 13). It says how much the difference would move

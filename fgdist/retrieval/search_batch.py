@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from fgdist.embeddings_io import vectors_of
 from fgdist.output_folder import atomic_folder, check_free
+from fgdist.retrieval.search import RESULT_FIELDS, Index
 from fgdist.retrieval_metrics import ranking_sums, relevant_counts, to_metrics
-from fgdist.search import RESULT_FIELDS, Index
 from fgdist.search_errors import UnlabelledQueriesError
 
 LABELS = ("super", "fine")
@@ -53,7 +53,7 @@ def result_schema() -> pa.Schema:
 
 def query_files(path: str | Path) -> list:
     """--queries: a folder (read as fgdist-embed --images reads one) or a manifest (as --manifest)."""
-    from fgdist.embed import folder_files, manifest_files
+    from fgdist.retrieval.embed import folder_files, manifest_files
 
     return folder_files(path) if Path(path).is_dir() else manifest_files(path)
 
@@ -117,8 +117,8 @@ def search_queries(
 ) -> dict[str, float]:
     """Embed, search and write the results of every query in `queries`; returns the metrics
     (empty without labels), as `to_metrics` names them, with `<label>_queries` counts."""
-    from fgdist.embed import embed_batches, file_batches
-    from fgdist.export import load_model
+    from fgdist.retrieval.embed import embed_batches, file_batches
+    from fgdist.retrieval.export import load_model
 
     inputs = {"--queries": queries, "--index": idx.folder}
     check_free(out, overwrite, inputs)

@@ -19,7 +19,7 @@ import warnings
 import torch
 
 ENV = "FGDIST_SYNC_DEBUG"
-log = logging.getLogger("fgdist.sync_debug")
+log = logging.getLogger("fgdist.training.sync_debug")
 
 
 class SyncCounter:

@@ -30,9 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fgdist.data.shardset import sample_key
 from fgdist.output_folder import atomic_file
 from fgdist.retrieval_metrics import VALUES
-from fgdist.shardset import sample_key
 
 FILE = "per_query.parquet"
 TEST_SET = b"fgdist.test_set"

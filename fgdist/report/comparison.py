@@ -1,6 +1,6 @@
 """Compare the runs of an MLflow experiment: the paper-style table and plots.
 
-    python -m fgdist.comparison --experiment synthetic [--runs ID ...] [--tracking-uri URI]
+    python -m fgdist.report.comparison --experiment synthetic [--runs ID ...] [--tracking-uri URI]
         [--out DIR] [--curves] [--baseline RUN] [--group-by KEY]
 
 Prints a Markdown table (one row per run: run name, objective, data set, lambda_I; then super
@@ -25,7 +25,7 @@ evaluated on another test set are refused. --group-by KEY (a param: objective.na
 several joined by commas) shows the mean +- standard error over each group's runs (seeds) instead,
 and with --baseline the
 groups' differences (groups.md, groups.csv). Where a `fine` run is compared: "gap closed" =
-(run - baseline) / (fine - baseline) on fine R@1. See fgdist.differences.
+(run - baseline) / (fine - baseline) on fine R@1. See fgdist.report.differences.
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from fgdist import cli
-from fgdist.figures import new_figure
 from fgdist.objective_table import OBJECTIVE_NAMES, OBJECTIVES
+from fgdist.report.figures import new_figure
 from fgdist.retrieval_metrics import TITLES as MAP_TITLES
 from fgdist.retrieval_metrics import metric_names
-from fgdist.tracking import resolve_uri
+from fgdist.training.tracking import resolve_uri
 
 DPI = 120  # plots: text-heavy, read on screen
 RECALL = re.compile(r"^(super|fine)_recall_at_(\d+)$")
@@ -60,7 +60,7 @@ LEAVES_COLUMN = "instance_ce_leaves_chance"
 LEAVE_CHANCE_MARGIN = 0.05
 FROM_START = "from start"
 NEVER = "never"
-# Step metrics the trainer logs (fgdist.trainer.Trainer.train_epoch); one panel each, the head's
+# Step metrics the trainer logs (fgdist.training.trainer.Trainer.train_epoch); one panel each, the head's
 # learning rate shares the panel of the backbone's.
 CURVE_PANELS = [
     ("loss", ["loss"]),
@@ -509,10 +509,10 @@ def parse_args(argv=None):
 
 
 def differences_report(client, runs: list[RunInfo], baseline: str | None, group_by: str | None):
-    """--baseline / --group-by: fgdist.differences' report, or None without either flag."""
+    """--baseline / --group-by: fgdist.report.differences' report, or None without either flag."""
     if not (baseline or group_by):
         return None
-    from fgdist.differences import build_report  # it builds on this module's tables
+    from fgdist.report.differences import build_report  # it builds on this module's tables
 
     return build_report(client, runs, baseline, group_by)
 

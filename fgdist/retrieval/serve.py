@@ -2,7 +2,7 @@
 
     fgdist-serve --index index/photos [--model exported/m] [--host 127.0.0.1] [--port 8000]
 
-The model (`fgdist.load_model`) and the index (`fgdist.search.open_index`) are loaded once; then
+The model (`fgdist.load_model`) and the index (`fgdist.retrieval.search.open_index`) are loaded once; then
 
     GET  /health               200 {"status": "ok", "count", "dim", "type", "model", "index", "k_max",
                                "batches", "queries": searched so far}
@@ -52,7 +52,7 @@ from fgdist import cli
 from fgdist.images import open_image
 from fgdist.search_errors import ERRORS, DimensionMismatchError
 
-log = logging.getLogger("fgdist.serve")
+log = logging.getLogger("fgdist.retrieval.serve")
 DEFAULT_K = 10
 
 
@@ -233,7 +233,7 @@ def create_app(embedder, index, limits: Limits, description: dict):
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
-    page = resources.files("fgdist").joinpath("static/index.html").read_text(encoding="utf-8")
+    page = resources.files("fgdist.retrieval").joinpath("static/index.html").read_text(encoding="utf-8")
     batcher = Batcher(embedder, index, limits.max_batch)
     health_body = {
         "status": "ok",
@@ -322,8 +322,8 @@ def parse_args(argv=None):
 def load(args):
     """(embedder on its device, index, /health description); named errors for a bad index, model
     or device, and for a model whose embeddings do not match the index's dimension."""
-    from fgdist import load_model
-    from fgdist.search import open_index
+    from fgdist.retrieval.export import load_model
+    from fgdist.retrieval.search import open_index
 
     index = open_index(args.index)
     source = args.model or index.model_source

@@ -16,22 +16,27 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch import nn
 
-from fgdist import checkpoint, per_query
 from fgdist.collectives import gather_rows, world
 from fgdist.config import ModelConfig, OptimConfig, RunConfig
-from fgdist.data import eval_batches, open_data_split, own_column_batches, steps_per_epoch, train_batches
-from fgdist.deepspeed_shm import unlink_deepspeed_shm_buffer
-from fgdist.evaluation import evaluate
-from fgdist.export import log_trained_model
-from fgdist.faults import kill_point, poison_loss
-from fgdist.head import InstanceHead
+from fgdist.data.loader import eval_batches, open_data_split, own_column_batches, steps_per_epoch, train_batches
+from fgdist.data.partition import make_plan
+from fgdist.data.shardset import SplitDir, split_fingerprint
 from fgdist.log import setup as setup_logging
-from fgdist.model import (
+from fgdist.objective_table import OBJECTIVES
+from fgdist.training import checkpoint, per_query
+from fgdist.training.deepspeed_shm import unlink_deepspeed_shm_buffer
+from fgdist.training.evaluation import evaluate
+from fgdist.training.faults import kill_point, poison_loss
+from fgdist.training.head import InstanceHead
+from fgdist.training.model import (
     EmbeddingNet,
     batchnorm_layers,
     convert_batchnorm,
@@ -39,14 +44,24 @@ from fgdist.model import (
     model_for_eval,
     reestimate_batchnorm,
 )
-from fgdist.objective_table import OBJECTIVES
-from fgdist.objectives import Objective, instance_ce_chance, softmax_group_sizes
-from fgdist.partition import make_plan
-from fgdist.shardset import split_fingerprint
-from fgdist.sync_debug import SyncCounter
-from fgdist.tracking import Tracker, flatten, resolve_uri
+from fgdist.training.objectives import Objective, instance_ce_chance, softmax_group_sizes
+from fgdist.training.sync_debug import SyncCounter
+from fgdist.training.tracking import Tracker, flatten, resolve_uri
 
-log = logging.getLogger("fgdist.trainer")
+log = logging.getLogger("fgdist.training.trainer")
+
+
+class FinishedRun(NamedTuple):
+    """What the trainer hands its publishing step on rank 0 once the results are written."""
+
+    model: nn.Module  # the engine's module: weights and BatchNorm statistics of the last evaluation
+    cfg: RunConfig
+    tracker: Tracker
+    test_split: SplitDir
+    device: torch.device
+
+
+Publish = Callable[[FinishedRun], None]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -164,9 +179,12 @@ def built_model_config(cfg: RunConfig) -> ModelConfig:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: bool | str = False):
-        """resume: False, True (the newest complete checkpoint) or a checkpoint folder."""
+    def __init__(self, cfg: RunConfig, resume: bool | str = False, publish: Publish | None = None):
+        """resume: False, True (the newest complete checkpoint) or a checkpoint folder. publish: what
+        rank 0 does with the finished model (fgdist.retrieval.publish.publish_run: the MLflow model
+        and the pictures); None publishes nothing."""
         self.cfg = cfg
+        self.publish = publish
         self.spec = OBJECTIVES[cfg.objective.name]
         self._start_processes()
         self._build()
@@ -411,10 +429,8 @@ class Trainer:
             self.sync_counter.report()
             metrics = self.run_eval()
             self.write_results(metrics)
-            if self.rank == 0:
-                log_trained_model(self.engine.module, cfg, self.tracker)
-            if cfg.eval.pictures and self.rank == 0:
-                self.log_pictures()
+            if self.rank == 0 and self.publish is not None:
+                self.publish(FinishedRun(self.engine.module, cfg, self.tracker, self.test_split, self.device))
             status = "FINISHED"
             return metrics
         finally:
@@ -511,28 +527,6 @@ class Trainer:
         log.info(f"eval after epoch {self.position.epoch}: " + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
         self.tracker.log_metrics(metrics, step=self.position.global_step)
         return metrics
-
-    def log_pictures(self) -> None:
-        """Attention maps and the retrieval grid, on rank 0 once the results are written. A
-        failure is reported, not raised: the training run itself has finished."""
-        from fgdist.pictures import log_pictures
-
-        try:
-            paths = log_pictures(
-                model_for_eval(self.engine.module, self.cfg.eval.features),
-                self.test_split,
-                self.cfg.data,
-                self.cfg.run_dir / "pictures",
-                self.device,
-                self.cfg.eval.picture_queries,
-                self.cfg.eval.batch_size,
-            )
-        except Exception as err:
-            log.warning(f"pictures failed ({type(err).__name__}: {str(err)[:300]}); results are written")
-            return
-        for path in paths:
-            self.tracker.log_artifact(str(path), "pictures")
-        log.info("pictures " + ", ".join(str(p) for p in paths))
 
     def write_results(self, metrics: dict[str, float]) -> None:
         if self.rank != 0:
