@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fgdist.config import OptimConfig
+from fgdist.config import HeadConfig, OptimConfig
 from fgdist.data.partition import Plan
 from fgdist.training.model import unit_features
 
@@ -44,6 +44,24 @@ class InstanceHead(nn.Module):
         self.scheduler = None
         self.update, self.ema_momentum = update, ema_momentum
         self.visits = None  # ema: (local column or -1, feature) of the rows of the last forward
+
+    @classmethod
+    def for_run(
+        cls,
+        plan: Plan,
+        rank: int,
+        dim: int,
+        seed: int,
+        head: HeadConfig,
+        optim: OptimConfig,
+        steps_per_epoch: int,
+        device: torch.device,
+    ) -> InstanceHead:
+        """The slice a run trains, on `device`, with its optimizer: from the run's head section
+        (update, ema_momentum, lr_mult, lr_schedule, weight_decay) and optimizer section."""
+        out = cls(plan, rank, dim, seed, head.update, head.ema_momentum).to(device)
+        out.build_optimizer(optim, head.lr_mult, steps_per_epoch, head.lr_schedule, head.weight_decay)
+        return out
 
     @property
     def num_columns(self) -> int:

@@ -77,6 +77,10 @@ def check_pool_objective(name: str, plan: Plan) -> None:
     )
 
 
+# The columns of an exchanged row's partials: its logsumexp over a rank's columns, its target logit
+PARTIAL_LSE, PARTIAL_TARGET = 0, 1
+
+
 class InstanceLoss(nn.Module):
     def __init__(
         self,
@@ -153,9 +157,9 @@ class InstanceLoss(nn.Module):
         loss = loss.index_put((local,), lse[:n_local] - target[:n_local])
         # Combine the exchanged rows' partials from every rank: logsumexp of the partial lse,
         # sum of the target logits (exactly one rank holds each target column).
-        partial = torch.stack([lse[n_local:], target[n_local:]], dim=1)
+        partial = torch.stack([lse[n_local:], target[n_local:]], dim=1)  # columns PARTIAL_LSE, PARTIAL_TARGET
         every_rank = gather_rows(partial, [partial.shape[0]] * self.plan.world_size).view(self.plan.world_size, -1, 2)
-        combined = torch.logsumexp(every_rank[..., 0], dim=0) - every_rank[..., 1].sum(dim=0)
+        combined = torch.logsumexp(every_rank[..., PARTIAL_LSE], dim=0) - every_rank[..., PARTIAL_TARGET].sum(dim=0)
         start = sum(counts[: self.rank])
         return loss.index_put((sent,), combined[start : start + counts[self.rank]])
 

@@ -32,6 +32,7 @@ from fgdist.data.shardset import SplitDir, split_fingerprint
 from fgdist.log import setup as setup_logging
 from fgdist.objective_table import OBJECTIVES
 from fgdist.training import checkpoint, per_query
+from fgdist.training.deepspeed_config import deepspeed_config, precision, zero_stage
 from fgdist.training.deepspeed_shm import unlink_deepspeed_shm_buffer
 from fgdist.training.evaluation import evaluate
 from fgdist.training.faults import kill_point, poison_loss
@@ -107,49 +108,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def deepspeed_config(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict:
-    """The user's `deepspeed` section, with the batch size fgdist owns and bf16 on CUDA unless
-    the section says otherwise. The trainer's dtype follows the result (`precision`). ZeRO
-    stages 1 and 2 partition the engine's optimizer state (and gradients) only, so the engine's
-    module stays whole on every rank, which evaluation, pictures and export read; stage 3 is
-    refused."""
-    ds = {"steps_per_print": 10**9, "zero_optimization": {"stage": 0}, **cfg.deepspeed}
-    if "bf16" not in ds and "bfloat16" not in ds:
-        ds["bf16"] = {"enabled": on_cuda}
-    stage = zero_stage(ds)
-    if stage not in (0, 1, 2):
-        raise ValueError(
-            f"deepspeed.zero_optimization.stage={stage} is not supported: use 0, 1 or 2 (stage 3 partitions the "
-            "model's weights, which evaluation, pictures and export read whole)"
-        )
-    if stage:
-        ds.setdefault("zero_allow_untested_optimizer", True)  # torch's SGD: ZeRO 1/2 only partition its state
-    micro = ds.setdefault("train_micro_batch_size_per_gpu", cfg.data.batch_size)
-    if micro != cfg.data.batch_size or ds.setdefault("gradient_accumulation_steps", 1) != 1:
-        raise ValueError(
-            f"deepspeed.train_micro_batch_size_per_gpu must equal data.batch_size ({cfg.data.batch_size}) and "
-            "gradient_accumulation_steps must be 1"
-        )
-    ds.setdefault("train_batch_size", cfg.data.batch_size * world_size)
-    return ds
-
-
-def zero_stage(ds: dict) -> int:
-    return int((ds.get("zero_optimization") or {}).get("stage", 0))
-
-
-def precision(ds: dict) -> torch.dtype:
-    """The one owner of the run's dtype: the final DeepSpeed config. bf16 or fp32; fp16 is
-    refused (it needs loss scaling, which DeepSpeed would apply to the engine's gradients only,
-    not to the instance head outside it)."""
-    if (ds.get("fp16") or {}).get("enabled"):
-        raise ValueError(
-            "deepspeed.fp16.enabled: fp16 is not supported (its loss scaling would not cover the instance head "
-            "outside the engine); use deepspeed.bf16.enabled=true, or false for fp32"
-        )
-    return torch.bfloat16 if (ds.get("bf16") or ds.get("bfloat16") or {}).get("enabled") else torch.float32
 
 
 def parameter_groups(model: EmbeddingNet, optim: OptimConfig) -> list[dict]:
@@ -251,11 +209,15 @@ class Trainer:
             model = convert_batchnorm(model)
         self.head = None
         if spec.instance is not None:
-            self.head = InstanceHead(
-                self.plan, self.rank, model.instance_dim, cfg.seed, cfg.head.update, cfg.head.ema_momentum
-            ).to(self.device)
-            self.head.build_optimizer(
-                cfg.optim, cfg.head.lr_mult, self.steps_per_epoch, cfg.head.lr_schedule, cfg.head.weight_decay
+            self.head = InstanceHead.for_run(
+                self.plan,
+                self.rank,
+                model.instance_dim,
+                cfg.seed,
+                cfg.head,
+                cfg.optim,
+                self.steps_per_epoch,
+                self.device,
             )
         self.objective = Objective(cfg, self.plan, self.rank, self.head).to(self.device)
 
@@ -388,17 +350,14 @@ class Trainer:
         (a lone rank raising would leave the others waiting in a collective). Returns the loss
         parts averaged over ranks and the run's skipped samples over all ranks."""
         misrouted = self.objective.instance.misrouted if self.objective.instance is not None else 0
-        row = torch.stack(
-            [
-                *(v.detach().double() for v in parts.values()),
-                self.first_nonfinite.double(),
-                torch.as_tensor(misrouted, device=self.device).double(),
-                torch.tensor(float(self.corrupt_skipped), dtype=torch.float64, device=self.device),
-            ]
-        )
-        rows = gather_rows(row[None]).tolist()
-        names = list(parts)
-        first = {r: int(v[len(names)]) for r, v in enumerate(rows) if v[len(names)] >= 0}
+        health = {
+            "first_nonfinite": self.first_nonfinite.double(),
+            "misrouted": torch.as_tensor(misrouted, device=self.device).double(),
+            "corrupt_skipped": torch.tensor(float(self.corrupt_skipped), dtype=torch.float64, device=self.device),
+        }
+        named = {**{k: v.detach().double() for k, v in parts.items()}, **health}
+        rows = [dict(zip(named, values)) for values in gather_rows(torch.stack(list(named.values()))[None]).tolist()]
+        first = {r: int(row["first_nonfinite"]) for r, row in enumerate(rows) if row["first_nonfinite"] >= 0}
         if first:
             pos = self.position
             raise NonFiniteLossError(
@@ -407,9 +366,9 @@ class Trainer:
                 f"{pos.step}); lower optim.lr or head.lr_mult"
             )
         if self.objective.instance is not None:
-            self.objective.instance.check_routing(int(sum(v[len(names) + 1] for v in rows)))
-        averaged = {k: sum(v[i] for v in rows) / len(rows) for i, k in enumerate(names)}
-        return {**averaged, "corrupt_skipped": sum(v[len(names) + 2] for v in rows)}
+            self.objective.instance.check_routing(int(sum(row["misrouted"] for row in rows)))
+        averaged = {k: sum(row[k] for row in rows) / len(rows) for k in parts}
+        return {**averaged, "corrupt_skipped": sum(row["corrupt_skipped"] for row in rows)}
 
     # -- the loop -----------------------------------------------------------------------
     def train(self) -> dict[str, float]:

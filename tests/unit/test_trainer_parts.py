@@ -11,14 +11,8 @@ import torch
 from fgdist import log as fgdist_log
 from fgdist.config import validate
 from fgdist.training.checkpoint import Position
-from fgdist.training.trainer import (
-    deepspeed_config,
-    evaluates_after_epoch,
-    logs_after_step,
-    precision,
-    saves_after_epoch,
-    saves_after_step,
-)
+from fgdist.training.deepspeed_config import deepspeed_config, precision
+from fgdist.training.trainer import evaluates_after_epoch, logs_after_step, saves_after_epoch, saves_after_step
 
 
 def config(**sections):
