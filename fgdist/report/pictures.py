@@ -13,7 +13,8 @@
 
 `log_pictures` draws both for a fixed set of test images (evenly spaced over the test split's
 instance ids, which are sorted by super-class, so the queries cover the super-classes); the
-trainer calls it on rank 0 after the final evaluation and logs the files as MLflow artifacts.
+end of a run (fgdist.retrieval.publish) calls it on rank 0 after the final evaluation and logs the
+files as MLflow artifacts.
 
     fgdist-pictures --model runs/synthetic [--shards DIR] [--shards-url URL] [--out DIR] [--num-queries 8]
     (or python -m fgdist.report.pictures ...)

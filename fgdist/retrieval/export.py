@@ -37,6 +37,7 @@ from fgdist.data.loader import make_transform, normalization
 from fgdist.images import check_shape
 from fgdist.output_folder import atomic_folder, check_free
 from fgdist.search_errors import ERRORS, CheckpointError, UnknownRunError
+from fgdist.training.checkpoint import load_checkpoint_model
 from fgdist.training.model import build_backbone, projection_mlp, unit_features
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,6 @@ def embedder_from(model: nn.Module, model_cfg: ModelConfig, data_cfg: DataConfig
 
 # -- loading -----------------------------------------------------------------------------------
 def _from_checkpoint(path: Path) -> ImageEmbedder:
-    from fgdist.training.checkpoint import load_checkpoint_model
-
     try:
         model, cfg, _ = load_checkpoint_model(path)
     except FileNotFoundError as err:  # its message names the folder or file already

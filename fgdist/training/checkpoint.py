@@ -12,6 +12,9 @@ Layout under <run_dir>/checkpoints:
 Everything is written into `.<tag>.partial` first; rank 0 renames it into place and only then
 rewrites `latest` (output_folder.atomic_file: a temporary file, then os.replace). A checkpoint that was being
 written when a process died has no `latest` pointing at it and is never read.
+
+`load_checkpoint_model` reads a checkpoint's model and config back on the CPU, for
+fgdist-pictures, fgdist-export and load_model.
 """
 
 from __future__ import annotations

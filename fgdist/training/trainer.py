@@ -5,7 +5,10 @@ distributed evaluation, MLflow from rank 0.
 `Trainer.__init__` runs four named steps (start the processes, build, restore, start
 tracking); `Trainer.train` is the epoch loop and `Trainer.train_step` one step, top to bottom
 (docs/DESIGN.md, "How a step runs"). When to save, evaluate and log are the functions below the
-imports.
+imports. At the end, rank 0 hands the finished model (`FinishedRun`) to the `publish` step it was
+given (fgdist.retrieval.publish.publish_run from the launcher): training imports neither export
+nor pictures, which sit above it (fgdist.LAYERS). The DeepSpeed config policy:
+fgdist.training.deepspeed_config.
 """
 
 from __future__ import annotations
