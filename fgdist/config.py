@@ -61,7 +61,8 @@ class DataConfig(Section):
     mean: list[float] | None = None
     std: list[float] | None = None
     on_corrupt: Literal["fail", "skip"] = "fail"
-    # seconds a DataLoader worker may take for one batch before its rank fails (0: wait forever)
+    # seconds a DataLoader worker may take for one batch before its rank fails, the workers printing
+    # their stacks first (0: wait forever)
     worker_timeout: float = Field(600.0, ge=0.0)
 
     @field_validator("crop_scale")

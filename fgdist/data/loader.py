@@ -18,10 +18,15 @@ Shards are read by fgdist/data/remote.py: from the shard set's folder, or from d
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import hashlib
 import json
 import math
+import os
 import random
+import signal
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -374,8 +379,43 @@ def _eval_loader(split: SplitDir, spec: StreamSpec, cfg: DataConfig, batch_size:
     return data_loader(stream, cfg, batch_size, min(cfg.num_workers, len(spec.urls)))
 
 
+class LoaderWorkerTimeoutError(RuntimeError):
+    pass
+
+
+def _stacks_on_sigusr1(_worker_id: int) -> None:
+    """In each loader worker: SIGUSR1 prints every thread's Python stack to stderr (the rank's log)."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
+class WatchedLoader(DataLoader):
+    """A DataLoader whose workers must deliver each batch within its timeout (data.worker_timeout):
+    a stuck worker becomes an error on its rank instead of a silent hang of every rank. Before the
+    error, each worker prints where it waits (the stuck worker of issue 22 was never caught in the
+    act; bench/RESULTS.md, its stress loops), and the error names the rank and the workers' pids."""
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        try:
+            yield from iterator
+        except RuntimeError as err:
+            if not self.timeout or "timed out" not in str(err):
+                raise
+            pids = [w.pid for w in getattr(iterator, "_workers", [])]
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGUSR1)
+            time.sleep(1.0)  # time to write the stacks before the workers are shut down
+            raise LoaderWorkerTimeoutError(
+                f"rank {os.environ.get('RANK', 0)}: a loader worker (pids {pids}) delivered no batch for "
+                f"{self.timeout:g} s (data.worker_timeout); the workers' stacks are printed above"
+            ) from None
+
+
 def data_loader(stream: IterableDataset, cfg: DataConfig, batch_size: int, workers: int) -> DataLoader:
-    """A DataLoader whose workers must deliver each batch within data.worker_timeout seconds: a
-    stuck worker becomes an error on its rank instead of a silent hang of every rank."""
+    """A WatchedLoader of `stream` with `workers` worker processes."""
     timeout = cfg.worker_timeout if workers else 0  # PyTorch allows a timeout only with workers
-    return DataLoader(stream, batch_size=batch_size, num_workers=workers, collate_fn=collate, timeout=timeout)
+    init = _stacks_on_sigusr1 if workers else None
+    return WatchedLoader(
+        stream, batch_size=batch_size, num_workers=workers, collate_fn=collate, timeout=timeout, worker_init_fn=init
+    )

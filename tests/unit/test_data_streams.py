@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fgdist.config import validate
-from fgdist.data.loader import data_loader, eval_batches, steps_per_epoch, train_batches
+from fgdist.data.loader import LoaderWorkerTimeoutError, data_loader, eval_batches, steps_per_epoch, train_batches
 from fgdist.data.partition import make_plan
 from fgdist.data.shardset import open_split, sample_key
 from shards.build import build_shards
@@ -101,11 +101,19 @@ def test_eval_workers_embed_every_test_sample_exactly_once(shard_set, world):
 
 class _StuckStream(torch.utils.data.IterableDataset):
     def __iter__(self):
-        time.sleep(30)
+        _wait_here_for_ever()
         yield torch.zeros(1), 0, 0, 0, 0
 
 
-def test_a_stuck_loader_worker_is_an_error_not_a_hang():
+def _wait_here_for_ever():
+    time.sleep(30)
+
+
+def test_a_stuck_loader_worker_is_an_error_not_a_hang(capfd):
     # Without the timeout the worker would deliver after its sleep and nothing would be raised.
-    with pytest.raises(RuntimeError, match="timed out after 1"):
+    with pytest.raises(
+        LoaderWorkerTimeoutError, match=r"rank 0: a loader worker \(pids \[\d+\]\) delivered no batch for 1 s"
+    ):
         next(iter(data_loader(_StuckStream(), data_cfg(worker_timeout=1.0), batch_size=1, workers=1)))
+    # The worker printed where it waited (its stderr is the rank's).
+    assert "_wait_here_for_ever" in capfd.readouterr().err
