@@ -10,7 +10,9 @@ launcher's share is the time from the launch to rank 0's process creation.
 
 A `first` run starts as on a fresh machine: an empty TORCH_EXTENSIONS_DIR (where DeepSpeed keeps
 the ops it compiles) and a new MLflow store; a `warm` run reuses those of the run before it.
-The load average before each run is in the table: the machine may be shared.
+The load average before each run is in the table: the machine may be shared. So is the CPU
+time the run's processes (the launcher's and the ranks') had used when the start line came,
+which a busy machine stretches less than the wall time.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -56,6 +60,20 @@ def train_command(launcher: str, config: str, sets: list[str]) -> list[str]:
     return deepspeed_command(2, ROOT / "launcher" / "train.py", args)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its descendants so far (live ones: the ranks
+    are still running when this is read)."""
+    top = psutil.Process(pid)
+    total = 0.0
+    for p in [top, *top.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def stop(proc: subprocess.Popen) -> None:
     """End the launched run: its whole process group (the launcher and its ranks)."""
     os.killpg(proc.pid, signal.SIGTERM)
@@ -82,6 +100,7 @@ def one_start(cmd: list[str], env: dict, log_path: Path, timeout_s: float) -> di
                 found = parse_start_line(line)
                 if found or time.time() - launched > timeout_s:
                     break
+            cpu = cpu_seconds(proc.pid)
         finally:
             stop(proc)
     if found is None:
@@ -93,13 +112,14 @@ def one_start(cmd: list[str], env: dict, log_path: Path, timeout_s: float) -> di
         "launcher": when - total - launched,
         "parts": parts,
         "shm_built": shm_built,
+        "cpu": cpu,
     }
 
 
 def table(rows: list[tuple[str, dict]]) -> list[str]:
-    lines = md_head(["run", "load before", "launch to first step", "launcher", *PARTS, "shm op built"])
+    lines = md_head(["run", "load before", "launch to first step", "CPU s", "launcher", *PARTS, "shm op built"])
     for kind, r in rows:
-        cells = [kind, f"{r['load']:.2f}", f"**{r['to_first_step']:.1f}**", f"{r['launcher']:.1f}"]
+        cells = [kind, f"{r['load']:.2f}", f"**{r['to_first_step']:.1f}**", f"{r['cpu']:.1f}", f"{r['launcher']:.1f}"]
         cells += [f"{r['parts'].get(p, 0.0):.1f}" for p in PARTS]
         lines.append(md_row([*cells, "yes" if r["shm_built"] else "no"]))
     return lines
