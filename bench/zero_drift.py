@@ -39,6 +39,7 @@ VARIANTS = {
 def rank_main() -> int:
     """A rank: train in the dtype the driver asked for."""
     import torch
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 
     import fgdist.trainer
     from launcher.train import main
@@ -46,6 +47,9 @@ def rank_main() -> int:
     dtype = getattr(torch, os.environ[RANK_ENTRY])
     torch.set_default_dtype(dtype)  # the model, the head and the optimizer state
     fgdist.trainer.precision = lambda ds: dtype  # the inputs and every cast the trainer makes
+    # DeepSpeed reduces the gradient dtypes its accelerator lists (float32 and bfloat16 on the CPU).
+    listed = CPU_Accelerator.supported_dtypes
+    CPU_Accelerator.supported_dtypes = lambda self: [*listed(self), torch.float64]
     return main(sys.argv[1:])
 
 
@@ -80,6 +84,7 @@ def train(root: Path, name: str, dtype: str, epochs: int, extra: list[str], env:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=2, help="8 steps each")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     p.add_argument("--out", help="write the Markdown table here")
     args = p.parse_args()
     from bench.common import md_head, md_row, run_meta, write_report
@@ -90,7 +95,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fgdist-drift-") as tmp:
         root = Path(tmp)
         tiny_synthetic(root / "shards", train_per_fine=16)  # 128 images: 8 steps of 2 x 8 per epoch
-        for dtype in ("float32", "float64"):
+        for dtype in args.dtypes:
             reference = train(root, f"{dtype}_stage0", dtype, args.epochs, [], {})
             for variant, (extra, env) in VARIANTS.items():
                 ours = train(root, f"{dtype}_{variant.replace(' ', '_')}", dtype, args.epochs, extra, env)
