@@ -74,6 +74,10 @@ def test_every_collective_runs_through_collectives_on_the_communication_device(r
     assert results(root, "deepspeed")["world_size"] == 2
     assert {"fine_recall_at_1", "super_map_at_r", "super_top1"} <= set(metrics)  # evaluation ran
     assert len(step_losses(deepspeed_run)) == 8
+    # The start line (fgdist/start_time.py) once, from rank 0; DeepSpeed's shm op neither built
+    # nor loaded (fgdist/deepspeed_shm.py: DeepSpeed prints this line whenever it loads the op).
+    assert len(re.findall(r"\[fgdist rank 0\] INFO: started in [\d.]+ s: imports", output)) == 1
+    assert "deepspeed_shm_comm_op built successfully" not in output
 
 
 def test_torchrun_trains_what_the_deepspeed_launcher_trains(root, deepspeed_run):
