@@ -33,7 +33,7 @@ import torch
 
 from fgdist import cli
 
-SUB_CHUNK = 256  # query rows sorted at once at most: their full sort against n rows is the peak memory
+SUB_CHUNK = 256  # query rows ranked at once at most: their ranking against n rows is the peak memory
 
 
 def metric_names(label: str) -> tuple[str, str]:
@@ -57,7 +57,8 @@ def ranked(sims: torch.Tensor, depth: int) -> torch.Tensor:
 
     The depth-th largest similarity t of each row (a top-k) splits it: every row above t is kept,
     and of the rows equal to t the lowest ones, as many as fill the depth; the kept rows, taken in
-    row order, are then sorted stably, so ties stay in row order as in the full sort."""
+    row order, are then sorted stably, so ties stay in row order as in the full sort. Two reads to
+    the host per block (the NaN check, and nonzero's count), beside first_ranks' one."""
     n = sims.shape[1]
     if depth >= n or torch.isnan(sims).any():  # a full sort: nothing to skip, or NaN (no threshold)
         # A copy of the kept columns: a view would keep all Q x n sorted indices alive.
@@ -150,7 +151,7 @@ def retrieval_pass(
         stop = min(start + step, len(queries))
         self_rows = torch.arange(self_offset + start, self_offset + stop, device=device) if excluded else None
         sims = similarities(queries[start:stop], gallery, self_rows)
-        order = ranked(sims, depth)  # one sort serves every label
+        order = ranked(sims, depth)  # one ranking serves every label
         for name, g_labels in gallery_labels.items():
             y, r_block = query_labels[name][start:stop], r[name][start:stop]
             rel = relevant(order, y, g_labels)
