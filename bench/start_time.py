@@ -6,7 +6,8 @@
 Each run launches `deepspeed --num_gpus 2 launcher/train.py --config CONFIG` (or one plain
 `python launcher/train.py` process) as a user would, waits for rank 0's start line (logged after
 the first step, fgdist/start_time.py), then stops the run. The parts come from that line; the
-launcher's share is the time from the launch to rank 0's process creation.
+launcher's share is the time from the launch to rank 0's process creation (as psutil reports
+it, derived from the boot time: good to about a second, so it can even read slightly negative).
 
 A `first` run starts as on a fresh machine: an empty TORCH_EXTENSIONS_DIR (where DeepSpeed keeps
 the ops it compiles) and a new MLflow store; a `warm` run reuses those of the run before it.
