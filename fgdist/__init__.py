@@ -20,9 +20,10 @@ Library modules (one job each):
   evaluation  distributed, chunked Recall@k and super-class top-k
   tracking    MLflow from rank 0
   log         logging with time and rank
-  deepspeed_shm  the workaround for DeepSpeed's leaked /dev/shm all-reduce buffer
   cli         one command-line grammar; run_reporting ends every command's named errors
   harness     a free port, a gloo group, a local HTTP wait: for the launcher, tests and bench
+  deepspeed_shm  DeepSpeed's CPU shared-memory op skipped; its leaked /dev/shm buffer's workaround
+  start_time  the start line: where a rank's start went, up to its first step
   figures     the shared matplotlib figure helper of comparison and pictures
   export, embed, search, retrieval_metrics
               from a trained run to visual search: model export and load_model, Parquet
