@@ -23,9 +23,10 @@ kernel's VmHWM after resetting it through /proc/self/clear_refs just before the 
 where that is not allowed, a thread samples psutil's RSS every 2 ms instead (it can miss a
 shorter peak). "extra" = that peak minus the resident set just before the call: the evaluation's
 working memory beyond the embeddings. The table sets it beside one c x N fp32 similarity block
-(c = min(query_chunk, retrieval_metrics.SUB_CHUNK) queries sorted at once, N rows) and beside the
-estimate of fgdist.retrieval_metrics.retrieval_pass' docstring, c * (16 N + 50 depth) bytes (the
-block, its sorted copy, the int64 order, and the kept columns; depth = the deepest R).
+(c = min(query_chunk, retrieval_metrics.SUB_CHUNK) queries ranked at once, N rows) and beside the
+estimate of fgdist.retrieval_metrics.retrieval_pass' docstring, c * (10 N + 50 depth) bytes (the
+block, two masks and an int32 count of the top-depth selection, and the kept columns; depth = the
+deepest R).
 
 Exactness: the Recall@k hits are compared against a brute-force computation (float64 full similarity
 matrix, rank of the best same-label neighbour, no top-k) on a subset of about 2,000 rows that
@@ -256,7 +257,7 @@ def summarize(world: int, spec: dict, ranks: list[dict]) -> dict:
         "emb_bytes": n * d * 4 + 2 * n * 8,
         "rss_before": max(r["rss_before"] - r["rss_start"] for r in ranks),
         "extra": [r["peak_during"] - r["rss_before"] for r in ranks],
-        "predicted": c * (16 * n + 50 * ranks[0]["depth"]),
+        "predicted": c * (10 * n + 50 * ranks[0]["depth"]),
         "ru_maxrss": [r["ru_maxrss"] for r in ranks],
         "hits": ranks[0]["hits"],
         "peak_method": ranks[0]["peak_method"],
@@ -273,7 +274,7 @@ def table(rows: list[dict], n: int) -> list[str]:
                 "embeddings+labels expected MiB",
                 "RSS growth for them MiB (max rank)",
             ),
-            *("extra peak during the pass MiB (per rank)", "one c x N block MiB", "sort + kept columns MiB"),
+            *("extra peak during the pass MiB (per rank)", "one c x N block MiB", "ranking + kept columns MiB"),
             "peak RSS (ru_maxrss) MiB per rank",
         ]
     )
@@ -417,9 +418,9 @@ def main() -> None:
         '"embeddings+labels expected" is N x d x 4 bytes plus two int64 label vectors; "RSS growth for them" is the '
         "resident set just before the pass minus the one at process start (it includes the data generation's "
         'leftovers and the gather\'s buffers); "extra peak" is the peak during the pass minus the resident set just '
-        'before it; "one c x N block" is c x N x 4 bytes with c = min(query_chunk, SUB_CHUNK, queries); "sort + kept '
-        'columns" is c x (16 N + 50 depth) bytes, depth = the deepest R. "CPU s" is the process time of the pass: on '
-        "this shared machine the wall time also counts the waits for a core.",
+        'before it; "one c x N block" is c x N x 4 bytes with c = min(query_chunk, SUB_CHUNK, queries); "ranking '
+        '+ kept columns" is c x (10 N + 50 depth) bytes, depth = the deepest R. "CPU s" is the process time of the '
+        "pass: on this shared machine the wall time also counts the waits for a core.",
         "",
         *table(sweep, n),
         "",

@@ -12,7 +12,8 @@ Packages, lowest first (LAYERS below: a module imports only from its own package
                (loader) and augmentation (augment)
   kernels      grouped logsumexp: PyTorch reference and fused Triton kernel behind one dispatch
   training     the model (model, head), the objectives, the DeepSpeed loop (trainer,
-               deepspeed_config), checkpoints, evaluation and per-query rows, MLflow tracking
+               deepspeed_config), checkpoints, evaluation and per-query rows, MLflow tracking,
+               the start line (start_time)
   report       comparison of runs, paired differences (bootstrap), figures and pictures
   retrieval    from a trained run to visual search: export and load_model, embed, index and
                search, serve (and its page, static/index.html), publish (the end of a run)

@@ -33,7 +33,7 @@ import torch
 
 from fgdist import cli
 
-SUB_CHUNK = 256  # query rows sorted at once at most: their full sort against n rows is the peak memory
+SUB_CHUNK = 256  # query rows ranked at once at most: their ranking against n rows is the peak memory
 
 
 def metric_names(label: str) -> tuple[str, str]:
@@ -53,9 +53,24 @@ def similarities(queries: torch.Tensor, gallery: torch.Tensor, self_rows: torch.
 
 def ranked(sims: torch.Tensor, depth: int) -> torch.Tensor:
     """Gallery rows of each query by similarity, descending, ties by the lower row: (Q x depth)
-    indices."""
-    # A copy of the kept columns: a view would keep all Q x n sorted indices alive.
-    return torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :depth].clone()
+    indices, the first `depth` columns of a stable full sort, without sorting the other rows.
+
+    The depth-th largest similarity t of each row (a top-k) splits it: every row above t is kept,
+    and of the rows equal to t the lowest ones, as many as fill the depth; the kept rows, taken in
+    row order, are then sorted stably, so ties stay in row order as in the full sort. Two reads to
+    the host per block (the NaN check, and nonzero's count), beside first_ranks' one."""
+    n = sims.shape[1]
+    if depth >= n or torch.isnan(sims).any():  # a full sort: nothing to skip, or NaN (no threshold)
+        # A copy of the kept columns: a view would keep all Q x n sorted indices alive.
+        return torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :depth].clone()
+    if depth == 0:
+        return torch.zeros(sims.shape[0], 0, dtype=torch.long, device=sims.device)
+    t = torch.topk(sims, depth, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
+    above, at_t = sims > t, sims == t
+    room = depth - above.sum(dim=1, keepdim=True)  # >= 1: t itself is among the top depth
+    keep = above | (at_t & (at_t.cumsum(dim=1, dtype=torch.int32) <= room))
+    rows = keep.nonzero()[:, 1].view(sims.shape[0], depth)  # exactly depth per query, in row order
+    return rows.gather(1, torch.sort(sims.gather(1, rows), dim=1, descending=True, stable=True).indices)
 
 
 def first_ranks(
@@ -117,10 +132,11 @@ def retrieval_pass(
     `self_offset`: the queries are gallery rows [self_offset, self_offset + len(queries)) and each
     one's own row is excluded (the paper's protocol); None: the two sets are distinct.
 
-    Memory: queries are taken c = min(chunk, SUB_CHUNK) at a time, each sorted against the whole
-    gallery of n rows, keeping depth = the deepest R columns (at most n). The peak working memory
-    is that sort: about 16 x c x n bytes (the fp32 similarity block, its sorted copy and the int64
-    order; a CUDA sort adds its workspace), plus some 50 x c x depth bytes for the kept columns,
+    Memory: queries are taken c = min(chunk, SUB_CHUNK) at a time, each ranked against the whole
+    gallery of n rows to depth = the deepest R (at most n; `ranked`: a top-k, no full sort). The
+    peak working memory is that ranking: about 10 x c x n bytes (the fp32 similarity block, two
+    masks and an int32 count; 16 x c x n where it falls back to the full sort: the block, its
+    sorted copy and the int64 order), plus some 50 x c x depth bytes for the kept columns,
     whatever the number of queries; the per-query values are 3 numbers per query and label."""
     n, device, excluded = gallery.shape[0], queries.device, self_offset is not None
     r = {name: relevant_counts(g_labels, query_labels[name], excluded) for name, g_labels in gallery_labels.items()}
@@ -135,7 +151,7 @@ def retrieval_pass(
         stop = min(start + step, len(queries))
         self_rows = torch.arange(self_offset + start, self_offset + stop, device=device) if excluded else None
         sims = similarities(queries[start:stop], gallery, self_rows)
-        order = ranked(sims, depth)  # one sort serves every label
+        order = ranked(sims, depth)  # one ranking serves every label
         for name, g_labels in gallery_labels.items():
             y, r_block = query_labels[name][start:stop], r[name][start:stop]
             rel = relevant(order, y, g_labels)

@@ -2,7 +2,7 @@
 
 Each rank embeds its slice of the test split; the L2-normalized embeddings (and labels) are
 gathered to every rank; each rank then ranks its own queries against the whole test set, the
-query itself excluded, with `fgdist.retrieval_metrics.retrieval_pass`: one sorted pass that
+query itself excluded, with `fgdist.retrieval_metrics.retrieval_pass`: one ranking pass that
 yields the Recall@k hits, MAP@R and R-precision together, in blocks of at most `query_chunk`
 rows (and at most `retrieval_metrics.SUB_CHUNK`), so no all-pairs matrix is ever held (the peak
 is stated there). The sums of all labels and the super-class top-1/top-5 counts are added over

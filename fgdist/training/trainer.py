@@ -36,7 +36,7 @@ from fgdist.log import setup as setup_logging
 from fgdist.objective_table import OBJECTIVES
 from fgdist.training import checkpoint, per_query
 from fgdist.training.deepspeed_config import deepspeed_config, precision, zero_stage
-from fgdist.training.deepspeed_shm import unlink_deepspeed_shm_buffer
+from fgdist.training.deepspeed_shm import skip_shm_comm_op, unlink_deepspeed_shm_buffer
 from fgdist.training.evaluation import evaluate
 from fgdist.training.faults import kill_point, poison_loss
 from fgdist.training.head import InstanceHead
@@ -49,6 +49,7 @@ from fgdist.training.model import (
     reestimate_batchnorm,
 )
 from fgdist.training.objectives import Objective, instance_ce_chance, softmax_group_sizes
+from fgdist.training.start_time import StartClock
 from fgdist.training.sync_debug import SyncCounter
 from fgdist.training.tracking import Tracker, flatten, resolve_uri
 
@@ -147,10 +148,13 @@ class Trainer:
         self.cfg = cfg
         self.publish = publish
         self.spec = OBJECTIVES[cfg.objective.name]
+        self.start_clock = StartClock()  # logs where the start went after the first step
         self._start_processes()
         self._build()
         self._restore(resume)
+        self.start_clock.mark("restore")
         self._start_tracking(resumed=bool(resume))
+        self.start_clock.mark("tracking")
         pool = self.train_split.manifest.num_unlabeled
         log.info(
             f"{self.spec.name} on {self.world_size} rank(s), {self.device}, {self.num_instances} training images"
@@ -166,12 +170,15 @@ class Trainer:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
+        self.start_clock.mark("imports")
         # This node's device from the local rank (every launcher sets LOCAL_RANK), before the
         # process group starts: NCCL binds a process to the current device. The global rank
         # (RANK) orders the column line, the data and the logging.
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        skip_shm_comm_op()
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
         unlink_deepspeed_shm_buffer()
+        self.start_clock.mark("distributed")
         self.rank, self.world_size = world()
         setup_logging(self.rank)
         self.device = torch.device(get_accelerator().current_device_name())
@@ -196,6 +203,7 @@ class Trainer:
         self.num_instances = manifest.num_instances
         self.plan = make_plan(manifest, self.world_size, where=str(self.train_split.path))
         self.steps_per_epoch = steps_per_epoch(manifest.num_instances, self.world_size, cfg.data.batch_size)
+        self.start_clock.mark("data")
 
         if spec.fine_head and manifest.num_fine == 0:
             raise ValueError(f"objective {spec.name!r} needs fine labels; {self.train_split.path} has none")
@@ -233,6 +241,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, [m * self.steps_per_epoch for m in cfg.optim.milestones], cfg.optim.gamma
         )
+        self.start_clock.mark("model")
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -243,6 +252,7 @@ class Trainer:
         # rank's first global step with a non-finite loss (-1: none yet).
         self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=self.device)
         self.sync_counter = SyncCounter(self.device)
+        self.start_clock.mark("engine")
 
     def _restore(self, resume: bool | str) -> None:
         """Where to start: step 0, or a checkpoint's position (re-cut to this world size)."""
@@ -405,8 +415,10 @@ class Trainer:
             self.train_split, self.plan, cfg.data, self.rank, pos.epoch, cfg.seed, start_step=pos.step
         )
         for batch in batches:
+            self.start_clock.mark("first batch")
             with self.sync_counter.step():
                 parts = self.train_step(batch)
+            self.start_clock.finish("first step")
             pos.step += 1
             pos.global_step += 1
             kill_point("step", self.rank, pos.global_step)

@@ -74,6 +74,10 @@ def test_every_collective_runs_through_collectives_on_the_communication_device(r
     assert results(root, "deepspeed")["world_size"] == 2
     assert {"fine_recall_at_1", "super_map_at_r", "super_top1"} <= set(metrics)  # evaluation ran
     assert len(step_losses(deepspeed_run)) == 8
+    # The start line (fgdist/training/start_time.py) once, from rank 0; DeepSpeed's shm op neither built
+    # nor loaded (fgdist/training/deepspeed_shm.py: DeepSpeed prints this line whenever it loads the op).
+    assert len(re.findall(r"\[fgdist rank 0\] INFO: started in [\d.]+ s: imports", output)) == 1
+    assert "deepspeed_shm_comm_op built successfully" not in output
 
 
 def test_torchrun_trains_what_the_deepspeed_launcher_trains(root, deepspeed_run):
@@ -132,15 +136,37 @@ def close_losses(a: dict, b: dict, rel: float) -> bool:
     return a.keys() == b.keys() and all(abs(float(a[k]) - float(b[k])) <= rel * abs(float(b[k])) for k in a)
 
 
+def full_losses(root, name) -> dict[int, float]:
+    """Global step -> the rank-averaged loss at full precision (MLflow's; the log lines keep 4
+    digits, too coarse for the bounds below)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    return {m.step: m.value for m in client.get_metric_history(results(root, name)["mlflow_run_id"], "loss")}
+
+
+def drift(ours: dict[int, float], reference: dict[int, float]) -> dict[int, float]:
+    """The relative loss difference at each step (the same steps in both)."""
+    assert ours.keys() == reference.keys(), (ours, reference)
+    return {s: abs(ours[s] - reference[s]) / abs(reference[s]) for s in reference}
+
+
+# The relative loss difference from stage 0 allowed at each step, 10x what bench/zero_drift.py
+# measured (bench/RESULTS.md, "ZeRO stages and thread counts: the drift is rounding"): stages 1
+# and 2 give the first two losses to the bit, differ by one float32 ulp of the loss (5e-8) at
+# step 3, and training amplifies that to 5e-7 at step 7 and 9e-6 at step 8; in float64 the
+# difference stays at or under one float32 ulp of the loss (computed in float32) through step 8.
+# A real difference (a missing gradient average, weight decay, another LR) changes the step-2
+# loss by far more than 1e-6.
+ZERO_DRIFT_BOUND = {1: 1e-6, 2: 1e-6, 3: 1e-6, 4: 1e-6, 5: 1e-6, 6: 1e-6, 7: 1e-5, 8: 1e-4}
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_stages_1_and_2_train_what_stage_0_trains(root, deepspeed_run, stage, monkeypatch):
-    """The same losses as stage 0: equal to the 4 logged digits over the first 4 steps, then
-    within 1% (measured: the runs drift apart by up to 0.5% at step 8, as rounding differences
-    grow at lr 0.1; a missing gradient average or weight decay would differ from step 2)."""
-    proc = deepspeed_train(root, *args(root, f"zero{stage}", *zero(stage)))
-    ours, reference = step_losses(proc), step_losses(deepspeed_run)
-    assert [ours[1, s] for s in range(1, 5)] == [reference[1, s] for s in range(1, 5)]
-    assert close_losses(ours, reference, rel=1e-2), (ours, reference)
+    """The same losses as stage 0, to rounding (ZERO_DRIFT_BOUND)."""
+    deepspeed_train(root, *args(root, f"zero{stage}", *zero(stage)))
+    differences = drift(full_losses(root, f"zero{stage}"), full_losses(root, "deepspeed"))
+    assert all(differences[s] <= ZERO_DRIFT_BOUND[s] for s in differences), differences
     assert results(root, f"zero{stage}")["metrics"]["eval_images"] == 16  # evaluation ran on the engine's module
     # The checkpoint file (mp_rank_00_model_states.pt, read by pictures and export) holds the
     # weights the trainer exported to MLflow from the engine's module at the end.
@@ -162,6 +188,17 @@ def test_zero_stage_2_resumes_where_it_stopped(root):
 
 
 # -- two nodes on this machine: torchrun --nnodes 2, one rank each ---------------------------
+# Each one-process node uses all of the machine's cores (LOCAL_WORLD_SIZE=1) where the single
+# node gives each rank half: other thread counts, other float32 rounding. bench/zero_drift.py
+# (its "threads x2" runs, bench/RESULTS.md) measured the difference from the single node: under
+# 1.5e-7 over steps 1-3, then 1.2e-4 at step 4 growing to 6.6e-3 at step 8; in float64 it stays at
+# or under one float32 ulp of the loss through step 11, so the growth is rounding amplified by
+# training at lr 0.1. Bounds: 1e-6 over steps 1-3 (the first is the same fixed batch from the same
+# weights), about 10x the measured value at step 4 and 1% after it (the real two-node runs
+# measured up to 0.3%).
+TWO_NODE_DRIFT_BOUND = {1: 1e-6, 2: 1e-6, 3: 1e-6, 4: 1e-3, 5: 1e-2, 6: 1e-2, 7: 1e-2, 8: 1e-2}
+
+
 def two_nodes(root, *train_args):
     """Start both nodes (node_rank 0 and 1, one process each) and wait for both."""
     import subprocess
@@ -206,13 +243,9 @@ def test_two_nodes_train_what_one_node_trains_and_resume(root, deepspeed_run):
     assert results(root, "two_nodes")["world_size"] == 2
     # Global rank 0 (node 0) logs and tracks; node 1's process is local rank 0 but global rank 1.
     assert "[fgdist rank 0] INFO: epoch 1/1 step 8/8" in first[0] and "INFO: epoch" not in first[1]
-    # The single-node 2-rank losses: equal over the first 4 steps (the first is the loss on the
-    # same fixed batch from the same weights), then within 1%: each one-process node uses all of
-    # the machine's cores (LOCAL_WORLD_SIZE=1) where the single node gives each rank half, and
-    # the rounding of other thread counts grows over the steps (measured: up to 0.3%).
-    ours, reference = step_losses_text(first[0]), step_losses(deepspeed_run)
-    assert [ours[1, s] for s in range(1, 5)] == [reference[1, s] for s in range(1, 5)]
-    assert close_losses(ours, reference, rel=1e-2), (ours, reference)
+    # The single-node 2-rank losses, to rounding (TWO_NODE_DRIFT_BOUND).
+    differences = drift(full_losses(root, "two_nodes"), full_losses(root, "deepspeed"))
+    assert all(differences[s] <= TWO_NODE_DRIFT_BOUND[s] for s in differences), differences
     resumed = two_nodes(root, *args(root, "two_nodes", "--set", "optim.epochs=2", "--resume"))
     assert "resumed from" in resumed[0] and "epoch 2/2 step 8/8" in resumed[0]
     client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fgdist.retrieval_metrics import retrieval_sums, to_metrics
+from fgdist.retrieval_metrics import ranked, retrieval_sums, similarities, to_metrics
 from fgdist.training.evaluation import query_slice_sums
 
 
@@ -38,6 +38,21 @@ def tied_data(n, seed):
     labels = torch.randint(0, 6, (n,), generator=gen)
     labels[-1] = 99  # a label held by one item only: R = 0, left out of MAP@R
     return vectors, labels
+
+
+def test_ranking_to_a_depth_equals_the_full_stable_sort_on_ties():
+    """`ranked` selects the top `depth` without sorting the rest: the same rows in the same order
+    as the first columns of the full stable sort, ties (many: small integer vectors) by the lower
+    row, at every depth, with each query's own row at -inf, and with a NaN similarity."""
+    x, _ = tied_data(57, seed=4)
+    sims = similarities(x, x, torch.arange(57))
+    assert len(torch.unique(sims)) < 20  # mostly ties
+    full = torch.sort(sims, dim=1, descending=True, stable=True).indices
+    for depth in range(58):
+        assert torch.equal(ranked(sims, depth), full[:, :depth]), depth
+    sims[3, 5] = float("nan")
+    full = torch.sort(sims, dim=1, descending=True, stable=True).indices
+    assert torch.equal(ranked(sims, 9), full[:, :9])
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 1024])

@@ -91,6 +91,28 @@ def test_rank_0_logs_info_with_time_and_rank_other_ranks_only_warnings(capsys, r
     assert len(out) == 1 and out[0].endswith("[fgdist rank 1] WARNING: shown on every rank")
 
 
+def test_the_start_line_is_logged_once_and_read_by_the_start_bench(capsys, restore_fgdist_logger):
+    """fgdist/training/start_time.py's line after the first step, as bench/start_time.py parses it."""
+    import time
+
+    from bench.start_time import PARTS, parse_start_line
+    from fgdist.training.start_time import StartClock
+
+    fgdist_log.setup(0)
+    clock = StartClock()
+    for part in PARTS[:-1]:
+        clock.mark(part)
+    clock.finish(PARTS[-1])
+    clock.mark("later")  # after the first step nothing more is timed or logged
+    clock.finish("again")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1, lines
+    when, total, parts = parse_start_line(lines[0])
+    assert list(parts) == list(PARTS)
+    assert abs(sum(parts.values()) - total) <= 0.05 * len(PARTS) + 0.05  # each part rounded to 0.1 s
+    assert abs(when - time.time()) < 60 and total >= parts["imports"] > 0  # imports: since the process started
+
+
 # -- precision and ZeRO: the final DeepSpeed config decides (issue 12) ----------------------------
 def ds_config(deepspeed: dict, on_cuda: bool) -> dict:
     return deepspeed_config(config(deepspeed=deepspeed), world_size=2, on_cuda=on_cuda)
