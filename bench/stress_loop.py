@@ -29,34 +29,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT, deepspeed_command, md_head, md_row, run_meta, write_report  # noqa: E402
+from fgdist.harness import TINY_TRAINING, tiny_synthetic  # noqa: E402
 
-TRAIN = [
-    "--config",
-    str(ROOT / "configs" / "synthetic_cpu.json"),
-    "--set",
-    "model.width=8",
-    "--set",
-    "data.batch_size=8",
-    "--set",
-    "data.num_workers=1",
-    "--set",
-    "eval.batch_size=16",
-    "--set",
-    "eval.every_epochs=1",
-    "--set",
-    "checkpoint.every_epochs=1",
-    "--set",
-    "tracking.log_every_steps=1",
-    "--set",
-    "tracking.system_metrics=false",
-]
-
-
-def build_shards(out: Path) -> None:
-    cmd = [sys.executable, "-m", "shards", "build", "--source", "synthetic", "--out", str(out), "--quiet"]
-    for opt in ("num_super=4", "fine_per_super=2", "train_per_fine=4", "test_per_fine=2"):
-        cmd += ["--opt", opt]
-    subprocess.run(cmd, check=True, cwd=ROOT)
+# a tiny run (fgdist.harness), evaluating and saving after every epoch
+TRAIN = [*TINY_TRAINING, "--set", "eval.every_epochs=1", "--set", "checkpoint.every_epochs=1"]
 
 
 def dump_stacks(pid: int) -> None:
@@ -104,7 +80,7 @@ def main(argv=None) -> int:
     tally: dict[str, int] = {"ok": 0, "abort": 0, "hang": 0, "failed": 0}
     with tempfile.TemporaryDirectory(prefix="fgdist-stress-") as tmp:
         work = Path(tmp)
-        build_shards(work / "shards")
+        tiny_synthetic(work / "shards")
         for i in range(args.runs):
             outcome, seconds, tail = one_run(work, i, args.epochs, args.timeout)
             tally[outcome] += 1

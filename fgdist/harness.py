@@ -1,19 +1,42 @@
 """Running fgdist's parts on this machine without a cluster, for the launcher, the tests and the
 benchmarks alike (so that bench/ never imports tests/): a free port for a DeepSpeed master or a
-server, a gloo group for a few local ranks, waiting until a local HTTP server answers, and a
-manifest of given super-class sizes (what the partition plan needs, without a shard set).
+server, a gloo group for a few local ranks, waiting until a local HTTP server answers, a
+manifest of given super-class sizes (what the partition plan needs, without a shard set), and a
+tiny synthetic shard set with the settings of a tiny 2-rank training run (for the integration
+tests and bench/stress_loop.py).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from fgdist.data.shardset import Manifest, PoolInfo, SuperClassInfo
+
+REPO = Path(__file__).resolve().parents[1]
+
+# `launcher/train.py` arguments of a tiny run: a narrow ResNet-18, batches of 8, one loader worker.
+TINY_TRAINING = [
+    *["--config", str(REPO / "configs" / "synthetic_cpu.json")],
+    *["--set", "model.width=8", "--set", "data.batch_size=8", "--set", "data.num_workers=1"],
+    *["--set", "tracking.log_every_steps=1", "--set", "tracking.system_metrics=false", "--set", "eval.batch_size=16"],
+]
+
+
+def tiny_synthetic(out, **overrides) -> str:
+    """Build a tiny real shard set with the CLI (4 super-classes, 32 training images)."""
+    opts = {"num_super": 4, "fine_per_super": 2, "train_per_fine": 4, "test_per_fine": 2, **overrides}
+    cmd = [sys.executable, "-m", "shards", "build", "--source", "synthetic", "--out", str(out), "--quiet"]
+    for k, v in opts.items():
+        cmd += ["--opt", f"{k}={v}"]
+    subprocess.run(cmd, check=True, cwd=REPO)
+    return str(out)
 
 
 class ServerNotReadyError(RuntimeError):

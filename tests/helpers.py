@@ -8,7 +8,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # Tests import these from here, beside the helpers above.
-from fgdist.harness import free_port, init_gloo, manifest_with_sizes, wait_for_http  # noqa: F401
+from fgdist.harness import (  # noqa: F401
+    TINY_TRAINING,
+    free_port,
+    init_gloo,
+    manifest_with_sizes,
+    tiny_synthetic,
+    wait_for_http,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,19 +27,6 @@ def shared_fixture(name: str) -> Path | None:
         if (folder / "shared" / "fixtures" / name).is_dir():
             return folder / "shared" / "fixtures" / name
     return None
-
-
-def tiny_synthetic(out, **overrides) -> str:
-    """Build a tiny real shard set with the CLI (4 super-classes, 32 training images)."""
-    import subprocess
-    import sys
-
-    opts = {"num_super": 4, "fine_per_super": 2, "train_per_fine": 4, "test_per_fine": 2, **overrides}
-    cmd = [sys.executable, "-m", "shards", "build", "--source", "synthetic", "--out", str(out), "--quiet"]
-    for k, v in opts.items():
-        cmd += ["--opt", f"{k}={v}"]
-    subprocess.run(cmd, check=True, cwd=REPO)
-    return str(out)
 
 
 def write_run_folder(run: Path, cfg, model, epoch: int | None = None) -> Path:
@@ -102,24 +96,6 @@ def deepspeed_train(cwd, *train_args, num_gpus=2, env=None, timeout=600, check=T
     port = free_port()
     launcher = ["deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(port)]
     return launch_training(cwd, launcher, port, *train_args, env=env, timeout=timeout, check=check)
-
-
-TINY_TRAINING = [
-    "--config",
-    str(REPO / "configs" / "synthetic_cpu.json"),
-    "--set",
-    "model.width=8",
-    "--set",
-    "data.batch_size=8",
-    "--set",
-    "data.num_workers=1",
-    "--set",
-    "tracking.log_every_steps=1",
-    "--set",
-    "tracking.system_metrics=false",
-    "--set",
-    "eval.batch_size=16",
-]
 
 
 @contextmanager
