@@ -9,8 +9,8 @@ reads the whole test split through it, waits for the all-reduce, and starts agai
 
     deepspeed --num_gpus 2 bench/loader_fork_stress.py --shards DIR --loaders 300 [--mlflow]
 
-A worker that delivers nothing for --timeout seconds is a hang: its Python and native stacks are
-printed (`py-spy dump --native`; pip install py-spy) before the rank moves on. Every rank prints
+A worker that delivers nothing for --timeout seconds is a hang: the loader has it print its threads'
+Python stacks (fgdist.data.loader.WatchedLoader) and the rank moves on. Every rank prints
 its tally; the script exits 1 if any loader hung.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,30 +30,20 @@ import torch.distributed as dist  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 
 from fgdist.config import DataConfig  # noqa: E402
-from fgdist.data.loader import eval_batches, open_data_split  # noqa: E402
-from fgdist.training.deepspeed_shm import unlink_deepspeed_shm_buffer  # noqa: E402
-
-
-def dump_worker_stacks(iterator) -> None:
-    for worker in getattr(iterator, "_workers", []):
-        print(f"--- stuck loader worker pid {worker.pid}", flush=True)
-        subprocess.run(["py-spy", "dump", "--native", "--pid", str(worker.pid)], check=False)
+from fgdist.data.loader import LoaderWorkerTimeoutError, eval_batches, open_data_split  # noqa: E402
+from fgdist.training.deepspeed_shm import skip_shm_comm_op, unlink_deepspeed_shm_buffer  # noqa: E402
 
 
 def read_once(loader) -> bool:
-    """Read every batch of `loader`; False if its worker went silent past the loader's timeout."""
-    iterator = iter(loader)
+    """Read every batch of `loader`; False if a worker went silent past the loader's timeout (the
+    loader has had its workers print their stacks, fgdist.data.loader.WatchedLoader)."""
     try:
-        for _ in iterator:
+        for _ in loader:
             pass
         return True
-    except RuntimeError as err:  # DataLoader: "DataLoader timed out after N seconds"
-        if "timed out" not in str(err):
-            raise
-        dump_worker_stacks(iterator)
+    except LoaderWorkerTimeoutError as err:
+        print(err, flush=True)
         return False
-    finally:
-        iterator._shutdown_workers()
 
 
 def main(argv=None) -> int:
@@ -66,6 +55,7 @@ def main(argv=None) -> int:
     parser.add_argument("--local_rank", type=int, default=0)  # appended by the deepspeed launcher
     args = parser.parse_args(argv)
 
+    skip_shm_comm_op()  # started as the trainer starts its ranks
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     unlink_deepspeed_shm_buffer()
     rank, size = dist.get_rank(), dist.get_world_size()
