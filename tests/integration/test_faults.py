@@ -6,13 +6,12 @@ import io
 import json
 import os
 import re
-import subprocess
 import tarfile
 
 import mlflow
 import pytest
 
-from tests.helpers import REPO, assert_no_shm_buffer_left, free_port
+from tests.helpers import REPO, torchrun_train
 from tests.integration.conftest import assert_same_metrics
 
 
@@ -59,22 +58,13 @@ def test_rank_killed_while_writing_a_checkpoint_never_leaves_it_valid(tiny_runs,
 
 
 def probe(tiny_runs, name, checkpoint, epochs, num_gpus, *extra):
-    port = free_port()
-    cmd = [
-        "deepspeed",
-        "--num_gpus",
-        str(num_gpus),
-        "--master_port",
-        str(port),
-        str(REPO / "tests" / "integration" / "elastic_probe.py"),
+    proc = torchrun_train(
+        tiny_runs.root,
         *tiny_runs.args(name, "--set", f"optim.epochs={epochs}", *extra),
-        "--resume",
-        str(checkpoint),
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_runs.root}/mlflow.db"}
-    proc = subprocess.run(cmd, cwd=tiny_runs.root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert_no_shm_buffer_left(port)
+        *("--resume", str(checkpoint)),
+        num_gpus=num_gpus,
+        script=REPO / "tests" / "integration" / "elastic_probe.py",
+    )
     return float(re.search(r"FIXED_BATCH_LOSS (\S+) world_size=(\d+)", proc.stdout).group(1))
 
 

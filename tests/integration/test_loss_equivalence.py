@@ -6,9 +6,10 @@ The instance options (issue 11) keep it: two views per image, a projection MLP, 
 and the ema memory bank (the columns after the update equal too), and head.init=features on a
 real shard set with a split super-class (each rank writes its own columns from its own images).
 
-A real backbone keeps it too (issue 20): timm's MobileNetV3 (its BatchNormAct2d layers made
-cross-rank, a 1024-wide f(x) and instance head) in one case, the product's (base_indi_eff,
-by_superclass routing, a split super-class); one case only, to keep this test's time.
+Real backbones keep it too (issue 20): a torchvision ResNet-18 (BatchNorm2d made cross-rank,
+ImageNet stem), timm's MobileNetV3 (its BatchNormAct2d layers made cross-rank, a 1024-wide f(x)
+and instance head) and timm's ViT-Tiny (LayerNorm, per image), each in the product's case only
+(base_indi_eff, by_superclass routing, a split super-class), to keep this test's time.
 
 Unlabeled images (issue 21) keep it: a pool of 10 after two super-classes, split over the two
 ranks (rank 1 holds only pool rows under by_superclass routing), both routings; the 1-rank loss
@@ -51,10 +52,14 @@ PROJECTION_DIM = 8
 CASES = (
     [(*c, "paper") for c in itertools.product(LABELED, OBJECTIVE_NAMES, ROUTINGS)]
     + [(*c, "combined") for c in itertools.product(LABELED, ["base", "base_indi", "base_indi_eff"], ROUTINGS)]
-    + [("split", "base_indi_eff", "by_superclass", "timm_backbone")]
+    + [("split", "base_indi_eff", "by_superclass", backbone) for backbone in ("resnet18", "timm_cnn", "timm_vit")]
     + [("pool_split", "base_indi_eff", routing, "paper") for routing in ROUTINGS]
 )
-TIMM_BACKBONE = ModelConfig(arch="timm:mobilenetv3_small_050")
+BACKBONES = {  # real networks at 32x32, built as the trainer builds them
+    "resnet18": ModelConfig(arch="resnet18", width=64, stem="imagenet"),  # torchvision's own
+    "timm_cnn": ModelConfig(arch="timm:mobilenetv3_small_050"),
+    "timm_vit": ModelConfig(arch="timm:vit_tiny_patch16_224", kwargs={"img_size": 32}),
+}
 # head.init=features: 3 super-classes of 6 training images; on 2 ranks super-class 1 is split
 INIT_SHARDS = {"num_super": 3, "fine_per_super": 2, "train_per_fine": 3, "test_per_fine": 1}
 
@@ -113,10 +118,10 @@ def run_case(sizes, objective, routing, options, rank, world, pool=0):
     )
     manifest = manifest_with_sizes(sizes, num_fine=6, pool=pool)
     plan = make_plan(manifest, world)
-    real = options == "timm_backbone"
+    real = options in BACKBONES
     if real:
         torch.manual_seed(0)
-        net = convert_batchnorm(EmbeddingNet(TIMM_BACKBONE, len(sizes), 6)).train()
+        net = convert_batchnorm(EmbeddingNet(BACKBONES[options], len(sizes), 6)).train()
         dim = net.instance_dim
     else:
         net, dim = TinyNet(len(sizes), 6, projection=combined), PROJECTION_DIM if combined else DIM
@@ -214,14 +219,20 @@ def test_same_loss_and_gradients_on_one_and_two_ranks(case, two_rank_results):
     if ema:
         assert head1 is None  # the memory bank gets no gradient
         assert "proj.weight" in grads1 and "projection.0.weight" in grads1  # x still does
+    # A deep network's features carry float32 rounding through its cross-rank BatchNorm layers
+    # (ResNet-18: 1.9e-6 measured in its head gradient), the tiny one's only through one.
+    head_atol = 1e-5 if case[3] in BACKBONES else 1e-6
     for rank in (0, 1):
         loss2, grads2, head2, begin, after2 = two_rank_results[rank][case]
         assert abs(loss2 - float(loss1)) < 1e-5, (rank, loss2, float(loss1))
         assert grads1.keys() == grads2.keys()
         for name in grads1:
-            assert torch.allclose(grads1[name], grads2[name], atol=1e-5), name
+            # to float32 rounding at the gradient's own scale: a first convolution's gradient sums
+            # 12 x 16 x 16 positions (ResNet-18 at 32x32), in another order on 2 ranks
+            scale = max(1.0, float(grads1[name].abs().max()))
+            assert torch.allclose(grads1[name], grads2[name], atol=1e-5 * scale), name
         if head1 is not None:
-            assert torch.allclose(head1[begin : begin + head2.shape[0]], head2, atol=1e-6)
+            assert torch.allclose(head1[begin : begin + head2.shape[0]], head2, atol=head_atol)
             assert head2.abs().sum() > 0
         # The columns after the step (the ema update, made on the rank owning each column).
         assert torch.allclose(after1[begin : begin + after2.shape[0]], after2, atol=1e-6)

@@ -117,14 +117,15 @@ def launch(
     out=None,
     err=None,
 ):
-    """launcher/train.py under the real DeepSpeed launcher: 2 CPU ranks, tiny model."""
+    """launcher/train.py on 2 CPU ranks started by torchrun (tests.helpers.torchrun_train says
+    why), tiny model."""
     args = [
         *TINY_TRAINING,
         *("--set", f"data.shards={shards}", "--set", f"output_dir={workdir / 'runs'}"),
         *("--set", f"tracking.uri={uri}", "--set", f"tracking.experiment={experiment}"),
         *(x for o in overrides for x in ("--set", o)),
     ]
-    launcher = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
+    launcher = ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     cmd = [*launcher, str(REPO / "launcher" / "train.py"), *args]
     environ = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     environ.update({"CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", **(env_extra or {})})

@@ -8,6 +8,7 @@ import math
 
 import mlflow
 
+from tests.helpers import deepspeed_train
 from tests.integration.conftest import POOL_SHARDS
 
 
@@ -28,6 +29,9 @@ def test_a_pool_run_logs_its_size_and_its_term(pool_runs, pool_straight_run):
 
 
 def test_an_objective_without_a_grouped_instance_term_refuses_the_pool(pool_runs):
-    proc = pool_runs.train("base_on_pool", "--set", "objective.name=base", num_gpus=1, check=False)
+    # under the deepspeed launcher, which passes the rank's exit status on (torchrun's is 1)
+    proc = deepspeed_train(
+        pool_runs.root, *pool_runs.args("base_on_pool", "--set", "objective.name=base"), num_gpus=1, check=False
+    )
     assert proc.returncode == 2
     assert "ConfigError: objective.name='base': the training split holds 20 unlabeled images" in proc.stderr
