@@ -101,16 +101,22 @@ def deepspeed_train(cwd, *train_args, num_gpus=2, env=None, timeout=600, check=T
     return launch_training(cwd, launcher, port, *train_args, env=env, timeout=timeout, check=check)
 
 
+def torchrun_launcher(num_gpus: int, port: int) -> list[str]:
+    """The torchrun command prefix for `num_gpus` ranks on this machine."""
+    return ["torchrun", "--nproc_per_node", str(num_gpus), "--master_addr", "127.0.0.1", "--master_port", str(port)]
+
+
 def torchrun_train(cwd, *train_args, num_gpus=2, env=None, timeout=600, check=True, script=None):
-    """Run launcher/train.py on `num_gpus` ranks started by torchrun on a free port. Each rank is
-    the same DeepSpeed engine as under the deepspeed launcher (tests/integration/
+    """Run `script` (launcher/train.py unless given) on `num_gpus` ranks started by torchrun on a
+    free port. Each rank is the same DeepSpeed engine as under the deepspeed launcher (tests/integration/
     test_launchers_and_comm.py shows both train the same steps to the same losses); torchrun
     starts them about 10 s sooner on this 2-core machine, as the deepspeed runner imports
     DeepSpeed twice (its runner, then its launch module) before any rank starts. The tests of
     the deepspeed launcher itself use deepspeed_train."""
     port = free_port()
-    launcher = ["torchrun", "--nproc_per_node", str(num_gpus), "--master_addr", "127.0.0.1", "--master_port", str(port)]
-    return launch_training(cwd, launcher, port, *train_args, env=env, timeout=timeout, check=check, script=script)
+    return launch_training(
+        cwd, torchrun_launcher(num_gpus, port), port, *train_args, env=env, timeout=timeout, check=check, script=script
+    )
 
 
 @contextmanager

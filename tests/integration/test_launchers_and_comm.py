@@ -18,6 +18,7 @@ from tests.helpers import (
     free_port,
     launch_training,
     tiny_synthetic,
+    torchrun_launcher,
 )
 
 STEP_LOSS = re.compile(r"epoch (\d+)/\d+ step (\d+)/\d+ .*?\bloss=(\S+)")
@@ -82,8 +83,7 @@ def test_every_collective_runs_through_collectives_on_the_communication_device(r
 
 def test_torchrun_trains_what_the_deepspeed_launcher_trains(root, deepspeed_run):
     port = free_port()
-    launcher = ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port)]
-    proc = launch_training(root, launcher, port, *args(root, "torchrun"))
+    proc = launch_training(root, torchrun_launcher(2, port), port, *args(root, "torchrun"))
     assert results(root, "torchrun")["world_size"] == 2
     assert step_losses(proc) == step_losses(deepspeed_run)  # the same 8 steps, the same losses
 
