@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from fgdist.harness import free_port
+from fgdist.harness import free_port, launcher_prefix
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -145,9 +145,10 @@ def run_meta(*dirty_paths: str) -> dict:
     }
 
 
-def deepspeed_command(ranks: int, script: str | Path, args: list[str]) -> list[str]:
-    """`deepspeed` starting `ranks` processes of `script args` on this machine, on a free port."""
-    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), str(script), *args]
+def deepspeed_command(ranks: int, script: str | Path, args: list[str], launcher: str = "deepspeed") -> list[str]:
+    """`launcher` (fgdist.harness.LAUNCHERS) starting `ranks` DeepSpeed ranks of `script args` on
+    this machine, on a free port."""
+    return [*launcher_prefix(launcher, ranks, free_port()), str(script), *args]
 
 
 # ---------------------------------------------------------------------------------------------

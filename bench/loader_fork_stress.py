@@ -63,7 +63,8 @@ def main(argv=None) -> int:
         import mlflow
 
         mlflow.start_run(log_system_metrics=True)
-    cfg = DataConfig(shards=args.shards, num_workers=1, worker_timeout=args.timeout)
+    # no new loader after a stuck worker (data.worker_restarts): a hang is what this counts
+    cfg = DataConfig(shards=args.shards, num_workers=1, worker_timeout=args.timeout, worker_restarts=0)
     split = open_data_split(cfg, "test")
     busy = torch.ones(1 << 20)
     hangs, start = 0, time.time()

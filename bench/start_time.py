@@ -1,13 +1,14 @@
 """How long a training run takes from its launch to its first step, and where that time goes.
 
     python bench/start_time.py --shards data/synthetic --runs first warm warm \
-        [--launcher deepspeed|python] [--config configs/synthetic_cpu.json] [--out bench/results/start_time.md]
+        [--launcher deepspeed|torchrun|python] [--config configs/synthetic_cpu.json] [--out bench/results/start_time.md]
 
-Each run launches `deepspeed --num_gpus 2 launcher/train.py --config CONFIG` (or one plain
-`python launcher/train.py` process) as a user would, waits for rank 0's start line (logged after
-the first step, fgdist/training/start_time.py), then stops the run. The parts come from that line; the
-launcher's share is the time from the launch to rank 0's process creation (as psutil reports
-it, derived from the boot time: good to about a second, so it can even read slightly negative).
+Each run launches `deepspeed --num_gpus 2 launcher/train.py --config CONFIG` (or the same two
+ranks under torchrun, or one plain `python launcher/train.py` process) as a user would, waits
+for rank 0's start line (logged after the first step, fgdist/training/start_time.py), then stops
+the run. The parts come from that line; the launcher's share is the time from the launch to rank
+0's process creation (as psutil reports it, derived from the boot time: good to about a second,
+so it can even read slightly negative).
 
 A `first` run starts as on a fresh machine: an empty TORCH_EXTENSIONS_DIR (where DeepSpeed keeps
 the ops it compiles) and a new MLflow store; a `warm` run reuses those of the run before it.
@@ -35,6 +36,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, deepspeed_command, md_head, md_row, run_meta, write_report  # noqa: E402
+from fgdist.harness import LAUNCHERS  # noqa: E402
 
 START_LINE = re.compile(r"^(\S+ \S+) \[fgdist rank 0\] INFO: started in ([\d.]+) s: (.*)$")
 SHM_BUILT = "deepspeed_shm_comm_op built successfully"
@@ -58,7 +60,7 @@ def train_command(launcher: str, config: str, sets: list[str]) -> list[str]:
     args = ["--config", config, *(a for s in sets for a in ("--set", s))]
     if launcher == "python":
         return [sys.executable, str(ROOT / "launcher" / "train.py"), *args]
-    return deepspeed_command(2, ROOT / "launcher" / "train.py", args)
+    return deepspeed_command(2, ROOT / "launcher" / "train.py", args, launcher)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -131,7 +133,7 @@ def main() -> None:
     p.add_argument("--shards", required=True, help="the shard set (data.shards)")
     p.add_argument("--config", default="configs/synthetic_cpu.json")
     p.add_argument("--runs", nargs="+", choices=["first", "warm"], default=["first", "warm", "warm"])
-    p.add_argument("--launcher", choices=["deepspeed", "python"], default="deepspeed")
+    p.add_argument("--launcher", choices=[*LAUNCHERS, "python"], default="deepspeed")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for a run's first step")
     p.add_argument("--out", help="write the Markdown table here")
     args = p.parse_args()

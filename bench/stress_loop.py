@@ -7,8 +7,10 @@ one loader worker per rank: the shape of the runs in which a loader worker once 
 
     python bench/stress_loop.py --runs 30 --out bench/results/stress_loop.md
 
-A run is "ok" (exit 0), "abort" (a rank died of SIGABRT), "hang" (still running after --timeout
-seconds; killed) or "failed" (any other exit; its last lines are printed). Before a hung run is
+A run is "ok" (exit 0), "restarted" (exit 0 after a loader worker delivered nothing for 60 s,
+data.worker_timeout here, and a new loader went on: the stuck workers' stacks are printed),
+"abort" (a rank died of SIGABRT), "hang" (still running after --timeout seconds; killed) or
+"failed" (any other exit; its last lines are printed). Before a hung run is
 killed, `py-spy dump --native` (pip install py-spy) prints the stack of each of its processes: the
 ranks, their loader workers and the launcher.
 """
@@ -33,6 +35,8 @@ from fgdist.harness import TINY_TRAINING, tiny_synthetic  # noqa: E402
 
 # a tiny run (fgdist.harness), evaluating and saving after every epoch
 TRAIN = [*TINY_TRAINING, "--set", "eval.every_epochs=1", "--set", "checkpoint.every_epochs=1"]
+TRAIN += ["--set", "data.worker_timeout=60"]  # a stuck worker: its stacks, then a new loader
+RESTARTED = "goes on with a new loader"  # fgdist.data.loader.restarting's warning
 
 
 def dump_stacks(pid: int) -> None:
@@ -65,7 +69,8 @@ def one_run(work: Path, i: int, epochs: int, timeout: float) -> tuple[str, float
         return "hang", time.time() - start, out[-3000:]
     seconds = time.time() - start
     if proc.returncode == 0:
-        return "ok", seconds, ""
+        # where the stuck worker waited: the stacks (faulthandler's "Thread 0x...") up to the warning
+        return ("restarted", seconds, out[out.find("Thread 0x") :]) if RESTARTED in out else ("ok", seconds, "")
     aborted = "return code = -6" in out or "terminate called" in out
     return ("abort" if aborted else "failed"), seconds, out[-3000:]
 
@@ -77,7 +82,7 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before a run counts as a hang")
     parser.add_argument("--out", help="write the tally as Markdown to this file")
     args = parser.parse_args(argv)
-    tally: dict[str, int] = {"ok": 0, "abort": 0, "hang": 0, "failed": 0}
+    tally: dict[str, int] = {"ok": 0, "restarted": 0, "abort": 0, "hang": 0, "failed": 0}
     with tempfile.TemporaryDirectory(prefix="fgdist-stress-") as tmp:
         work = Path(tmp)
         tiny_synthetic(work / "shards")

@@ -61,9 +61,12 @@ class DataConfig(Section):
     mean: list[float] | None = None
     std: list[float] | None = None
     on_corrupt: Literal["fail", "skip"] = "fail"
-    # seconds a DataLoader worker may take for one batch before its rank fails, the workers printing
-    # their stacks first (0: wait forever)
+    # seconds a DataLoader worker may take for one batch before its loader is replaced, the workers
+    # printing their stacks first (0: wait forever); after worker_restarts replacements in one
+    # epoch's stream, the rank fails. The other ranks wait meanwhile: keep the timeout well under
+    # the process group's (30 minutes).
     worker_timeout: float = Field(600.0, ge=0.0)
+    worker_restarts: int = Field(2, ge=0)
 
     @field_validator("crop_scale")
     @classmethod

@@ -1,9 +1,9 @@
 """Running fgdist's parts on this machine without a cluster, for the launcher, the tests and the
 benchmarks alike (so that bench/ never imports tests/): a free port for a DeepSpeed master or a
-server, a gloo group for a few local ranks, waiting until a local HTTP server answers, a
-manifest of given super-class sizes (what the partition plan needs, without a shard set), and a
-tiny synthetic shard set with the settings of a tiny 2-rank training run (for the integration
-tests and bench/stress_loop.py).
+server, the command that starts local DeepSpeed ranks (torchrun or deepspeed), a gloo group for
+a few local ranks, waiting until a local HTTP server answers, a manifest of given super-class
+sizes (what the partition plan needs, without a shard set), and a tiny synthetic shard set with
+the settings of a tiny 2-rank training run (for the integration tests and bench/stress_loop.py).
 """
 
 from __future__ import annotations
@@ -49,6 +49,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# The launchers that start DeepSpeed ranks on one machine. Each rank is the same DeepSpeed engine
+# under both (tests/integration/test_launchers_and_comm.py: the same steps, the same losses);
+# torchrun starts them 4-7 s sooner on a 2-core CPU, as the deepspeed runner imports DeepSpeed
+# twice (its runner, then its launch module) before a rank starts (bench/RESULTS.md, start times).
+LAUNCHERS = ("torchrun", "deepspeed")
+
+
+def launcher_prefix(launcher: str, ranks: int, port: int) -> list[str]:
+    """The command that starts `ranks` ranks of the script after it on this machine, with the
+    master on 127.0.0.1:`port`."""
+    if launcher == "torchrun":
+        return ["torchrun", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    if launcher == "deepspeed":
+        return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port)]
+    raise ValueError(f"launcher {launcher!r}: one of {', '.join(LAUNCHERS)}")
 
 
 def init_gloo(rank: int, world_size: int, port: int) -> None:

@@ -12,6 +12,7 @@ from fgdist.harness import (  # noqa: F401
     TINY_TRAINING,
     free_port,
     init_gloo,
+    launcher_prefix,
     manifest_with_sizes,
     tiny_synthetic,
     wait_for_http,
@@ -97,25 +98,25 @@ def launch_training(
 def deepspeed_train(cwd, *train_args, num_gpus=2, env=None, timeout=600, check=True):
     """Run launcher/train.py under the real DeepSpeed launcher on a free port."""
     port = free_port()
-    launcher = ["deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(port)]
-    return launch_training(cwd, launcher, port, *train_args, env=env, timeout=timeout, check=check)
-
-
-def torchrun_launcher(num_gpus: int, port: int) -> list[str]:
-    """The torchrun command prefix for `num_gpus` ranks on this machine."""
-    return ["torchrun", "--nproc_per_node", str(num_gpus), "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    return launch_training(
+        cwd, launcher_prefix("deepspeed", num_gpus, port), port, *train_args, env=env, timeout=timeout, check=check
+    )
 
 
 def torchrun_train(cwd, *train_args, num_gpus=2, env=None, timeout=600, check=True, script=None):
     """Run `script` (launcher/train.py unless given) on `num_gpus` ranks started by torchrun on a
-    free port. Each rank is the same DeepSpeed engine as under the deepspeed launcher (tests/integration/
-    test_launchers_and_comm.py shows both train the same steps to the same losses); torchrun
-    starts them about 10 s sooner on this 2-core machine, as the deepspeed runner imports
-    DeepSpeed twice (its runner, then its launch module) before any rank starts. The tests of
-    the deepspeed launcher itself use deepspeed_train."""
+    free port (fgdist.harness.LAUNCHERS: the same DeepSpeed ranks as under the deepspeed runner,
+    started sooner). The tests of the deepspeed launcher itself use deepspeed_train."""
     port = free_port()
     return launch_training(
-        cwd, torchrun_launcher(num_gpus, port), port, *train_args, env=env, timeout=timeout, check=check, script=script
+        cwd,
+        launcher_prefix("torchrun", num_gpus, port),
+        port,
+        *train_args,
+        env=env,
+        timeout=timeout,
+        check=check,
+        script=script,
     )
 
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import hashlib
+import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -39,7 +41,10 @@ from fgdist.data.augment import SINGLE_CHANNEL_MODES, random_resized_crop, stron
 from fgdist.data.partition import Plan
 from fgdist.data.remote import TarReader
 from fgdist.data.shardset import DECODE_ERRORS, ShardInfo, SplitDir, image_problem, open_split, reader_for
+from fgdist.faults import stall_point
 from fgdist.images import open_image, to_rgb
+
+log = logging.getLogger(__name__)
 
 # ImageNet statistics: right for pretrained ResNets and harmless for the small data sets; the
 # normalization of a DataConfig without its own (data.mean/std, filled in from the backbone when
@@ -225,6 +230,7 @@ class TrainStream(IterableDataset):
         skip = len(range(worker, self.skip_batches, workers)) * self.cfg.batch_size
         trained = 0  # images of this stream already trained (a resume passes them by)
         skipped_corrupt = 0
+        delivered = 0  # images this worker has yielded: batch skip_batches + physical + (n // batch) * workers
         for position, (sample, meta) in enumerate(self._endless(self.specs[worker], worker)):
             if trained < skip:
                 # Trained batches held images, not samples: with on_corrupt=skip, an undecodable
@@ -239,8 +245,12 @@ class TrainStream(IterableDataset):
             if image is None:
                 skipped_corrupt += 1
                 continue
+            if delivered % self.cfg.batch_size == 0:
+                batch = self.skip_batches + physical + delivered // self.cfg.batch_size * workers
+                stall_point(self.rank, self.epoch, batch)
             yield image, meta["super"], meta["fine"], meta["instance"], skipped_corrupt
             skipped_corrupt = 0
+            delivered += 1
 
     def _endless(self, spec, worker):
         """Pass after pass over the spec's samples; each pass is shuffled (shard order and a
@@ -332,22 +342,50 @@ def rank_specs(
 
 
 def train_batches(split: SplitDir, plan: Plan, cfg: DataConfig, rank: int, epoch: int, seed: int, start_step: int = 0):
-    """Exactly steps_per_epoch - start_step batches of this rank's stream for `epoch`."""
+    """Exactly steps_per_epoch - start_step batches of this rank's stream for `epoch`, through
+    stuck loader workers (`restarting`)."""
     steps = steps_per_epoch(split.manifest.num_instances, plan.world_size, cfg.batch_size)
     workers = max(cfg.num_workers, 1)
     specs = rank_specs(split, plan, cfg, rank, epoch, seed, workers)
-    stream = TrainStream(specs, cfg, seed, epoch, rank, start_step, reader_for(split, cfg.url_retry_seconds))
-    batches = iter(data_loader(stream, cfg, cfg.batch_size, cfg.num_workers))
-    for _ in range(start_step, steps):
-        yield next(batches)
+    reader = reader_for(split, cfg.url_retry_seconds)
+
+    def loader_at(step: int):
+        stream = TrainStream(specs, cfg, seed, epoch, rank, step, reader)
+        return itertools.islice(data_loader(stream, cfg, cfg.batch_size, cfg.num_workers), steps - step)
+
+    return restarting(loader_at, start_step, cfg.worker_restarts, f"rank {rank} epoch {epoch + 1} training")
+
+
+def restarting(loader_at, start: int, restarts: int, what: str):
+    """The batches of `loader_at(start)` (a loader from batch `start` on), through stuck workers:
+    when one delivers nothing for data.worker_timeout (LoaderWorkerTimeoutError, its workers'
+    stacks printed and the workers killed), a new loader takes over at the first batch not yet
+    delivered, at most `restarts` times. The batches are the ones the stuck loader would have
+    given: every stream is a pure function of its position (what a resume replays too)."""
+    position, failures = start, 0
+    while True:
+        try:
+            for batch in loader_at(position):
+                yield batch
+                position += 1
+            return
+        except LoaderWorkerTimeoutError as err:
+            if failures >= restarts:
+                raise
+            failures += 1
+            log.warning(
+                f"{err}; {what} goes on with a new loader at batch {position} (restart {failures} of {restarts})"
+            )
 
 
 class EvalStream(IterableDataset):
     """A rank's slice of a split, decoded once, for embedding. DataLoader workers split the
     rank's shards between them (never more workers than shards): each sample is read once."""
 
-    def __init__(self, spec: StreamSpec, cfg: DataConfig, reader: TarReader | None = None):
-        self.spec, self.cfg = spec, cfg
+    def __init__(
+        self, spec: StreamSpec, cfg: DataConfig, reader: TarReader | None = None, rank: int = 0, batch_size: int = 1
+    ):
+        self.spec, self.cfg, self.rank, self.batch_size = spec, cfg, rank, batch_size
         self.reader = reader or TarReader(cfg.url_retry_seconds)
         self.transform = make_transform(cfg, train=False)
 
@@ -355,14 +393,16 @@ class EvalStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         spec = StreamSpec(self.spec.urls[worker::workers], self.spec.instance_range, self.spec.modulo)
-        for sample, meta in _read(spec, None, self.reader):
+        for delivered, (sample, meta) in enumerate(_read(spec, None, self.reader)):
+            if delivered % self.batch_size == 0:  # the batch it starts, while the workers take turns
+                stall_point(self.rank, "eval", worker + delivered // self.batch_size * workers)
             image = _decode(sample, meta, self.transform, None, "fail")
             yield image, meta["super"], meta["fine"], meta["instance"], 0
 
 
 def eval_batches(split: SplitDir, cfg: DataConfig, batch_size: int, rank: int, world_size: int):
     urls = shard_urls(split, split.manifest.shards)
-    return _eval_loader(split, deal(urls, rank, world_size), cfg, batch_size)
+    return _eval_loader(split, deal(urls, rank, world_size), cfg, batch_size, rank)
 
 
 def own_column_batches(split: SplitDir, plan: Plan, cfg: DataConfig, batch_size: int, rank: int):
@@ -370,13 +410,20 @@ def own_column_batches(split: SplitDir, plan: Plan, cfg: DataConfig, batch_size:
     (head.init=features). The by_superclass reader whatever the routing: the rank that writes a
     column reads its image, so no rows cross ranks, split super-classes included."""
     urls = shard_urls(split, plan.shards_for_rank(split.manifest, rank))
-    return _eval_loader(split, deal(urls, 0, 1, plan.column_range(rank)), cfg, batch_size)
+    return _eval_loader(split, deal(urls, 0, 1, plan.column_range(rank)), cfg, batch_size, rank)
 
 
-def _eval_loader(split: SplitDir, spec: StreamSpec, cfg: DataConfig, batch_size: int) -> DataLoader:
-    """Every sample of `spec` once, with the evaluation transform; each worker reads its own shards."""
-    stream = EvalStream(spec, cfg, reader_for(split, cfg.url_retry_seconds))
-    return data_loader(stream, cfg, batch_size, min(cfg.num_workers, len(spec.urls)))
+def _eval_loader(split: SplitDir, spec: StreamSpec, cfg: DataConfig, batch_size: int, rank: int):
+    """Every sample of `spec` once, with the evaluation transform; each worker reads its own shards.
+    A new loader after a stuck worker reads the batches already delivered again and passes them
+    (the batch order is fixed: workers take turns)."""
+    stream = EvalStream(spec, cfg, reader_for(split, cfg.url_retry_seconds), rank, batch_size)
+    workers = min(cfg.num_workers, len(spec.urls))
+
+    def loader_at(batch: int):
+        return itertools.islice(data_loader(stream, cfg, batch_size, workers), batch, None)
+
+    return restarting(loader_at, 0, cfg.worker_restarts, f"rank {rank} evaluation")
 
 
 class LoaderWorkerTimeoutError(RuntimeError):
@@ -390,9 +437,10 @@ def _stacks_on_sigusr1(_worker_id: int) -> None:
 
 class WatchedLoader(DataLoader):
     """A DataLoader whose workers must deliver each batch within its timeout (data.worker_timeout):
-    a stuck worker becomes an error on its rank instead of a silent hang of every rank. Before the
-    error, each worker prints where it waits (the stuck worker of issue 22 was never caught in the
-    act; bench/RESULTS.md, its stress loops), and the error names the rank and the workers' pids."""
+    a stuck worker becomes an error on its rank (which `restarting` answers with a new loader)
+    instead of a silent hang of every rank. Before the error, each worker prints where it waits
+    (the stuck worker of issue 22 was never caught in the act; bench/RESULTS.md, its stress
+    loops), the workers are shut down, and the error names the rank and the workers' pids."""
 
     def __iter__(self):
         iterator = super().__iter__()
@@ -406,6 +454,14 @@ class WatchedLoader(DataLoader):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGUSR1)
             time.sleep(1.0)  # time to write the stacks before the workers are shut down
+            # PyTorch's own shutdown (it terminates a worker that does not join within 5 s) before
+            # anything is killed: its SIGCHLD handler raises wherever the rank is when a worker it
+            # still counts as its own dies. Then nothing of the stuck loader is left running.
+            iterator._shutdown_workers()
+            for worker in getattr(iterator, "_workers", []):
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join()
             raise LoaderWorkerTimeoutError(
                 f"rank {os.environ.get('RANK', 0)}: a loader worker (pids {pids}) delivered no batch for "
                 f"{self.timeout:g} s (data.worker_timeout); the workers' stacks are printed above"

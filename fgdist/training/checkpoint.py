@@ -34,9 +34,9 @@ from torch import nn
 
 from fgdist.collectives import barrier, world
 from fgdist.config import RunConfig, validate
+from fgdist.faults import kill_point
 from fgdist.output_folder import atomic_file
 from fgdist.search_errors import CheckpointError
-from fgdist.training.faults import kill_point
 from fgdist.training.head import InstanceHead
 from fgdist.training.model import EmbeddingNet
 

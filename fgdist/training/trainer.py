@@ -32,13 +32,13 @@ from fgdist.config import ModelConfig, OptimConfig, RunConfig
 from fgdist.data.loader import eval_batches, open_data_split, own_column_batches, steps_per_epoch, train_batches
 from fgdist.data.partition import make_plan
 from fgdist.data.shardset import SplitDir, split_fingerprint
+from fgdist.faults import kill_point, poison_loss
 from fgdist.log import setup as setup_logging
 from fgdist.objective_table import OBJECTIVES
 from fgdist.training import checkpoint, per_query
 from fgdist.training.deepspeed_config import deepspeed_config, precision, zero_stage
 from fgdist.training.deepspeed_shm import skip_shm_comm_op, unlink_deepspeed_shm_buffer
 from fgdist.training.evaluation import evaluate
-from fgdist.training.faults import kill_point, poison_loss
 from fgdist.training.head import InstanceHead
 from fgdist.training.model import (
     EmbeddingNet,

@@ -1,5 +1,5 @@
-"""Faults on real DeepSpeed CPU ranks: a rank SIGKILLed mid-epoch or mid-checkpoint-write, an
-elastic resume on another world size, corrupt samples. The mid-epoch kill and the elastic resume
+"""Faults on real DeepSpeed CPU ranks: a rank SIGKILLed mid-epoch or mid-checkpoint-write, a
+stuck loader worker, an elastic resume on another world size, corrupt samples. The mid-epoch kill and the elastic resume
 run on the labeled data and on data with a pool of unlabeled images (split over the ranks)."""
 
 import io
@@ -55,6 +55,19 @@ def test_rank_killed_while_writing_a_checkpoint_never_leaves_it_valid(tiny_runs,
     proc = tiny_runs.train("kill_ckpt", "--set", "optim.epochs=3", "--resume")
     assert "epoch0001-step000000" in proc.stdout
     assert_same_metrics(straight_run, tiny_runs.results("kill_ckpt"))
+
+
+def test_a_stuck_loader_worker_costs_its_timeout_not_the_run(tiny_runs, straight_run, tmp_path, monkeypatch):
+    """Rank 1's loader worker stops delivering in the middle of epoch 2 (FGDIST_STALL_AT): after
+    data.worker_timeout its stacks are printed, a new loader takes over at the same batch, and the
+    run ends as the uninterrupted one."""
+    monkeypatch.setenv("FGDIST_STALL_AT", "1:1:1")  # rank 1, epoch 2 (0-based 1), its second batch
+    monkeypatch.setenv("FGDIST_STALL_ONCE", str(tmp_path / "stalled"))
+    proc = tiny_runs.train("stalled", "--set", "optim.epochs=3", "--set", "data.worker_timeout=5")
+    assert "[fgdist rank 1] WARNING: rank 1: a loader worker (pids [" in proc.stdout
+    assert "rank 1 epoch 2 training goes on with a new loader at batch 1 (restart 1 of 2)" in proc.stdout
+    assert "stall_point" in proc.stderr  # where the stuck worker waited (faulthandler's stack)
+    assert_same_metrics(straight_run, tiny_runs.results("stalled"))
 
 
 def probe(tiny_runs, name, checkpoint, epochs, num_gpus, *extra):

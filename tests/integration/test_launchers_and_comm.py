@@ -17,8 +17,8 @@ from tests.helpers import (
     deepspeed_train,
     free_port,
     launch_training,
+    launcher_prefix,
     tiny_synthetic,
-    torchrun_launcher,
 )
 
 STEP_LOSS = re.compile(r"epoch (\d+)/\d+ step (\d+)/\d+ .*?\bloss=(\S+)")
@@ -83,7 +83,7 @@ def test_every_collective_runs_through_collectives_on_the_communication_device(r
 
 def test_torchrun_trains_what_the_deepspeed_launcher_trains(root, deepspeed_run):
     port = free_port()
-    proc = launch_training(root, torchrun_launcher(2, port), port, *args(root, "torchrun"))
+    proc = launch_training(root, launcher_prefix("torchrun", 2, port), port, *args(root, "torchrun"))
     assert results(root, "torchrun")["world_size"] == 2
     assert step_losses(proc) == step_losses(deepspeed_run)  # the same 8 steps, the same losses
 

@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from tests.helpers import TINY_TRAINING, free_port, tiny_synthetic, torchrun_launcher
+from tests.helpers import TINY_TRAINING, free_port, launcher_prefix, tiny_synthetic
 
 REPO = Path(__file__).resolve().parents[2]
 WARNING = "[fgdist rank 0] WARNING: MLflow at"  # fgdist.log's format
@@ -125,7 +125,7 @@ def launch(
         *("--set", f"tracking.uri={uri}", "--set", f"tracking.experiment={experiment}"),
         *(x for o in overrides for x in ("--set", o)),
     ]
-    cmd = [*torchrun_launcher(2, free_port()), str(REPO / "launcher" / "train.py"), *args]
+    cmd = [*launcher_prefix("torchrun", 2, free_port()), str(REPO / "launcher" / "train.py"), *args]
     environ = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     environ.update({"CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", **(env_extra or {})})
     workdir.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,13 @@
 """The per-rank streams on real shard sets: a resume after skipped undecodable samples, seeds,
-and the evaluation loader's workers."""
+the evaluation loader's workers, and stuck workers (an error, or a new loader at the same batch)."""
 
 import io
+import re
+import shutil
 import tarfile
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -53,10 +56,10 @@ def as_lists(batches):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_after_skipped_corrupt_samples_equals_the_uninterrupted_epoch(shard_set, workers):
+def test_resume_after_skipped_corrupt_samples_equals_the_uninterrupted_epoch(shard_set, workers, tmp_path):
     """20 training images, 3 of them undecodable; every mid-epoch resume point replays exactly
     the tail of the uninterrupted epoch (ids, pixels, and the skipped counts)."""
-    split = open_split(shard_set, "train")
+    split = open_split(shutil.copytree(shard_set, tmp_path / "syn"), "train")  # the other tests' stays whole
     break_images(split, [1, 7, 14])
     cfg = data_cfg(num_workers=workers, on_corrupt="skip")
     plan = make_plan(split.manifest, 1)
@@ -90,7 +93,6 @@ def test_eval_workers_embed_every_test_sample_exactly_once(shard_set, world):
         cfg = data_cfg(num_workers=workers)
         for rank in range(world):
             loader = eval_batches(split, cfg, batch_size=4, rank=rank, world_size=world)
-            assert loader.num_workers == workers
             ids = [i for b in loader for i in b["instance"].tolist()]
             assert len(ids) == len(set(ids)), f"{workers} workers, rank {rank}: a sample twice"
             per_rank.setdefault(rank, []).append(sorted(ids))
@@ -117,3 +119,47 @@ def test_a_stuck_loader_worker_is_an_error_not_a_hang(capfd):
         next(iter(data_loader(_StuckStream(), data_cfg(worker_timeout=1.0), batch_size=1, workers=1)))
     # The worker printed where it waited (its stderr is the rank's).
     assert "_wait_here_for_ever" in capfd.readouterr().err
+
+
+def test_a_stuck_training_worker_is_replaced_and_the_epoch_is_unchanged(shard_set, tmp_path, monkeypatch, caplog):
+    """FGDIST_STALL_AT stops the worker reading batch 3 (of 10, 2 workers); after
+    data.worker_timeout a new loader takes over at batch 3 and the epoch's batches are the
+    uninterrupted ones, pixel for pixel. The stuck worker is killed, not left behind."""
+    split = open_split(shard_set, "train")
+    cfg = data_cfg(num_workers=2, worker_timeout=2.0)
+    plan = make_plan(split.manifest, 1)
+    full = as_lists(train_batches(split, plan, cfg, rank=0, epoch=0, seed=3))
+    monkeypatch.setenv("FGDIST_STALL_AT", "0:0:3")
+    monkeypatch.setenv("FGDIST_STALL_ONCE", str(tmp_path / "stalled"))
+    with caplog.at_level("WARNING", logger="fgdist.data.loader"):
+        restarted = as_lists(train_batches(split, plan, cfg, rank=0, epoch=0, seed=3))
+    assert (tmp_path / "stalled").exists()  # the fault did fire
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "goes on with a new loader at batch 3 (restart 1 of 2)" in warning
+    assert [ids for ids, _, _ in restarted] == [ids for ids, _, _ in full]
+    assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(restarted, full))
+    for pid in map(int, re.search(r"pids \[([\d, ]+)\]", warning).group(1).split(", ")):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_stuck_evaluation_worker_is_replaced_and_every_test_image_comes_once(shard_set, tmp_path, monkeypatch):
+    """The evaluation loader's new loader passes the batches already delivered: the same batches."""
+    split = open_split(shard_set, "test")
+    cfg = data_cfg(num_workers=2, worker_timeout=2.0)
+    full = as_lists(eval_batches(split, cfg, batch_size=4, rank=0, world_size=1))
+    monkeypatch.setenv("FGDIST_STALL_AT", "0:eval:3")
+    monkeypatch.setenv("FGDIST_STALL_ONCE", str(tmp_path / "stalled"))
+    restarted = as_lists(eval_batches(split, cfg, batch_size=4, rank=0, world_size=1))
+    assert (tmp_path / "stalled").exists()
+    assert [ids for ids, _, _ in restarted] == [ids for ids, _, _ in full] and len(full) == 6
+    assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(restarted, full))
+
+
+def test_a_worker_stuck_more_often_than_worker_restarts_fails_its_rank(shard_set, tmp_path, monkeypatch):
+    split = open_split(shard_set, "train")
+    cfg = data_cfg(num_workers=1, worker_timeout=1.0, worker_restarts=0)
+    monkeypatch.setenv("FGDIST_STALL_AT", "0:0:2")
+    monkeypatch.setenv("FGDIST_STALL_ONCE", str(tmp_path / "stalled"))
+    batches = train_batches(split, make_plan(split.manifest, 1), cfg, rank=0, epoch=0, seed=3)
+    with pytest.raises(LoaderWorkerTimeoutError, match="delivered no batch for 1 s"):
+        list(batches)
