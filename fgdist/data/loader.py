@@ -454,18 +454,24 @@ class WatchedLoader(DataLoader):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGUSR1)
             time.sleep(1.0)  # time to write the stacks before the workers are shut down
-            # PyTorch's own shutdown (it terminates a worker that does not join within 5 s) before
-            # anything is killed: its SIGCHLD handler raises wherever the rank is when a worker it
-            # still counts as its own dies. Then nothing of the stuck loader is left running.
-            iterator._shutdown_workers()
-            for worker in getattr(iterator, "_workers", []):
-                if worker.is_alive():
-                    worker.kill()
-                    worker.join()
+            _kill_workers(iterator)
             raise LoaderWorkerTimeoutError(
                 f"rank {os.environ.get('RANK', 0)}: a loader worker (pids {pids}) delivered no batch for "
                 f"{self.timeout:g} s (data.worker_timeout); the workers' stacks are printed above"
             ) from None
+
+
+def _kill_workers(iterator) -> None:
+    """End a multi-process DataLoader iterator's workers now (a stuck one would hold PyTorch's own
+    shutdown for its 5 s join). They leave PyTorch's SIGCHLD watch first: its handler raises
+    wherever the rank happens to be when a worker it still watches dies."""
+    if iterator._worker_pids_set:
+        torch.utils.data._utils.signal_handling._remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = False
+    for worker in iterator._workers:
+        worker.kill()
+        worker.join()
+    iterator._shutdown_workers()  # its queues and events; the workers are gone, nothing waits
 
 
 def data_loader(stream: IterableDataset, cfg: DataConfig, batch_size: int, workers: int) -> DataLoader:

@@ -2,7 +2,7 @@
 communication device, and a non-finite loss that stops every rank without per-step host syncs.
 
 Each test is a real training run (1 epoch of a tiny shard set, row exchange on: shuffled
-routing) under the launcher it names."""
+routing) under the launcher it names; the ZeRO runs start under torchrun."""
 
 import json
 import os
@@ -19,6 +19,7 @@ from tests.helpers import (
     launch_training,
     launcher_prefix,
     tiny_synthetic,
+    torchrun_train,
 )
 
 STEP_LOSS = re.compile(r"epoch (\d+)/\d+ step (\d+)/\d+ .*?\bloss=(\S+)")
@@ -165,8 +166,8 @@ ZERO_DRIFT_BOUND = {1: 1e-6, 2: 1e-6, 3: 1e-6, 4: 1e-6, 5: 1e-6, 6: 1e-6, 7: 1e-
 def zero_runs(root):
     """ZeRO stage 1 for 1 epoch and stage 2 for 2 epochs (also the uninterrupted run that the
     resume test compares with; its first epoch is the 1-epoch run's: no milestone in 2 epochs)."""
-    for stage, epochs in ((1, 1), (2, 2)):
-        deepspeed_train(root, *args(root, f"zero{stage}", *zero(stage), "--set", f"optim.epochs={epochs}"))
+    for stage, epochs in ((1, 1), (2, 2)):  # torchrun: the launcher is the module's first tests' subject
+        torchrun_train(root, *args(root, f"zero{stage}", *zero(stage), "--set", f"optim.epochs={epochs}"))
 
 
 def first_epoch(losses: dict[int, float]) -> dict[int, float]:
@@ -190,8 +191,8 @@ def test_zero_stages_1_and_2_train_what_stage_0_trains(root, deepspeed_run, zero
 
 
 def test_zero_stage_2_resumes_where_it_stopped(root, zero_runs):
-    deepspeed_train(root, *args(root, "zero2_stopped", *zero(2)))
-    resumed = deepspeed_train(root, *args(root, "zero2_stopped", *zero(2), "--set", "optim.epochs=2", "--resume"))
+    torchrun_train(root, *args(root, "zero2_stopped", *zero(2)))
+    resumed = torchrun_train(root, *args(root, "zero2_stopped", *zero(2), "--set", "optim.epochs=2", "--resume"))
     assert "resumed from" in resumed.stdout + resumed.stderr
     second_epoch = {k: v for k, v in full_losses(root, "zero2").items() if k > 8}
     resumed_second_epoch = {k: v for k, v in full_losses(root, "zero2_stopped").items() if k > 8}
