@@ -145,7 +145,7 @@ def run_meta(*dirty_paths: str) -> dict:
     }
 
 
-def deepspeed_command(ranks: int, script: str | Path, args: list[str], launcher: str = "deepspeed") -> list[str]:
+def ranks_command(ranks: int, script: str | Path, args: list[str], launcher: str = "deepspeed") -> list[str]:
     """`launcher` (fgdist.harness.LAUNCHERS) starting `ranks` DeepSpeed ranks of `script args` on
     this machine, on a free port."""
     return [*launcher_prefix(launcher, ranks, free_port()), str(script), *args]

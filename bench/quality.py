@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import deepspeed_command, md_head, md_row, parse_variant  # noqa: E402
+from bench.common import md_head, md_row, parse_variant, ranks_command  # noqa: E402
 from fgdist.config import load_config  # noqa: E402
 from fgdist.report.comparison import main as compare  # noqa: E402
 
@@ -51,9 +51,7 @@ def main(argv=None) -> int:
         ]
         cfg = load_config(args.config, overrides)
         train = ROOT / "launcher" / "train.py"
-        cmd = deepspeed_command(
-            args.ranks, train, ["--config", args.config, *sum((["--set", o] for o in overrides), [])]
-        )
+        cmd = ranks_command(args.ranks, train, ["--config", args.config, *sum((["--set", o] for o in overrides), [])])
         print(f"[quality] {name}: {' '.join(sets)}", flush=True)
         started = time.time()
         with open(out / f"{name}.log", "w") as log:

@@ -35,7 +35,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, deepspeed_command, md_head, md_row, run_meta, write_report  # noqa: E402
+from bench.common import ROOT, md_head, md_row, ranks_command, run_meta, write_report  # noqa: E402
 from fgdist.harness import LAUNCHERS  # noqa: E402
 
 START_LINE = re.compile(r"^(\S+ \S+) \[fgdist rank 0\] INFO: started in ([\d.]+) s: (.*)$")
@@ -60,7 +60,7 @@ def train_command(launcher: str, config: str, sets: list[str]) -> list[str]:
     args = ["--config", config, *(a for s in sets for a in ("--set", s))]
     if launcher == "python":
         return [sys.executable, str(ROOT / "launcher" / "train.py"), *args]
-    return deepspeed_command(2, ROOT / "launcher" / "train.py", args, launcher)
+    return ranks_command(2, ROOT / "launcher" / "train.py", args, launcher)
 
 
 def cpu_seconds(pid: int) -> float:

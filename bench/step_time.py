@@ -43,13 +43,13 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import (  # noqa: E402
     command_line,
-    deepspeed_command,
     git_commit,
     hwm_bytes,
     md_head,
     md_row,
     mib,
     parse_variant,
+    ranks_command,
     reset_hwm,
     rss_bytes,
 )
@@ -213,7 +213,7 @@ def drive(args) -> None:
     rows = []
     for name, settings, overrides in launches:
         result = Path(f"/tmp/step_time_{os.getpid()}_{name}.json")
-        cmd = deepspeed_command(
+        cmd = ranks_command(
             args.ranks,
             __file__,
             [

@@ -30,7 +30,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import ROOT, deepspeed_command, md_head, md_row, run_meta, write_report  # noqa: E402
+from bench.common import ROOT, md_head, md_row, ranks_command, run_meta, write_report  # noqa: E402
 from fgdist.harness import TINY_TRAINING, tiny_synthetic  # noqa: E402
 
 # a tiny run (fgdist.harness), evaluating and saving after every epoch
@@ -54,7 +54,7 @@ def one_run(work: Path, i: int, epochs: int, timeout: float) -> tuple[str, float
     """Start one run; return its outcome, wall seconds and the tail of its output."""
     args = [*TRAIN, "--set", f"data.shards={work / 'shards'}", "--set", f"output_dir={work / 'runs'}"]
     args += ["--set", f"name=run{i}", "--set", f"optim.epochs={epochs}", "--set", f"seed={i}"]
-    cmd = deepspeed_command(2, ROOT / "launcher" / "train.py", args)
+    cmd = ranks_command(2, ROOT / "launcher" / "train.py", args)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
     start = time.time()
     # its own session, so a hang can be killed with every rank and loader worker it started

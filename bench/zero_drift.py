@@ -64,7 +64,7 @@ def losses(root: Path, name: str) -> dict[int, float]:
 
 def train(root: Path, name: str, dtype: str, epochs: int, extra: list[str], env: dict) -> dict[int, float]:
     """One 2-rank run under the deepspeed launcher, its ranks started in this file."""
-    from bench.common import ROOT, deepspeed_command
+    from bench.common import ROOT, ranks_command
     from tests.helpers import TINY_TRAINING
 
     args = [
@@ -75,7 +75,7 @@ def train(root: Path, name: str, dtype: str, epochs: int, extra: list[str], env:
         *extra,
     ]
     full_env = {**os.environ, RANK_ENTRY: dtype, "PYTHONPATH": str(ROOT), **env}
-    done = subprocess.run(deepspeed_command(2, __file__, args), cwd=root, env=full_env, capture_output=True, text=True)
+    done = subprocess.run(ranks_command(2, __file__, args), cwd=root, env=full_env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{name} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return losses(root, name)

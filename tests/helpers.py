@@ -95,29 +95,18 @@ def launch_training(
     return proc
 
 
-def deepspeed_train(cwd, *train_args, num_gpus=2, env=None, timeout=600, check=True):
-    """Run launcher/train.py under the real DeepSpeed launcher on a free port."""
+def train_on_ranks(cwd, *train_args, launcher="torchrun", num_gpus=2, env=None, timeout=600, check=True, script=None):
+    """Run `script` (launcher/train.py unless given) on `num_gpus` ranks started by `launcher` on a
+    free port. torchrun by default (fgdist.harness.LAUNCHERS: the same DeepSpeed ranks as under the
+    deepspeed runner, started sooner); the tests of the deepspeed launcher itself use deepspeed_train."""
     port = free_port()
-    return launch_training(
-        cwd, launcher_prefix("deepspeed", num_gpus, port), port, *train_args, env=env, timeout=timeout, check=check
-    )
+    prefix = launcher_prefix(launcher, num_gpus, port)
+    return launch_training(cwd, prefix, port, *train_args, env=env, timeout=timeout, check=check, script=script)
 
 
-def torchrun_train(cwd, *train_args, num_gpus=2, env=None, timeout=600, check=True, script=None):
-    """Run `script` (launcher/train.py unless given) on `num_gpus` ranks started by torchrun on a
-    free port (fgdist.harness.LAUNCHERS: the same DeepSpeed ranks as under the deepspeed runner,
-    started sooner). The tests of the deepspeed launcher itself use deepspeed_train."""
-    port = free_port()
-    return launch_training(
-        cwd,
-        launcher_prefix("torchrun", num_gpus, port),
-        port,
-        *train_args,
-        env=env,
-        timeout=timeout,
-        check=check,
-        script=script,
-    )
+def deepspeed_train(cwd, *train_args, **options):
+    """train_on_ranks under the real DeepSpeed launcher."""
+    return train_on_ranks(cwd, *train_args, launcher="deepspeed", **options)
 
 
 @contextmanager

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tests.helpers import TINY_TRAINING, tiny_synthetic, torchrun_train
+from tests.helpers import TINY_TRAINING, tiny_synthetic, train_on_ranks
 
 # The pool's data (issue 21): 12 labeled training images in 3 super-classes and 20 unlabeled
 # ones; 32 columns, so 2 ranks take 2 steps an epoch as on tiny_runs' data, and the pool is split
@@ -12,7 +12,7 @@ POOL_SHARDS = {"num_super": 3, "fine_per_super": 2, "train_per_fine": 2, "unlabe
 
 class TinyRuns:
     """Tiny real training runs (DeepSpeed engines on CPU ranks, started by torchrun: see
-    tests.helpers.torchrun_train) sharing one shard set and MLflow store."""
+    tests.helpers.train_on_ranks) sharing one shard set and MLflow store."""
 
     def __init__(self, root, **shard_options):
         self.root = root
@@ -36,7 +36,7 @@ class TinyRuns:
         ]
 
     def train(self, name, *extra, num_gpus=2, check=True):
-        return torchrun_train(self.root, *self.args(name, *extra), num_gpus=num_gpus, check=check)
+        return train_on_ranks(self.root, *self.args(name, *extra), num_gpus=num_gpus, check=check)
 
     def results(self, name):
         return json.loads((self.root / "runs" / name / "results.json").read_text())

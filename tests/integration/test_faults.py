@@ -11,7 +11,7 @@ import tarfile
 import mlflow
 import pytest
 
-from tests.helpers import REPO, torchrun_train
+from tests.helpers import REPO, train_on_ranks
 from tests.integration.conftest import assert_same_metrics
 
 
@@ -71,7 +71,7 @@ def test_a_stuck_loader_worker_costs_its_timeout_not_the_run(tiny_runs, straight
 
 
 def probe(tiny_runs, name, checkpoint, epochs, num_gpus, *extra):
-    proc = torchrun_train(
+    proc = train_on_ranks(
         tiny_runs.root,
         *tiny_runs.args(name, "--set", f"optim.epochs={epochs}", *extra),
         *("--resume", str(checkpoint)),

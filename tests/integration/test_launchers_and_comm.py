@@ -17,9 +17,8 @@ from tests.helpers import (
     deepspeed_train,
     free_port,
     launch_training,
-    launcher_prefix,
     tiny_synthetic,
-    torchrun_train,
+    train_on_ranks,
 )
 
 STEP_LOSS = re.compile(r"epoch (\d+)/\d+ step (\d+)/\d+ .*?\bloss=(\S+)")
@@ -83,8 +82,7 @@ def test_every_collective_runs_through_collectives_on_the_communication_device(r
 
 
 def test_torchrun_trains_what_the_deepspeed_launcher_trains(root, deepspeed_run):
-    port = free_port()
-    proc = launch_training(root, launcher_prefix("torchrun", 2, port), port, *args(root, "torchrun"))
+    proc = train_on_ranks(root, *args(root, "torchrun"))
     assert results(root, "torchrun")["world_size"] == 2
     assert step_losses(proc) == step_losses(deepspeed_run)  # the same 8 steps, the same losses
 
@@ -167,7 +165,7 @@ def zero_runs(root):
     """ZeRO stage 1 for 1 epoch and stage 2 for 2 epochs (also the uninterrupted run that the
     resume test compares with; its first epoch is the 1-epoch run's: no milestone in 2 epochs)."""
     for stage, epochs in ((1, 1), (2, 2)):  # torchrun: the launcher is the module's first tests' subject
-        torchrun_train(root, *args(root, f"zero{stage}", *zero(stage), "--set", f"optim.epochs={epochs}"))
+        train_on_ranks(root, *args(root, f"zero{stage}", *zero(stage), "--set", f"optim.epochs={epochs}"))
 
 
 def first_epoch(losses: dict[int, float]) -> dict[int, float]:
@@ -191,8 +189,8 @@ def test_zero_stages_1_and_2_train_what_stage_0_trains(root, deepspeed_run, zero
 
 
 def test_zero_stage_2_resumes_where_it_stopped(root, zero_runs):
-    torchrun_train(root, *args(root, "zero2_stopped", *zero(2)))
-    resumed = torchrun_train(root, *args(root, "zero2_stopped", *zero(2), "--set", "optim.epochs=2", "--resume"))
+    train_on_ranks(root, *args(root, "zero2_stopped", *zero(2)))
+    resumed = train_on_ranks(root, *args(root, "zero2_stopped", *zero(2), "--set", "optim.epochs=2", "--resume"))
     assert "resumed from" in resumed.stdout + resumed.stderr
     second_epoch = {k: v for k, v in full_losses(root, "zero2").items() if k > 8}
     resumed_second_epoch = {k: v for k, v in full_losses(root, "zero2_stopped").items() if k > 8}

@@ -117,7 +117,7 @@ def launch(
     out=None,
     err=None,
 ):
-    """launcher/train.py on 2 CPU ranks started by torchrun (tests.helpers.torchrun_train says
+    """launcher/train.py on 2 CPU ranks started by torchrun (tests.helpers.train_on_ranks says
     why), tiny model."""
     args = [
         *TINY_TRAINING,
